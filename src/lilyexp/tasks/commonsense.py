@@ -1,0 +1,172 @@
+"""Commonsense reasoning as LLM-Adapters / the Lily code run it (reproduction-notes §3.2-3.3).
+
+The training and evaluation prompts are byte-exact copies of what the official scripts produce (they differ
+in whitespace), answers are extracted with LLM-Adapters' per-set patterns, and the 120-example validation split
+uses ``datasets.train_test_split(seed=42)`` as ``finetune_*.py`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lilyexp.errors import ConfigError
+
+_INDENT = " " * 16
+# finetune_*.py generate_prompt (no-input variant): two spaces after the header, a blank line of 16 spaces.
+TRAIN_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
+    "\n"
+    f"{_INDENT}### Instruction:\n"
+    f"{_INDENT}{{instruction}}\n"
+    f"{_INDENT}\n"
+    f"{_INDENT}### Response:\n"
+    f"{_INDENT}{{output}}"
+)
+# evaluate_*.py generate_prompt: one space after the header, an empty blank line, ends in newline + 16 spaces.
+EVAL_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n"
+    f"{_INDENT}### Instruction:\n"
+    f"{_INDENT}{{instruction}}\n"
+    "\n"
+    f"{_INDENT}### Response:\n"
+    f"{_INDENT}"
+)
+RESPONSE_MARKER = "### Response:"
+
+# Answer formats of the eight test sets, as LLM-Adapters' extract_answer matches them (first match wins).
+ANSWER_PATTERNS = {
+    "true_false": ["true", "false"],
+    "solution": ["solution1", "solution2"],
+    "answer": ["answer1", "answer2", "answer3", "answer4", "answer5"],
+    "ending": ["ending1", "ending2", "ending3", "ending4"],
+    "option": ["option1", "option2"],
+}
+
+
+def train_text(example: dict) -> str:
+    return TRAIN_TEMPLATE.format(instruction=example["instruction"], output=example["output"])
+
+
+def train_prompt(example: dict) -> str:
+    """The training text without the answer (what ``train_on_inputs=False`` masks)."""
+    return TRAIN_TEMPLATE.format(instruction=example["instruction"], output="")
+
+
+def eval_prompt(example: dict) -> str:
+    return EVAL_TEMPLATE.format(instruction=example["instruction"])
+
+
+def response_of(decoded: str) -> str:
+    """The text after the first "### Response:" of a decoded prompt+generation, stripped (official)."""
+    parts = decoded.split(RESPONSE_MARKER)
+    return parts[1].strip() if len(parts) > 1 else decoded.strip()
+
+
+def extract_answer(answer_format: str, response: str, ignore_case: bool = False) -> str:
+    """First match of the format's alternatives, "" when none (counted wrong). The LLaMA script matches
+    case-sensitively; the Falcon-Mamba script ignores case and lower-cases (``ignore_case``)."""
+    pattern = "|".join(ANSWER_PATTERNS[answer_format])
+    found = re.findall(pattern, response, flags=re.IGNORECASE if ignore_case else 0)
+    if not found:
+        return ""
+    return found[0].lower() if ignore_case else found[0]
+
+
+def is_correct(prediction: str, answer: str, ignore_case: bool = False) -> bool:
+    return prediction == (answer.lower() if ignore_case else answer)
+
+
+@dataclass
+class InstructionData:
+    """Training records and named test sets, each a list of LLM-Adapters records
+    (``instruction``, ``input``, ``output``, ``answer``)."""
+
+    train: list[dict]
+    eval_sets: dict[str, list[dict]]
+
+
+def read_records(path: Path) -> list[dict]:
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    if not isinstance(records, list) or not all({"instruction", "answer"} <= set(r) for r in records[:5]):
+        raise ConfigError(f"{path} is not an LLM-Adapters file (a JSON list of instruction/output/answer records).")
+    return records
+
+
+def llm_adapters_files(data_dir: str | None, train_file: str | None, eval_sets: list[str]) -> InstructionData:
+    """``<data_dir>/<set>/test.json`` per test set and ``train_file`` (a JSON file, or several joined by
+    commas, mixed in order) for training; paths relative to ``data_dir`` are allowed."""
+    if data_dir is None:
+        raise ConfigError("task.data_dir is not set: point it at a folder holding <set>/test.json "
+                          "(LLM-Adapters' dataset/ layout).")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"task.data_dir '{root}' does not exist.")
+    tests = {}
+    for name in eval_sets:
+        path = root / name / "test.json"
+        if not path.exists():
+            raise ConfigError(f"test set '{name}' is missing: expected {path}.")
+        tests[name] = read_records(path)
+    train = []
+    for item in (train_file or "").split(","):
+        if item:
+            path = Path(item) if Path(item).is_absolute() else root / item
+            if not path.exists():
+                raise ConfigError(f"task.train_file '{path}' does not exist.")
+            train.extend(read_records(path))
+    return InstructionData(train, tests)
+
+
+class CommonsenseTask:
+    """An instruction-tuning task with generation-based multiple-choice evaluation (the causal-LM recipe)."""
+
+    model_kwargs: dict[str, Any] = {}
+
+    def __init__(self, data: InstructionData, *, formats: dict[str, str], eval_sets: list[str] | None = None,
+                 val_size: int = 120, split_seed: int = 42, train_limit: int | None = None,
+                 eval_limit: int | None = None, cutoff_len: int = 256, train_on_inputs: bool = True,
+                 ignore_case: bool = False, generation: dict | None = None):
+        names = list(eval_sets) if eval_sets is not None else list(data.eval_sets)
+        unknown = [n for n in names if n not in data.eval_sets or n not in formats]
+        if unknown:
+            raise ConfigError(f"unknown eval set(s) {unknown}; available: {sorted(data.eval_sets)}.")
+        bad = {n: formats[n] for n in names if formats[n] not in ANSWER_PATTERNS}
+        if bad:
+            raise ConfigError(f"unknown answer format(s) {bad}; known: {sorted(ANSWER_PATTERNS)}.")
+        for name, value in {"cutoff_len": cutoff_len, "train_limit": train_limit, "eval_limit": eval_limit}.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"task.{name} must be positive, got {value}.")
+        if val_size < 0 or val_size >= len(data.train):
+            raise ConfigError(f"task.val_size={val_size} must be in [0, {len(data.train)}) (training records).")
+        self.train, self.validation = split_validation(data.train, val_size, split_seed)
+        if train_limit is not None:
+            self.train = self.train[:train_limit]
+        self.eval_sets = {n: data.eval_sets[n][:eval_limit] for n in names}
+        self.formats = {n: formats[n] for n in names}
+        self.cutoff_len, self.train_on_inputs, self.ignore_case = cutoff_len, train_on_inputs, ignore_case
+        self.generation = {"num_beams": 1, "batch_size": 16, "max_new_tokens": 32, **(generation or {})}
+
+    def score(self, eval_set: str, decoded: str, answer: str) -> tuple[str, str, bool]:
+        """(response, extracted prediction, correct?) for one decoded prompt+generation."""
+        response = response_of(decoded)
+        prediction = extract_answer(self.formats[eval_set], response, self.ignore_case)
+        return response, prediction, is_correct(prediction, answer, self.ignore_case)
+
+
+def split_validation(records: list[dict], val_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """The official hold-out: ``Dataset.train_test_split(test_size=val_size, shuffle=True, seed=seed)``."""
+    if val_size == 0:
+        return list(records), []
+    from datasets import Dataset
+
+    split = Dataset.from_list([{"index": i} for i in range(len(records))]).train_test_split(
+        test_size=val_size, shuffle=True, seed=seed)
+    return [records[i] for i in split["train"]["index"]], [records[i] for i in split["test"]["index"]]

@@ -1,0 +1,114 @@
+"""`commonsense_synthetic`: questions generated from a seed in the eight answer formats of the Commonsense170K
+test sets (true/false, solution1/2, answer1-3, ending1-4, option1/2, answer1-4 ×3), each following a simple
+numeric rule a small model can learn, so fine-tuned accuracy clearly beats the untuned model's. No copied text.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from lilyexp.tasks.commonsense import InstructionData
+
+CHOOSE = "Please choose the correct answer to the question: "
+
+
+def _distinct(rng: random.Random, k: int, low: int = 10, high: int = 99) -> list[int]:
+    return rng.sample(range(low, high + 1), k)
+
+
+def _listing(label: str, options: list, sep: str = " ") -> str:
+    return sep.join(f"{label}{i + 1}: {option}" for i, option in enumerate(options))
+
+
+def _pick(rng: random.Random, options: list[int], correct: int) -> tuple[list[int], int]:
+    rng.shuffle(options)
+    return options, options.index(correct) + 1
+
+
+def boolq(rng: random.Random) -> tuple[str, str]:
+    a, b = _distinct(rng, 2)
+    question = f"Please answer the following question with true or false, question: is {a} larger than {b}?"
+    return f"{question}\n\nAnswer format: true/false", "true" if a > b else "false"
+
+
+def piqa(rng: random.Random) -> tuple[str, str]:
+    x, y = _distinct(rng, 2)
+    text = (f"Please choose the correct solution to the question: How do I keep the larger number?\n\n"
+            f"Solution1: keep {x}\n\nSolution2: keep {y}\n\nAnswer format: solution1/solution2")
+    return text, "solution1" if x > y else "solution2"
+
+
+def _multiple_choice(question: str, options: list[int], index: int, label: str = "Answer") -> tuple[str, str]:
+    formats = "/".join(f"{label.lower()}{i + 1}" for i in range(len(options)))
+    return f"{question}\n\n{_listing(label, options)}\n\nAnswer format: {formats}", f"{label.lower()}{index}"
+
+
+def social_i_qa(rng: random.Random) -> tuple[str, str]:
+    values = _distinct(rng, 3)
+    return _multiple_choice(CHOOSE + "Which number is the largest?", *_pick(rng, values, max(values)))
+
+
+def hellaswag(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(10, 90)
+    distractors = rng.sample([v for v in range(10, 99) if v != n + 3], 3)
+    options, index = _pick(rng, [n + 3, *distractors], n + 3)
+    question = f"Please choose the correct ending to complete the given sentence: Counting up: {n}, {n + 1}, {n + 2},"
+    return _multiple_choice(question, options, index, label="Ending")
+
+
+def winogrande(rng: random.Random) -> tuple[str, str]:
+    a = rng.randint(30, 70)
+    small, large = rng.randint(10, a - 1), rng.randint(a + 1, 99)
+    options, index = _pick(rng, [small, large], small)
+    text = (f"Please choose the correct answer to fill in the blank to complete the given sentence: "
+            f"The number _ is smaller than {a}.\n\n{_listing('Option', options)} Answer format: option1/option2")
+    return text, f"option{index}"
+
+
+def arc_easy(rng: random.Random) -> tuple[str, str]:
+    values = _distinct(rng, 4)
+    return _multiple_choice(CHOOSE + "Which number is the smallest?", *_pick(rng, values, min(values)))
+
+
+def arc_challenge(rng: random.Random) -> tuple[str, str]:
+    even = rng.randrange(10, 99, 2)
+    odds = rng.sample(range(11, 99, 2), 3)
+    return _multiple_choice(CHOOSE + "Which number is even?", *_pick(rng, [even, *odds], even))
+
+
+def openbookqa(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(10, 97)
+    distractors = rng.sample([v for v in range(10, 99) if v != n + 1], 3)
+    return _multiple_choice(CHOOSE + f"Which number comes right after {n}?", *_pick(rng, [n + 1, *distractors], n + 1))
+
+
+# eval-set name -> (generator, answer format of the real test set it imitates)
+GENERATORS: dict[str, tuple[Callable[[random.Random], tuple[str, str]], str]] = {
+    "syn_boolq": (boolq, "true_false"),
+    "syn_piqa": (piqa, "solution"),
+    "syn_social_i_qa": (social_i_qa, "answer"),
+    "syn_hellaswag": (hellaswag, "ending"),
+    "syn_winogrande": (winogrande, "option"),
+    "syn_arc_easy": (arc_easy, "answer"),
+    "syn_arc_challenge": (arc_challenge, "answer"),
+    "syn_openbookqa": (openbookqa, "answer"),
+}
+FORMATS = {name: answer_format for name, (_, answer_format) in GENERATORS.items()}
+
+
+def record(generator: Callable[[random.Random], tuple[str, str]], rng: random.Random) -> dict:
+    instruction, answer = generator(rng)
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def generate(seed: int = 0, n_train: int = 800, n_eval: int = 50) -> InstructionData:
+    """``n_train`` training records (formats in turn) and ``n_eval`` test records per format, from ``seed``."""
+    rng = random.Random(f"train-{seed}")
+    names = list(GENERATORS)
+    train = [record(GENERATORS[names[i % len(names)]][0], rng) for i in range(n_train)]
+    tests = {}
+    for name, (generator, _) in GENERATORS.items():
+        test_rng = random.Random(f"test-{seed}-{name}")
+        tests[name] = [record(generator, test_rng) for _ in range(n_eval)]
+    return InstructionData(train, tests)
