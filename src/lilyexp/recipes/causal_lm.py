@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from lilyexp.recipes.core import TrainerConfig, fit
 from lilyexp.records import RunContext
-from lilyexp.tasks.commonsense import eval_prompt, train_prompt, train_text
+from lilyexp.tasks.commonsense import train_prompt, train_text
 
 IGNORE_INDEX = -100
 
@@ -79,7 +79,7 @@ def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predi
         correct = 0
         for start in tqdm(range(0, len(examples), settings["batch_size"]), desc=f"eval {name}", leave=False):
             chunk = examples[start:start + settings["batch_size"]]
-            encoded = tokenizer([eval_prompt(e) for e in chunk], return_tensors="pt", padding=True).to(device)
+            encoded = tokenizer([task.prompt(e) for e in chunk], return_tensors="pt", padding=True).to(device)
             output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
                                     num_beams=settings["num_beams"], do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
@@ -126,7 +126,7 @@ def run(*, model: torch.nn.Module, processor: Any, task: Any, trainer: TrainerCo
     metrics = {"final": final, "best": result.best, "history": result.history, "selection": trainer.select}
     if result.initial is not None:
         metrics["initial"] = result.initial
-    extra = {"generation": task.generation, "data": {"train": len(train_features), "validation": len(val_features),
+    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": {"train": len(train_features), "validation": len(val_features),
                                                      "test": {k: len(v) for k, v in task.eval_sets.items()}},
              "steps": result.steps, "resumed_from_step": result.resumed_from}
     return Outcome(metrics, extra)

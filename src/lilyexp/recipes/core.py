@@ -218,6 +218,15 @@ class StepLog:
         self.logger.log_metrics(metrics, step)
 
 
+def check_every_parameter_got_a_gradient(model: torch.nn.Module) -> None:
+    """After the first backward: a trainable tensor without a gradient never took part in the forward, e.g. an
+    adapter on a module whose weight the backbone reads directly (Falcon-Mamba's dt_proj, notes §2.3)."""
+    dead = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if dead:
+        raise ConfigError(f"{len(dead)} trainable tensors received no gradient in the first step, so they never "
+                          f"run (e.g. {', '.join(dead[:3])}); the backbone bypasses those modules: adapt others.")
+
+
 def is_better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value < best if mode == "min" else value > best)
 
@@ -277,6 +286,8 @@ def fit(
                 loss = compute_loss(model, batch) / len(group)
                 accelerator.backward(loss)
             step_loss += loss.detach().float().item()
+            if step == start and i == 0:
+                check_every_parameter_got_a_gradient(model)
         if not math.isfinite(step_loss):
             raise TrainingDiverged(f"the training loss became {step_loss} at step {step + 1}; "
                                    f"lower trainer.lr or check the data.")

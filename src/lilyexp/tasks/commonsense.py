@@ -57,8 +57,13 @@ def train_prompt(example: dict) -> str:
     return TRAIN_TEMPLATE.format(instruction=example["instruction"], output="")
 
 
-def eval_prompt(example: dict) -> str:
-    return EVAL_TEMPLATE.format(instruction=example["instruction"])
+def eval_prompt(example: dict, align_to_training: bool = False) -> str:
+    """The official evaluation prompt. It ends in a newline + 16 spaces, which BPE tokenizers (LLaMA-3's,
+    SmolLM2's) encode as one token that training never shows before the answer (training sees newline + 15
+    spaces, then " the"). ``align_to_training`` drops that last space so generation starts on the training
+    token boundary; the official code does not."""
+    prompt = EVAL_TEMPLATE.format(instruction=example["instruction"])
+    return prompt[:-1] if align_to_training else prompt
 
 
 def response_of(decoded: str) -> str:
@@ -133,7 +138,7 @@ class CommonsenseTask:
     def __init__(self, data: InstructionData, *, formats: dict[str, str], eval_sets: list[str] | None = None,
                  val_size: int = 120, split_seed: int = 42, train_limit: int | None = None,
                  eval_limit: int | None = None, cutoff_len: int = 256, train_on_inputs: bool = True,
-                 ignore_case: bool = False, generation: dict | None = None):
+                 ignore_case: bool = False, align_eval_prompt: bool = False, generation: dict | None = None):
         names = list(eval_sets) if eval_sets is not None else list(data.eval_sets)
         unknown = [n for n in names if n not in data.eval_sets or n not in formats]
         if unknown:
@@ -152,7 +157,11 @@ class CommonsenseTask:
         self.eval_sets = {n: data.eval_sets[n][:eval_limit] for n in names}
         self.formats = {n: formats[n] for n in names}
         self.cutoff_len, self.train_on_inputs, self.ignore_case = cutoff_len, train_on_inputs, ignore_case
+        self.align_eval_prompt = align_eval_prompt
         self.generation = {"num_beams": 1, "batch_size": 16, "max_new_tokens": 32, **(generation or {})}
+
+    def prompt(self, example: dict) -> str:
+        return eval_prompt(example, self.align_eval_prompt)
 
     def score(self, eval_set: str, decoded: str, answer: str) -> tuple[str, str, bool]:
         """(response, extracted prediction, correct?) for one decoded prompt+generation."""

@@ -1,6 +1,7 @@
 """`commonsense_synthetic`: questions generated from a seed in the eight answer formats of the Commonsense170K
-test sets (true/false, solution1/2, answer1-3, ending1-4, option1/2, answer1-4 ×3), each following a simple
-numeric rule a small model can learn, so fine-tuned accuracy clearly beats the untuned model's. No copied text.
+test sets (true/false, solution1/2, answer1-3, ending1-4, option1/2, answer1-4 ×3), each with a simple rule a
+small model can learn (five ask which option matches a given number, three need arithmetic: the successor, the
+largest), so fine-tuned accuracy clearly beats the untuned model's. No copied text.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ def _pick(rng: random.Random, options: list[int], correct: int) -> tuple[list[in
 
 
 def boolq(rng: random.Random) -> tuple[str, str]:
-    a, b = _distinct(rng, 2)
-    question = f"Please answer the following question with true or false, question: is {a} larger than {b}?"
-    return f"{question}\n\nAnswer format: true/false", "true" if a > b else "false"
+    a = rng.randint(10, 99)
+    b = a if rng.random() < 0.5 else rng.choice([v for v in range(10, 100) if v != a])
+    question = f"Please answer the following question with true or false, question: is {a} the same number as {b}?"
+    return f"{question}\n\nAnswer format: true/false", "true" if a == b else "false"
 
 
 def piqa(rng: random.Random) -> tuple[str, str]:
-    x, y = _distinct(rng, 2)
-    text = (f"Please choose the correct solution to the question: How do I keep the larger number?\n\n"
-            f"Solution1: keep {x}\n\nSolution2: keep {y}\n\nAnswer format: solution1/solution2")
-    return text, "solution1" if x > y else "solution2"
+    target, other = _distinct(rng, 2)
+    options, index = _pick(rng, [target, other], target)
+    text = (f"Please choose the correct solution to the question: How do I write the number {target}?\n\n"
+            f"Solution1: write {options[0]}\n\nSolution2: write {options[1]}\n\nAnswer format: solution1/solution2")
+    return text, f"solution{index}"
 
 
 def _multiple_choice(question: str, options: list[int], index: int, label: str = "Answer") -> tuple[str, str]:
@@ -46,7 +49,7 @@ def _multiple_choice(question: str, options: list[int], index: int, label: str =
 
 def social_i_qa(rng: random.Random) -> tuple[str, str]:
     values = _distinct(rng, 3)
-    return _multiple_choice(CHOOSE + "Which number is the largest?", *_pick(rng, values, max(values)))
+    return _multiple_choice(CHOOSE + f"Which answer is the number {values[0]}?", *_pick(rng, values, values[0]))
 
 
 def hellaswag(rng: random.Random) -> tuple[str, str]:
@@ -58,23 +61,21 @@ def hellaswag(rng: random.Random) -> tuple[str, str]:
 
 
 def winogrande(rng: random.Random) -> tuple[str, str]:
-    a = rng.randint(30, 70)
-    small, large = rng.randint(10, a - 1), rng.randint(a + 1, 99)
-    options, index = _pick(rng, [small, large], small)
+    target, other = _distinct(rng, 2)
+    options, index = _pick(rng, [target, other], target)
     text = (f"Please choose the correct answer to fill in the blank to complete the given sentence: "
-            f"The number _ is smaller than {a}.\n\n{_listing('Option', options)} Answer format: option1/option2")
+            f"The number _ is the same as {target}.\n\n{_listing('Option', options)} Answer format: option1/option2")
     return text, f"option{index}"
 
 
 def arc_easy(rng: random.Random) -> tuple[str, str]:
     values = _distinct(rng, 4)
-    return _multiple_choice(CHOOSE + "Which number is the smallest?", *_pick(rng, values, min(values)))
+    return _multiple_choice(CHOOSE + f"Which number is {values[0]}?", *_pick(rng, values, values[0]))
 
 
 def arc_challenge(rng: random.Random) -> tuple[str, str]:
-    even = rng.randrange(10, 99, 2)
-    odds = rng.sample(range(11, 99, 2), 3)
-    return _multiple_choice(CHOOSE + "Which number is even?", *_pick(rng, [even, *odds], even))
+    values = _distinct(rng, 4)
+    return _multiple_choice(CHOOSE + "Which number is the largest?", *_pick(rng, values, max(values)))
 
 
 def openbookqa(rng: random.Random) -> tuple[str, str]:

@@ -1,0 +1,42 @@
+"""Shared test helpers: compose the real config tree (as the CLI does) with small, offline overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lilyexp.compose import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A tiny commonsense_synthetic run: a few examples, short generations.
+TINY_RUN = ["task.n_train=120", "task.n_eval=2", "task.load.val_size=8",
+            "task.load.generation.max_new_tokens=4", "trainer.batch_size=4"]
+
+
+def compose_run(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
+    extra = [] if tmp_path is None else [f"paths.results_dir={tmp_path}/results",
+                                         f"paths.checkpoint_dir={tmp_path}/checkpoints"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="run", overrides=[*overrides, *extra])
+
+
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m lilyexp.run`` in a subprocess with results and checkpoints under ``tmp_path``."""
+    command = [sys.executable, "-m", "lilyexp.run", *args, f"paths.results_dir={tmp_path}/results",
+               f"paths.checkpoint_dir={tmp_path}/checkpoints", f"hydra.run.dir={tmp_path}/hydra"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture
+def tiny_run() -> list[str]:
+    return list(TINY_RUN)

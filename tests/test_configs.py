@@ -1,0 +1,94 @@
+"""Every backbone × task × method composes; the runner accepts exactly the combinations whose modalities
+match and refuses the rest in one sentence; every `_target_` node binds to its callable's signature."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_method
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lilyexp.compose import check_combination, group_options
+from lilyexp.errors import ConfigError
+
+from conftest import compose_run
+
+BACKBONES, TASKS, METHODS = group_options("backbone"), group_options("task"), group_options("method")
+PAPER_OPTIONS = {
+    "backbone": {"roberta", "roberta_large", "llama3", "falcon_mamba", "vit", "sdxl", "smollm2", "minilm",
+                 "tiny_roberta", "tiny_llama", "tiny_falcon_mamba", "tiny_vit", "tiny_sdxl"},
+    "task": {"glue", "commonsense", "commonsense_synthetic", "vtab", "dreambooth"},
+    "method": {"lora"},
+}
+
+
+@pytest.mark.parametrize("group", sorted(PAPER_OPTIONS))
+def test_the_documented_options_exist(group):
+    assert PAPER_OPTIONS[group] <= set(group_options(group))
+
+
+def expected_ok(cfg: DictConfig) -> bool:
+    modality_ok = cfg.task.modality in cfg.backbone.provides
+    method_ok = cfg.method.get("modalities") is None or cfg.task.modality in cfg.method.modalities
+    family_ok = cfg.method.get("family") is None or cfg.method.family in cfg.backbone.adapter_targets
+    return modality_ok and method_ok and family_ok and cfg.task.recipe is not None
+
+
+@pytest.mark.parametrize("backbone,task,method", list(itertools.product(BACKBONES, TASKS, METHODS)))
+def test_every_combination_composes_and_is_checked(backbone, task, method):
+    cfg = compose_run([f"backbone={backbone}", f"task={task}", f"method={method}"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if expected_ok(cfg):
+        check_combination(cfg)
+    else:
+        with pytest.raises(ConfigError) as info:
+            check_combination(cfg)
+        assert "\n" not in str(info.value) and str(info.value).endswith(".")
+
+
+def test_mismatch_names_both_sides_and_the_valid_choices():
+    cfg = compose_run(["backbone=tiny_roberta", "task=commonsense_synthetic"])
+    with pytest.raises(ConfigError, match="commonsense_synthetic.*causal-lm.*tiny_roberta.*llama3"):
+        check_combination(cfg)
+
+
+def test_linear_probe_refuses_a_generation_task():
+    cfg = compose_run(["backbone=tiny_llama", "method=linear_probe"])
+    with pytest.raises(ConfigError, match="linear_probe"):
+        check_combination(cfg)
+
+
+def test_unknown_option_is_hydras_error_with_choices():
+    with pytest.raises(ConfigCompositionException, match="lora"):
+        compose_run(["method=not_a_method"])
+
+
+def target_nodes(node, path=""):
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node:
+            yield from target_nodes(node[key], f"{path}.{key}")
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            yield from target_nodes(item, f"{path}[{i}]")
+
+
+def bind(node: DictConfig) -> None:
+    target = get_method(node._target_)
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    signature = inspect.signature(target)
+    params = signature.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    signature.bind_partial(**kwargs)
+
+
+@pytest.mark.parametrize("backbone,task,method", [(b, "commonsense_synthetic", m) for b in BACKBONES for m in METHODS])
+def test_target_nodes_bind_to_their_signatures(backbone, task, method):
+    cfg = compose_run([f"backbone={backbone}", f"task={task}", f"method={method}"])
+    for path, node in target_nodes(cfg):
+        bind(node)

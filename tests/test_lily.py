@@ -1,0 +1,223 @@
+"""Lily: equivalence with upstream peft, each variant against a direct computation of its formula, sharing,
+init, the config checks, and save/load."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LilyConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lilyexp.errors import ConfigError
+from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, mix_experts
+from lilyexp.records import count_parameters
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+
+
+def tiny_llama(layers: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2))
+
+
+def lily(model=None, **kwargs) -> LilyVariantModel:
+    settings = {"r": 4, "ne_1": 2, "num_B": 3, "target_modules": QKV, "init_weights": False, **kwargs}
+    return LilyVariantModel(model if model is not None else tiny_llama(), LilyVariantConfig(**settings))
+
+
+def upstream_name(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def our_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def test_upstream_equivalence_of_outputs_and_gradients():
+    base = tiny_llama()
+    upstream = get_peft_model(copy.deepcopy(base), LilyConfig(r=4, stride_A=2, num_B=3, scaling=0.5,
+                                                               target_modules=QKV, init_weights=False))
+    ours = lily(copy.deepcopy(base), scaling=0.5)
+    ours.model.load_state_dict({upstream_name(k): v for k, v in upstream.state_dict().items()})
+    x = torch.randint(0, 100, (3, 9))
+    a, b = upstream(input_ids=x).logits, ours(input_ids=x).logits
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    grads_a = {upstream_name(n): p.grad for n, p in upstream.named_parameters() if p.requires_grad}
+    grads_b = {our_name(n): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 21
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
+
+
+def direct_batch_mean(h, experts, router):
+    probabilities = torch.softmax(h @ router.weight.T, -1)  # per token
+    w = probabilities.mean(dim=(0, 1))
+    return sum(h @ (w[e] * experts[e]) for e in range(len(experts)))
+
+
+def direct_eq2(h, experts, router):
+    out = []
+    for sample in h:  # S = softmax(sum_i (x' R^T)_i), one mixture per input
+        w = torch.softmax((sample @ router.weight.T).sum(0), -1)
+        out.append(sum(w[e] * (sample @ experts[e]) for e in range(len(experts))))
+    return torch.stack(out)
+
+
+def direct_token(h, experts, router):
+    out = torch.zeros(*h.shape[:-1], experts.shape[-1])
+    for b in range(h.shape[0]):
+        for t in range(h.shape[1]):
+            w = torch.softmax(h[b, t] @ router.weight.T, -1)
+            out[b, t] = sum(w[e] * (h[b, t] @ experts[e]) for e in range(len(experts)))
+    return out
+
+
+@pytest.fixture
+def routing_inputs():
+    torch.manual_seed(1)
+    h, experts = torch.randn(3, 5, 4), torch.randn(6, 4, 7)
+    router = torch.nn.Linear(4, 6, bias=False)
+    return h, experts, router
+
+
+@pytest.mark.parametrize("pooling,direct", [("batch_mean", direct_batch_mean), ("sample_sum", direct_eq2),
+                                            ("token", direct_token)])
+def test_each_pooling_matches_its_formula(pooling, direct, routing_inputs):
+    h, experts, router = routing_inputs
+    torch.testing.assert_close(mix_experts(h, experts, router, pooling), direct(h, experts, router))
+
+
+def test_eq2_and_official_pooling_differ(routing_inputs):
+    h, experts, router = routing_inputs
+    official, paper = mix_experts(h, experts, router, "batch_mean"), mix_experts(h, experts, router, "sample_sum")
+    assert (official - paper).abs().max() > 1e-3
+    # official routing couples samples: sample 0 alone routes differently; Eq. 2 does not
+    assert not torch.allclose(mix_experts(h[:1], experts, router, "batch_mean"), official[:1])
+    torch.testing.assert_close(mix_experts(h[:1], experts, router, "sample_sum"), paper[:1])
+
+
+def test_no_router_ablation_is_the_mean_of_experts(routing_inputs):
+    h, experts, _ = routing_inputs
+    torch.testing.assert_close(mix_experts(h, experts, None, "batch_mean"), h @ experts.mean(0))
+
+
+def test_padding_mask_leaves_pad_tokens_out_of_routing(routing_inputs):
+    h, experts, router = routing_inputs
+    mask = torch.ones(3, 5)
+    mask[0, :2] = 0  # left padding on sample 0
+    masked = mix_experts(h, experts, router, "batch_mean", mask)
+    tokens = torch.cat([h[0, 2:], h[1], h[2]])[None]
+    expected_mix = torch.softmax(tokens @ router.weight.T, -1).mean(dim=(0, 1))
+    torch.testing.assert_close(masked, h @ torch.einsum("e,eio->io", expected_mix, experts))
+    eq2 = mix_experts(h, experts, router, "sample_sum", mask)
+    torch.testing.assert_close(eq2[0, 2:], direct_eq2(h[:1, 2:], experts, router)[0])
+
+
+def test_model_reads_the_attention_mask_for_routing():
+    model = lily(mask_padding=True)
+    x = torch.randint(0, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :3] = 0
+    with_mask = model(input_ids=x, attention_mask=mask).logits
+    changed = x.clone()
+    changed[1, :3] = 7  # padding content must not move the routing
+    torch.testing.assert_close(model(input_ids=changed, attention_mask=mask).logits[0], with_mask[0])
+
+
+def test_sharing_is_real_and_counted_once():
+    model = lily(ne_1=2, num_B=3)
+    layers = model.model.model.layers
+    q = [layer.self_attn.q_proj for layer in layers]
+    assert q[0].lily_A["default"] is q[1].lily_A["default"] and q[1].lily_A["default"] is not q[2].lily_A["default"]
+    assert all(layer.lily_B["default"] is q[0].lily_B["default"] for layer in q)
+    assert len({id(layer.lily_router["default"]) for layer in q}) == 4
+    assert q[0].lily_B["default"] is not layers[0].self_attn.k_proj.lily_B["default"]
+    # n_A·C_in·r + ne·r·C_out + L·r·ne per target (notes §9): q (32->32), k and v (32->16)
+    expected = sum(2 * 32 * 4 + 3 * 4 * out + 4 * 4 * 3 for out in (32, 16, 16))
+    assert count_parameters(model, [])["trainable"] == expected
+
+
+@pytest.mark.parametrize("router,routers_per_target", [("layer", 4), ("A", 2), ("group", 1)])
+def test_router_placements(router, routers_per_target):
+    model = lily(router=router)
+    q = [layer.self_attn.q_proj for layer in model.model.model.layers]
+    assert len({id(layer.lily_router["default"]) for layer in q}) == routers_per_target
+    assert all(group["routers"] == routers_per_target for group in model.summary())
+
+
+def test_official_stride_can_build_more_a_than_ne_1():
+    model = lily(tiny_llama(layers=4), ne_1=3)  # stride 4 // 3 = 1: four A's, as the official rule gives
+    assert {g["num_A"] for g in model.summary()} == {4} and {g["stride"] for g in model.summary()} == {1}
+
+
+def test_more_a_than_layers_is_refused():
+    with pytest.raises(ConfigError, match="ne_1=5 asks for more A's than the 4"):
+        lily(ne_1=5)
+
+
+@pytest.mark.parametrize("bad,match", [({"router": "nope"}, "router"), ({"pooling": "max"}, "pooling"),
+                                       ({"ne_1": 0}, "ne_1"), ({"dropout": 1.5}, "dropout"),
+                                       ({"per_target": {"q_proj": {"alpha": 2}}}, "unknown keys")])
+def test_bad_settings_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        LilyVariantConfig(r=4, target_modules=QKV, **bad)
+
+
+def test_zero_init_leaves_outputs_unchanged():
+    base = tiny_llama()
+    x = torch.randint(0, 100, (2, 5))
+    expected = base(input_ids=x).logits
+    torch.testing.assert_close(lily(copy.deepcopy(base), init_weights=True)(input_ids=x).logits, expected)
+    assert not torch.allclose(lily(copy.deepcopy(base), init_weights=False)(input_ids=x).logits, expected)
+
+
+def test_scaling_switch_and_dropout():
+    base = tiny_llama()
+    x = torch.randint(0, 100, (2, 5))
+    plain = lily(copy.deepcopy(base), scaling=1.0).eval()
+    torch.manual_seed(3)
+    ignored = lily(copy.deepcopy(base), scaling=7.0, apply_scaling=False).eval()
+    ignored.model.load_state_dict(plain.model.state_dict())
+    torch.testing.assert_close(ignored(input_ids=x).logits, plain(input_ids=x).logits)
+    dropped = lily(copy.deepcopy(base), dropout=0.5)
+    dropped.model.load_state_dict(plain.model.state_dict())
+    torch.testing.assert_close(dropped.eval()(input_ids=x).logits, plain(input_ids=x).logits)
+    assert not torch.allclose(dropped.train()(input_ids=x).logits, plain(input_ids=x).logits)
+
+
+def test_per_target_rank_and_experts():
+    model = lily(per_target={"k_proj": {"r": 2, "num_B": 5}, "v_proj": {"use_router": False}})
+    groups = {g["target"]: g for g in model.summary()}
+    assert (groups["k_proj"]["r"], groups["k_proj"]["num_B"], groups["q_proj"]["r"]) == (2, 5, 4)
+    assert groups["v_proj"]["routers"] == 0
+    v = model.model.model.layers[0].self_attn.v_proj
+    assert not list(v.lily_router["default"].parameters())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = lily()
+    model.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file
+    stored = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sum(v.numel() for v in stored.values()) == count_parameters(model, [])["trainable"]  # shared once
+    reloaded = LilyVariantModel.load_pretrained(tiny_llama(), tmp_path / "adapter")
+    x = torch.randint(0, 100, (2, 5))
+    torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+    assert reloaded.model.model.layers[1].self_attn.q_proj.lily_A["default"] is \
+        reloaded.model.model.layers[0].self_attn.q_proj.lily_A["default"]
+
+
+def test_corrupt_or_mismatched_adapter_is_a_clear_error(tmp_path):
+    lily().save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ConfigError, match="does not match"):
+        LilyVariantModel.load_pretrained(tiny_llama(layers=2), tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="cannot read"):
+        LilyVariantModel.load_pretrained(tiny_llama(), tmp_path / "adapter")

@@ -1,0 +1,112 @@
+"""End-to-end runs on tiny backbones: a 2-step smoke run per causal-LM architecture, the record schema, the
+CLI's last line, resume after SIGKILL, and the clear one-sentence errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+import lilyexp.backbones.hf as hf
+import lilyexp.recipes.causal_lm as causal_lm
+from lilyexp.errors import BackboneUnavailable, ConfigError, TrainingDiverged
+from lilyexp.run import execute
+
+from conftest import compose_run, run_cli
+
+
+@pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_falcon_mamba"])
+def test_two_step_smoke_run_writes_a_complete_record(backbone, tiny_run, tmp_path):
+    cfg = compose_run([f"backbone={backbone}", "trainer.max_steps=2", "trainer.eval_before_training=true",
+                       *tiny_run], tmp_path)
+    path = execute(cfg, ["example=override"])
+    record = json.loads(path.read_text())
+    assert record["status"] == "finished" and record["overrides"] == ["example=override"]
+    assert record["config"]["backbone"]["name"] == backbone
+    assert {"final", "best", "history", "initial"} <= set(record["metrics"])
+    assert "test/accuracy/avg" in record["metrics"]["final"] and "val/loss" in record["metrics"]["final"]
+    assert [h["step"] for h in record["metrics"]["history"]] == [2]
+    assert 0 < record["params"]["adapter"] == record["params"]["trainable"] < record["params"]["total"]
+    assert {"git_sha", "packages", "device", "torch_threads"} <= set(record["env"])
+    assert record["timing"]["wall_s"] > 0 and record["timing"]["peak_mem_bytes"] > 0
+    steps = [json.loads(line) for line in path.with_name(f"{path.stem}.steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "train/loss" in s] == [1, 2]
+    predictions = path.with_name(f"{path.stem}.predictions.jsonl").read_text().splitlines()
+    assert {"id", "eval_set", "generation", "prediction", "answer"} <= set(json.loads(predictions[0]))
+    assert len(predictions) == 16  # 8 sets × n_eval=2
+
+
+def test_finished_record_is_kept_unless_overwrite(tiny_run, tmp_path):
+    cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=1", *tiny_run], tmp_path)
+    path = execute(cfg)
+    stamp = path.stat().st_mtime_ns
+    assert execute(cfg) == path and path.stat().st_mtime_ns == stamp
+    assert execute(compose_run(["backbone=tiny_llama", "trainer.max_steps=1", "overwrite=true", *tiny_run],
+                               tmp_path)) == path
+    assert path.stat().st_mtime_ns != stamp
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_run, tmp_path):
+    common = ["backbone=tiny_llama", "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_every=3",
+              "method.dropout=0.1", *tiny_run]
+    straight = run_cli(common, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run_cli([*common, "trainer.kill_at_step=5"], tmp_path / "resumed")
+    assert killed.returncode == -signal.SIGKILL
+    assert not list((tmp_path / "resumed" / "results").rglob("*.json")), "a killed run must leave no record"
+    resumed = run_cli([*common, "trainer.resume=true"], tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.strip().splitlines()[-1].startswith("record: ")
+    first = json.loads(next((tmp_path / "straight" / "results").rglob("*.json")).read_text())
+    second = json.loads(next((tmp_path / "resumed" / "results").rglob("*.json")).read_text())
+    assert second["resumed_from_step"] == 4 and first["resumed_from_step"] is None
+    assert second["metrics"] == first["metrics"]
+    steps = lambda r: [json.loads(l) for l in (tmp_path / r / "results").rglob("*.steps.jsonl").__next__().read_text().splitlines()]
+    assert steps("resumed") == steps("straight")
+
+
+def test_nan_loss_stops_with_the_step_and_a_failed_record(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(causal_lm, "language_model_loss", lambda model, batch: model(**batch).loss * float("nan"))
+    cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=3", *tiny_run], tmp_path)
+    with pytest.raises(TrainingDiverged, match="at step 1"):
+        execute(cfg)
+    record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    assert record["status"] == "failed" and "step 1" in record["error"]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+    monkeypatch.setattr(hf, "from_config", refuse)
+    monkeypatch.setattr(hf, "load_pretrained", refuse)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.r=-4"], "rank r must be a positive integer"),
+    (["trainer.max_steps=0"], "trainer.max_steps must be positive"),
+    (["trainer.lr=-1"], "learning rates must be positive"),
+    (["task=commonsense", "task.data_dir=/does/not/exist"], "does not exist"),
+    (["backbone=tiny_roberta"], "needs a backbone that provides 'causal-lm'"),
+    (["task.eval_limit=0"], "eval_limit must be positive"),
+])
+def test_bad_input_is_one_sentence_before_any_model(overrides, message, no_model_loading, tmp_path):
+    cfg = compose_run(["backbone=tiny_llama", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=message) as info:
+        execute(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_unreachable_hub_is_one_sentence_naming_the_id(tmp_path):
+    cfg = compose_run(["backbone=llama3", "trainer.max_steps=1"], tmp_path)
+    with pytest.raises(BackboneUnavailable, match="meta-llama/Meta-Llama-3-8B.*backbone.load.name_or_path"):
+        execute(cfg)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+    result = run_cli(["backbone=tiny_llama", "trainer.max_steps=0"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: trainer.max_steps must be positive, got 0."
+    assert "Traceback" not in result.stderr
