@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded, offline default: SmolLM2-135M + LoRA and Lily on commonsense_synthetic.
 demo: venv
-	$(BIN)/python -m lilyexp.run -m experiment=demo
+	$(BIN)/python -m lilyexp.run experiment=demo method=lora method.r=8 method.alpha=16
+	$(BIN)/python -m lilyexp.run experiment=demo method=lily method.r=32 method.ne_1=6 method.ne_2=6
 	$(BIN)/python scripts/summarize.py results/runs/demo --out results/demo.md
+
+# A benchmark, not a test: step time and peak memory of Lily vs LoRA (CUDA when present); writes results/bench/.
+bench: venv
+	$(BIN)/python scripts/bench.py
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

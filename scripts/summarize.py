@@ -20,18 +20,20 @@ def short(key: str) -> str:
     return key.removeprefix("test/").replace("/", " ")
 
 
-def rows_of(record: dict, prefix: str) -> list[tuple[str, dict]]:
-    cfg, metrics = record["config"], record["metrics"]
-    label = f"{cfg['method']['name']} (seed {cfg['seed']}, {record['params']['adapter']:,} params)"
-    rows = []
-    if "initial" in metrics:
-        rows.append((f"untuned {cfg['backbone']['name']} (before {label})", metrics["initial"]))
-    rows.append((label, metrics["final"]))
-    return [(name, {k: v for k, v in values.items() if k.startswith(prefix)}) for name, values in rows]
+def rows_of(records: list[dict], prefix: str) -> list[tuple[str, dict]]:
+    """The untuned model once per distinct result (every run of a group tests the same base), then each run."""
+    untuned, runs = [], []
+    for record in records:
+        cfg, metrics = record["config"], record["metrics"]
+        if "initial" in metrics and metrics["initial"] not in [values for _, values in untuned]:
+            untuned.append((f"untuned {cfg['backbone']['name']}", metrics["initial"]))
+        runs.append((f"{cfg['method']['name']} (seed {cfg['seed']}, {record['params']['adapter']:,} params)",
+                     metrics["final"]))
+    return [(name, {k: v for k, v in values.items() if k.startswith(prefix)}) for name, values in untuned + runs]
 
 
 def table(records: list[dict], prefix: str = "test/") -> str:
-    rows = [row for record in records for row in rows_of(record, prefix)]
+    rows = rows_of(records, prefix)
     if not rows:
         return "(no finished records)\n"
     columns = sorted({k for _, values in rows for k in values}, key=lambda k: (k.endswith("/avg"), k))

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # A tiny commonsense_synthetic run: a few examples, short generations.
-TINY_RUN = ["task.n_train=120", "task.n_eval=2", "task.load.val_size=8",
+TINY_RUN = ["task.n_train=120", "task.n_eval=2", "task.load.val_size=8", "task.load.cutoff_len=512",
             "task.load.generation.max_new_tokens=4", "trainer.batch_size=4"]
 
 

@@ -221,3 +221,55 @@ def test_corrupt_or_mismatched_adapter_is_a_clear_error(tmp_path):
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="cannot read"):
         LilyVariantModel.load_pretrained(tiny_llama(), tmp_path / "adapter")
+
+
+def tiny_vit(**kwargs):
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=5, **{
+        "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, **kwargs})
+
+
+KVMLP = dict(target_modules=["qkv", "mlp"], slices={"qkv": {"parts": ["q", "k", "v"], "adapt": ["k", "v"]}},
+             parallel=["mlp"])
+
+
+def test_vit_kvmlp_adapts_exactly_k_v_and_the_mlp():
+    base = tiny_vit()
+    model = LilyVariantModel(copy.deepcopy(base), LilyVariantConfig(
+        r=4, ne_1=2, num_B=2, init_weights=False, per_target={"mlp": {"r": 8, "activation": "relu"}}, **KVMLP))
+    x = torch.rand(2, 3, 32, 32)
+    block_in = torch.randn(2, 17, 32)
+    fused = model.model.blocks[0].attn.qkv
+    adapted, original = fused(block_in), base.blocks[0].attn.qkv(block_in)
+    torch.testing.assert_close(adapted[..., :32], original[..., :32])  # q untouched
+    assert not torch.allclose(adapted[..., 32:64], original[..., 32:64])
+    assert not torch.allclose(adapted[..., 64:], original[..., 64:])
+    mlp = model.model.blocks[0].mlp
+    delta = mlp(block_in) - base.blocks[0].mlp(block_in)
+    branch = mlp.lily_parallel["default"]
+    hidden = torch.relu(branch.lily_A["default"](block_in))
+    assert branch.lily_A["default"].weight.shape == (8, 32)  # hidden 2r with a ReLU (official MLP adapter)
+    experts = branch.lily_B["default"].weight.reshape(2, 8, 32)
+    torch.testing.assert_close(delta, mix_experts(hidden, experts, branch.lily_router["default"], "batch_mean"),
+                               atol=1e-5, rtol=1e-5)
+    groups = {g["target"]: g for g in model.summary()}
+    assert set(groups) == {"qkv.k", "qkv.v", "mlp"} and groups["mlp"]["r"] == 8 and groups["qkv.k"]["num_A"] == 2
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lily_" in n for n in trainable)
+    model(x).sum().backward()
+
+
+def test_vit_b16_kvmlp_count_matches_the_official_formula():
+    import timm
+    with torch.device("meta"):
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    for ne, expected in ((2, 198_144), (3, 297_216), (4, 396_288)):  # notes §9, r = 16
+        model = LilyVariantModel(copy.deepcopy(vit), LilyVariantConfig(
+            r=16, ne_1=ne, num_B=ne, per_target={"mlp": {"r": 32, "activation": "relu"}}, **KVMLP))
+        assert count_parameters(model, [])["trainable"] == expected
+
+
+def test_a_non_linear_target_must_be_declared_parallel():
+    with pytest.raises(ConfigError, match="parallel"):
+        LilyVariantModel(tiny_vit(), LilyVariantConfig(r=4, ne_1=2, num_B=2, target_modules=["mlp"]))

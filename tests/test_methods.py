@@ -144,3 +144,54 @@ def test_live_adapters_pass_the_gradient_check():
     x = torch.randint(0, 50, (2, 5))
     model(input_ids=x, labels=x).loss.backward()
     check_every_parameter_got_a_gradient(model)
+
+
+@pytest.mark.parametrize("method", ["lora", "milora", "lily"])
+def test_save_and_load_round_trip_for_every_method(method, tmp_path):
+    extra = ["method.ne_1=2"] if method == "lily" else []
+    cfg = compose_run(["backbone=tiny_llama", f"method={method}", "method.r=4", "method.dropout=0.0", *extra])
+    cfg.method.target_modules = ["q_proj", "v_proj"]
+    adapter = instantiate(cfg.method.adapter)
+    model = adapter.apply(tiny_llama())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    adapter.save(model, tmp_path / "adapter")
+    assert list((tmp_path / "adapter").glob("*.safetensors"))
+    x = torch.randint(0, 100, (2, 6))
+    reloaded = adapter.load(restored_base(model, method), tmp_path / "adapter")
+    torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def restored_base(model, method):
+    """The base the adapter was trained on: the original weights (MiLoRA: its residual weights)."""
+    fresh = tiny_llama()
+    if method == "milora":
+        residual = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                    for k, v in model.state_dict().items() if "lora_" not in k}
+        fresh.load_state_dict(residual)
+    return fresh
+
+
+def test_corrupt_adapter_files_are_a_clear_error(tmp_path):
+    adapter = PeftMethod(LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter.save(adapter.apply(tiny_llama()), tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot load the adapter"):
+        adapter.load(tiny_llama(), tmp_path)
+
+
+def test_milora_exports_a_plain_lora_against_the_original_weights(tmp_path):
+    """peft's PiSSA conversion (path_initial_model_for_weight_conversion) works for MiLoRA too."""
+    from peft import PeftModel
+    model = MiLoRAMethod(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])).apply(tiny_llama())
+    model.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    converted = PeftModel.from_pretrained(tiny_llama(), tmp_path / "converted")  # the untouched base weights
+    x = torch.randint(0, 100, (2, 6))
+    torch.testing.assert_close(converted(input_ids=x).logits, model(input_ids=x).logits, atol=1e-4, rtol=1e-4)

@@ -110,3 +110,23 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: trainer.max_steps must be positive, got 0."
     assert "Traceback" not in result.stderr
+
+
+def test_sweep_with_hydras_basic_launcher(tiny_run, tmp_path):
+    result = run_cli(["-m", "backbone=tiny_llama", "method=lily,lora", "seed=0,1", "trainer.max_steps=1",
+                      f"hydra.sweep.dir={tmp_path}/sweep", *tiny_run], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = sorted(p.name.split("-seed")[0] + p.name.split("-")[-2][:5] for p in (tmp_path / "results").rglob("*.json"))
+    assert len(records) == 4 and sum("lily" in r for r in records) == 2
+    assert result.stdout.count("record: ") == 4
+
+
+def test_wandb_logger_runs_offline(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = compose_run(["backbone=tiny_llama", "logger=wandb", "trainer.max_steps=2", *tiny_run], tmp_path)
+    assert cfg.logger.tags == ["tiny_llama", "commonsense_synthetic", "lora"] and cfg.logger.group == "adhoc"
+    path = execute(cfg)
+    assert json.loads(path.read_text())["status"] == "finished"
+    runs = list((tmp_path / "checkpoints").rglob("offline-run-*"))
+    assert runs, "wandb wrote no offline run"

@@ -38,7 +38,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     model = method.apply(backbone.model)
     head_modules = list(cfg.backbone.head_modules)
     params = count_parameters(model, head_modules)
-    log.info("parameters: %s", params)
+    summary = {"adapter_summary": method.summary(model)} if hasattr(method, "summary") else {}
+    log.info("parameters: %s %s", params, summary)
     logger.start(run.name, run.config)
     try:
         outcome = recipe(model=model, processor=backbone.processor, task=task, trainer=trainer, run=run,
@@ -48,7 +49,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         path = run.write_record(status="failed", metrics={}, params=params, extra={"error": str(exc)})
         raise TrainingDiverged(f"{exc}\nrecord: {path}") from None
     logger.finish(outcome.metrics["final"])
-    return run.write_record(status="finished", metrics=outcome.metrics, params=params, extra=outcome.extra)
+    return run.write_record(status="finished", metrics=outcome.metrics, params=params,
+                            extra={**summary, **outcome.extra})
 
 
 def hydra_overrides() -> list[str]:

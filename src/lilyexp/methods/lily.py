@@ -29,7 +29,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft import LilyConfig
-from peft.tuners.lily.layer import LilyLayer, Linear as UpstreamLinear
+from peft.tuners.lily.layer import Linear as UpstreamLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.tuners.lily.model import LilyModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -39,7 +40,8 @@ from lilyexp.errors import ConfigError
 
 ROUTER_PLACEMENTS = ("layer", "A", "group")  # official & upstream | paper App. A.1.3 | one per group (Vim)
 POOLINGS = ("batch_mean", "sample_sum", "token")  # official & upstream | paper Eq. 2 | Vim
-PER_TARGET_KEYS = ("r", "num_B", "use_router")
+PER_TARGET_KEYS = ("r", "num_B", "use_router", "activation")
+ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU}
 
 
 @dataclass
@@ -54,7 +56,12 @@ class LilyVariantConfig(LilyConfig):
     use_router: bool = field(default=True, metadata={"help": "False: the no-router ablation, B experts averaged"})
     apply_scaling: bool = field(default=True, metadata={"help": "False: ignore s (the official LLM code does)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on h = A(x) (Vim uses 0.1)"})
-    per_target: dict = field(default_factory=dict, metadata={"help": "target suffix -> {r, num_B, use_router}"})
+    per_target: dict = field(default_factory=dict, metadata={"help": "target suffix -> {r, num_B, use_router, "
+                                                                     "activation}"})
+    slices: dict = field(default_factory=dict, metadata={"help": "fused targets adapted on output slices only: "
+                         "suffix -> {parts: [q, k, v], adapt: [k, v]} (timm ViT's qkv)"})
+    parallel: list = field(default_factory=list, metadata={"help": "targets adapted as a whole module, in parallel: "
+                           "y = module(x) + s·Δ(x) (the ViT MLP adapter)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,10 +82,16 @@ class LilyVariantConfig(LilyConfig):
                                   f"allowed: {PER_TARGET_KEYS}.")
             if settings.get("r", 1) < 1 or settings.get("num_B", 1) < 1:
                 raise ConfigError(f"lily per_target['{target}'] needs r >= 1 and num_B >= 1.")
+            if settings.get("activation") not in ACTIVATIONS:
+                raise ConfigError(f"lily activation must be one of {list(ACTIVATIONS)}, got {settings['activation']}.")
+        for target, spec in self.slices.items():
+            if not set(spec.get("adapt", [])) <= set(spec.get("parts", [])) or not spec.get("adapt"):
+                raise ConfigError(f"lily slices['{target}'] must name parts and a non-empty subset of them to adapt.")
 
     def for_target(self, suffix: str) -> "LilyVariantConfig":
         """This config with ``per_target[suffix]`` applied (validation already ran on the whole config)."""
         settings = copy.copy(self)
+        settings.activation = None
         for key, value in self.per_target.get(suffix, {}).items():
             setattr(settings, key, value)
         return settings
@@ -130,6 +143,19 @@ def mix_experts(hidden: torch.Tensor, experts: torch.Tensor, router: nn.Module |
     return (tokens @ per_sample).reshape(*hidden.shape[:-1], experts.shape[-1])
 
 
+def lily_delta(holder: nn.Module, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    """s·Δ(x) of one adapter holder (a Lily layer or branch): h = φ(A x), dropout, routed mixture of B's."""
+    config = holder.variant[adapter]
+    lily_B = holder.lily_B[adapter].weight
+    experts = lily_B.reshape(holder.num_B[adapter], -1, lily_B.shape[1])
+    hidden = holder.lily_A[adapter](x.to(lily_B.dtype))
+    hidden = holder.lily_dropout[adapter](holder.lily_activation[adapter](hidden))
+    weights = holder.routing.token_weights(hidden) if config.mask_padding else None
+    router = holder.lily_router[adapter] if config.use_router else None
+    delta = holder.mix(hidden, experts, router, config.pooling, weights)
+    return delta * (holder.scaling[adapter] if config.apply_scaling else 1.0)
+
+
 class LilyVariantLinear(UpstreamLinear):
     """Upstream Lily ``Linear`` with the paper variants' expert mixing, dropout on h and optional s."""
 
@@ -139,29 +165,111 @@ class LilyVariantLinear(UpstreamLinear):
         if not config.use_router:  # the ablation has no router parameters (official Linear_mono)
             self.lily_router[adapter_name] = nn.Identity()
         self.lily_dropout = nn.ModuleDict({adapter_name: nn.Dropout(config.dropout)})
+        self.lily_activation = nn.ModuleDict({adapter_name: ACTIVATIONS[config.activation]()})
         self.variant = {adapter_name: config}
         self.routing = routing
+        self.lily_group = None  # (target name, weight shape), set by the model
+        self.mix = mix_experts  # the Eq. 3 combination; `make bench` swaps in a naive reference to time it
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.active_adapters:
             return result
         for adapter in self.active_adapters:
-            if adapter not in self.lily_A:
-                continue
-            config = self.variant[adapter]
-            lily_B = self.lily_B[adapter].weight
-            experts = lily_B.reshape(self.num_B[adapter], -1, lily_B.shape[1])
-            hidden = self.lily_dropout[adapter](self.lily_A[adapter](self._cast_input_dtype(x, lily_B.dtype)))
-            weights = self.routing.token_weights(hidden) if config.mask_padding else None
-            router = self.lily_router[adapter] if config.use_router else None
-            delta = mix_experts(hidden, experts, router, config.pooling, weights)
-            scale = self.scaling[adapter] if config.apply_scaling else 1.0
-            result = result + (delta * scale).to(result.dtype)
+            if adapter in self.lily_A:
+                result = result + lily_delta(self, x, adapter).to(result.dtype)
         return result
 
     def __repr__(self) -> str:
         return "lily_variant." + super().__repr__().removeprefix("lily.")
+
+
+class LilyBranch(nn.Module):
+    """A Lily adapter without a base layer (A, B experts, router), for the slice and parallel placements;
+    initialised like upstream's layer (kaiming-uniform A and router, B zero unless ``init_weights=False``)."""
+
+    def __init__(self, in_features: int, out_features: int, config: LilyVariantConfig, routing: RoutingContext,
+                 adapter: str, group: tuple) -> None:
+        super().__init__()
+        self.r, self.num_B, self.scaling, self.stride_A = ({adapter: config.r}, {adapter: config.num_B},
+                                                           {adapter: config.scaling}, {adapter: 1})
+        self.lily_A = nn.ModuleDict({adapter: nn.Linear(in_features, config.r, bias=False)})
+        self.lily_B = nn.ModuleDict({adapter: nn.Linear(out_features, config.num_B * config.r, bias=False)})
+        router = nn.Linear(config.r, config.num_B, bias=False) if config.use_router else nn.Identity()
+        self.lily_router = nn.ModuleDict({adapter: router})
+        self.lily_dropout = nn.ModuleDict({adapter: nn.Dropout(config.dropout)})
+        self.lily_activation = nn.ModuleDict({adapter: ACTIVATIONS[config.activation]()})
+        self.variant, self.routing, self.lily_group, self.mix = {adapter: config}, routing, group, mix_experts
+        nn.init.kaiming_uniform_(self.lily_A[adapter].weight, a=math.sqrt(5))
+        if config.use_router:
+            nn.init.kaiming_uniform_(router.weight, a=math.sqrt(5))
+        if config.init_weights:
+            nn.init.zeros_(self.lily_B[adapter].weight)
+        else:
+            nn.init.kaiming_uniform_(self.lily_B[adapter].weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        return lily_delta(self, x, adapter)
+
+
+def linear_ends(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a module: its first Linear's input, its last Linear's output."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"a parallel Lily adapter needs a module with Linear layers, not {type(module).__name__}.")
+    return linears[0].in_features, linears[-1].out_features
+
+
+class LilySlicedLinear(nn.Module, BaseTunerLayer):
+    """A fused projection (timm ViT's qkv) whose output slices get their own Lily adapters: the official ViT code
+    adds Lily to the k and v slices after the fused Linear, keeping its bias (notes §2.4)."""
+
+    adapter_layer_names = ("lily_parts",)
+
+    def __init__(self, base_layer: nn.Linear, adapter: str, config: LilyVariantConfig, routing: RoutingContext,
+                 name: str, spec: dict) -> None:
+        super().__init__()
+        self.base_layer, self.parts = base_layer, list(spec["parts"])
+        self.width = base_layer.out_features // len(self.parts)
+        self.lily_parts = nn.ModuleDict({adapter: nn.ModuleDict({
+            part: LilyBranch(base_layer.in_features, self.width, config, routing, adapter, (f"{name}.{part}",
+                             (self.width, base_layer.in_features))) for part in spec["adapt"]})})
+        self._active_adapter, self._disable_adapters, self.merged_adapters = adapter, False, []
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        pieces = list(result.split(self.width, dim=-1))
+        for adapter in self.active_adapters:
+            for part, branch in self.lily_parts[adapter].items():
+                index = self.parts.index(part)
+                pieces[index] = pieces[index] + branch(x, adapter).to(result.dtype)
+        return torch.cat(pieces, dim=-1)
+
+
+class LilyParallel(nn.Module, BaseTunerLayer):
+    """A Lily adapter beside a whole module: y = module(x) + s·Δ(x) (the official ViT MLP adapter, with a ReLU
+    after A and twice the rank, set through ``per_target``)."""
+
+    adapter_layer_names = ("lily_parallel",)
+
+    def __init__(self, base_layer: nn.Module, adapter: str, config: LilyVariantConfig, routing: RoutingContext,
+                 name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        fan_in, fan_out = linear_ends(base_layer)
+        self.lily_parallel = nn.ModuleDict({adapter: LilyBranch(fan_in, fan_out, config, routing, adapter,
+                                                                (name, (fan_out, fan_in)))})
+        self._active_adapter, self._disable_adapters, self.merged_adapters = adapter, False, []
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter in self.active_adapters:
+            result = result + self.lily_parallel[adapter](x, adapter).to(result.dtype)
+        return result
 
 
 @dataclass
@@ -192,26 +300,33 @@ class LilyVariantModel(LilyModel):
         return max(matches, key=len) if matches else str(config.target_modules)
 
     def _create_and_replace(self, lily_config, adapter_name, target, target_name, parent, current_key, **kw):
-        settings = lily_config.for_target(self._matched_suffix(lily_config, current_key))
-        base = target.get_base_layer() if isinstance(target, LilyLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ConfigError(f"Lily adapts Linear layers; '{current_key}' is a {type(base).__name__}.")
-        new_module = LilyVariantLinear(target, adapter_name, settings.r, settings, self.routing)
+        suffix = self._matched_suffix(lily_config, current_key)
+        settings = lily_config.for_target(suffix)
+        if suffix in lily_config.parallel:
+            new_module = LilyParallel(target, adapter_name, settings, self.routing, suffix)
+        elif not isinstance(target, nn.Linear):
+            raise ConfigError(f"Lily adapts Linear layers; '{current_key}' is a {type(target).__name__} "
+                              f"(list it in `parallel` to adapt the whole module).")
+        elif suffix in lily_config.slices:
+            new_module = LilySlicedLinear(target, adapter_name, settings, self.routing, suffix,
+                                          lily_config.slices[suffix])
+        else:
+            new_module = LilyVariantLinear(target, adapter_name, settings.r, settings, self.routing)
+            new_module.lily_group = (suffix, tuple(target.weight.shape))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     def _post_injection_hook(self, model: nn.Module, config: LilyVariantConfig, adapter_name: str) -> None:
-        groups: dict[tuple[str, torch.Size], list[tuple[str, LilyVariantLinear]]] = {}
-        for key, module in model.named_modules():
-            if isinstance(module, LilyVariantLinear) and adapter_name in module.lily_A:
-                suffix = self._matched_suffix(config, key)
-                groups.setdefault((suffix, module.get_base_layer().weight.shape), []).append((key, module))
-        self.groups = [self._share(suffix, shape, [m for _, m in layers], config, adapter_name)
+        groups: dict[tuple, list[nn.Module]] = {}
+        for module in model.modules():  # Lily layers and branches, in traversal (layer) order
+            if getattr(module, "lily_group", None) is not None and adapter_name in module.lily_A:
+                groups.setdefault(module.lily_group, []).append(module)
+        self.groups = [self._share(suffix, shape, layers, config, adapter_name)
                        for (suffix, shape), layers in groups.items()]
 
     @staticmethod
-    def _share(suffix: str, shape: torch.Size, layers: list[LilyVariantLinear], config: LilyVariantConfig,
+    def _share(suffix: str, shape: tuple, layers: list[nn.Module], config: LilyVariantConfig,
                adapter: str) -> GroupSummary:
         count = len(layers)
         if config.ne_1 is not None and config.ne_1 > count:
@@ -300,3 +415,15 @@ class LilyMethod:
             return LilyVariantModel(model, self.config)
         except ValueError as exc:
             raise ConfigError(f"Lily could not adapt the backbone: {exc}") from None
+
+    @staticmethod
+    def summary(model: LilyVariantModel) -> list[dict]:
+        return model.summary()
+
+    @staticmethod
+    def save(model: LilyVariantModel, directory: str | Path) -> None:
+        model.save_pretrained(directory)
+
+    @staticmethod
+    def load(model: nn.Module, directory: str | Path) -> LilyVariantModel:
+        return LilyVariantModel.load_pretrained(model, directory)

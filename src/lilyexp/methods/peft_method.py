@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 
 from lilyexp.errors import ConfigError
 
@@ -24,3 +26,17 @@ class PeftMethod:
             return get_peft_model(model, self.config)
         except ValueError as exc:  # e.g. a target module name the backbone does not have
             raise ConfigError(f"peft could not adapt the backbone: {exc}") from None
+
+    @staticmethod
+    def save(model: PeftModel, directory: str | Path) -> None:
+        """peft's ``save_pretrained`` (safetensors)."""
+        model.save_pretrained(str(directory), safe_serialization=True)
+
+    @staticmethod
+    def load(model: torch.nn.Module, directory: str | Path) -> PeftModel:
+        """Adapt ``model`` with a saved adapter; a corrupt or mismatched one is a clear error."""
+        try:
+            return PeftModel.from_pretrained(model, str(directory))
+        except Exception as exc:  # peft raises OSError, ValueError, RuntimeError or safetensors errors here
+            raise ConfigError(f"cannot load the adapter in {directory}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from lilyexp.errors import ConfigError
 from lilyexp.recipes.core import TrainerConfig, fit
 from lilyexp.records import RunContext
 from lilyexp.tasks.commonsense import train_prompt, train_text
@@ -36,6 +37,12 @@ def tokenize_for_training(tokenizer: Any, task: Any, example: dict) -> dict[str,
         prompt_len = len(tokenizer(train_prompt(example), truncation=True, max_length=task.cutoff_len)["input_ids"])
         labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
     return {"input_ids": ids, "labels": labels}
+
+
+def supervised(features) -> list[dict[str, list[int]]]:
+    """Features with at least one label; with ``train_on_inputs=False`` a prompt longer than the cutoff leaves
+    none, and its loss would be 0/0."""
+    return [f for f in features if any(label != IGNORE_INDEX for label in f["labels"])]
 
 
 def left_pad(features: list[dict[str, list[int]]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
@@ -100,8 +107,10 @@ def run(*, model: torch.nn.Module, processor: Any, task: Any, trainer: TrainerCo
         logger: Any, seed: int, head_modules: list[str]) -> Outcome:
     tokenizer = processor
     accelerator = Accelerator(mixed_precision=trainer.mixed_precision)
-    train_features = [tokenize_for_training(tokenizer, task, e) for e in task.train]
-    val_features = [tokenize_for_training(tokenizer, task, e) for e in task.validation]
+    train_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.train)
+    val_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.validation)
+    if not train_features:
+        raise ConfigError(f"no training example keeps an answer token within task cutoff_len={task.cutoff_len}.")
     pad_id, eval_bs = tokenizer.pad_token_id, trainer.eval_batch_size or trainer.batch_size
     main = accelerator.is_main_process
 
@@ -126,7 +135,8 @@ def run(*, model: torch.nn.Module, processor: Any, task: Any, trainer: TrainerCo
     metrics = {"final": final, "best": result.best, "history": result.history, "selection": trainer.select}
     if result.initial is not None:
         metrics["initial"] = result.initial
-    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": {"train": len(train_features), "validation": len(val_features),
-                                                     "test": {k: len(v) for k, v in task.eval_sets.items()}},
+    sizes = {"train": len(train_features), "train_dropped_no_labels": len(task.train) - len(train_features),
+             "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
+    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": sizes,
              "steps": result.steps, "resumed_from_step": result.resumed_from}
     return Outcome(metrics, extra)

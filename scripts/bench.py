@@ -1,0 +1,251 @@
+"""`make bench`: step time and peak memory of Lily against LoRA at equal adapter budgets (a benchmark, not a test).
+
+For each model shape (random init: RoBERTa-base-shaped; a small LLaMA-shaped model for a CPU step of seconds; on
+CUDA also LLaMA3-8B-shaped, in bf16), each method's forward + backward + AdamW step is timed as the median of
+repeated runs interleaved across methods, and its peak memory is measured alone in a fresh subprocess (CUDA:
+max allocated; CPU: peak resident set of the process). Also times the Eq. 3 expert combination against the naive
+N_e-matmul one at the paper's example size. Writes results/bench/latest.json and latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LilyConfig, LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
+
+from lilyexp.budget import target_shapes, within_budget
+from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, mix_experts
+
+OUT = Path("results/bench")
+SHAPES = {
+    "roberta-base": dict(cls=AutoModelForSequenceClassification, targets=["query", "value"], lora_r=8,
+                         config=RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
+                                              num_attention_heads=12, intermediate_size=3072,
+                                              max_position_embeddings=514, type_vocab_size=1)),
+    "llama-4x2048": dict(cls=AutoModelForCausalLM, targets=["q_proj", "k_proj", "v_proj"], lora_r=8,
+                         config=LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                            num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)),
+    "llama3-8b": dict(cls=AutoModelForCausalLM, targets=["q_proj", "k_proj", "v_proj"], lora_r=32,
+                      cuda_only=True, config=LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                                         num_hidden_layers=32, num_attention_heads=32,
+                                                         num_key_value_heads=8)),
+}
+
+
+def equal_budget_lily(spec) -> tuple[int, int, int]:
+    """The largest Lily (r in 16/32, ne_2 <= 4) whose parameter count stays within the LoRA's, on the same targets."""
+    with torch.device("meta"):
+        shapes = target_shapes(spec["cls"].from_config(spec["config"]), spec["targets"])
+    rows = [row for row in within_budget(shapes, shapes, spec["lora_r"], top=10_000)
+            if row["r"] in (16, 32) and row["ne_2"] <= 4]
+    best = rows[0]
+    return best["r"], best["ne_1"], best["ne_2"]
+
+
+def naive_mix(hidden, experts, router, pooling, token_weights=None):
+    """The reference the paper's Eq. 3 avoids: one matmul per expert, then the weighted sum."""
+    weights = router(hidden).softmax(-1).reshape(-1, experts.shape[0]).mean(0)
+    return sum(weights[e] * (hidden @ experts[e]) for e in range(experts.shape[0]))
+
+
+def lily_variant(base, spec, **switches):
+    r, ne_1, ne_2 = equal_budget_lily(spec)
+    return LilyVariantModel(base, LilyVariantConfig(r=r, ne_1=ne_1, num_B=ne_2, target_modules=spec["targets"],
+                                                    **switches))
+
+
+def methods(spec) -> dict:
+    r, ne_1, ne_2 = equal_budget_lily(spec)
+    layers = spec["config"].num_hidden_layers
+
+    def naive(base):
+        model = lily_variant(base, spec)
+        for module in model.modules():
+            if hasattr(module, "variant"):
+                module.mix = naive_mix
+        return model
+
+    def frozen(base):
+        base.requires_grad_(False)
+        base.enable_input_require_grads()
+        return base
+
+    return {
+        "frozen base": frozen,
+        "peft lora": lambda base: get_peft_model(base, LoraConfig(r=spec["lora_r"], target_modules=spec["targets"])),
+        "peft lily (upstream)": lambda base: get_peft_model(base, LilyConfig(
+            r=r, stride_A=layers // ne_1, num_B=ne_2, target_modules=spec["targets"])),
+        "lily (batch_mean, official)": lambda base: lily_variant(base, spec),
+        "lily (sample_sum, Eq. 2)": lambda base: lily_variant(base, spec, pooling="sample_sum"),
+        "lily (token, Vim)": lambda base: lily_variant(base, spec, pooling="token"),
+        "lily (router per A)": lambda base: lily_variant(base, spec, router="A"),
+        "lily naive N_e matmuls": naive,
+    }
+
+
+def build(name: str, spec: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    base = spec["cls"].from_config(spec["config"]).to(device=device, dtype=dtype)
+    model = methods(spec)[name](base)
+    for param in model.parameters():  # adapters train in fp32 (official and peft autocast behaviour)
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def batch_for(spec, device, args) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 1000, (args.batch, args.seq), generator=generator).to(device)
+    labels = ids if spec["cls"] is AutoModelForCausalLM else torch.zeros(args.batch, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def step_fn(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(step, device) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def adapter_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def time_shape(shape: str, args, device, dtype) -> list[dict]:
+    spec = SHAPES[shape]
+    batch = batch_for(spec, device, args)
+    models = {name: build(name, spec, device, dtype) for name in methods(spec)}
+    steps = {name: step_fn(model, batch) for name, model in models.items()}
+    for step in steps.values():
+        step()  # warm-up
+    times = {name: [] for name in models}
+    names = list(models)
+    for rep in range(args.repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate the order each round
+            times[name].append(timed(steps[name], device))
+    rows = [{"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(spec), "adapter_params": adapter_params(models[name]),
+             "step_s_median": statistics.median(times[name]), "step_s_all": times[name]} for name in names]
+    del models, steps
+    return rows
+
+
+def peak_memory(shape: str, name: str, args) -> int:
+    """Peak memory of one method alone, in a fresh process (so earlier models do not count)."""
+    command = [sys.executable, __file__, "--memory-of", shape, name, "--batch", str(args.batch), "--seq", str(args.seq)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(shape: str, name: str, args) -> None:
+    device, dtype = device_and_dtype()
+    spec = SHAPES[shape]
+    model = build(name, spec, device, dtype)
+    step = step_fn(model, batch_for(spec, device, args))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    print(torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def eq3_vs_naive(device, repeats: int = 30) -> dict:
+    """The paper's example size: N=1024 tokens, d=16, C=768, N_e=4; forward + backward."""
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 1024, 16, device=device, requires_grad=True)
+    experts = torch.randn(4, 16, 768, device=device, requires_grad=True)
+    router = torch.nn.Linear(16, 4, bias=False).to(device)
+    results = {}
+    for label, fn in (("eq3", lambda: mix_experts(hidden, experts, router, "batch_mean")),
+                      ("naive", lambda: naive_mix(hidden, experts, router, "batch_mean"))):
+        for _ in range(5):
+            fn().sum().backward()
+        results[label] = statistics.median(timed(lambda: fn().sum().backward(), device) for _ in range(repeats))
+    return {"eq3_s": results["eq3"], "naive_s": results["naive"], "speedup": results["naive"] / results["eq3"]}
+
+
+def device_and_dtype():
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def markdown(rows: list[dict], eq3: dict, meta: dict) -> str:
+    lines = [f"# Lily vs LoRA: step time and peak memory ({meta['device']}, {meta['dtype']}, batch {meta['batch']}"
+             f" × {meta['seq']} tokens, median of {meta['repeats']} interleaved steps)", "",
+             "| model | method | adapter params | step (s) | × LoRA time | peak mem (MiB) | × LoRA mem |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['method']} | {row['adapter_params']:,} | {row['step_s_median']:.4f} | "
+                     f"{row['ratio_to_lora']:.3f} | {row['peak_mem_bytes'] / 2**20:.0f} | {row['mem_ratio_to_lora']:.3f} |")
+    lines += ["", f"Eq. 3 combination vs naive N_e matmuls (N=1024, d=16, C=768, N_e=4, forward+backward): "
+              f"{eq3['eq3_s'] * 1e3:.3f} ms vs {eq3['naive_s'] * 1e3:.3f} ms, **{eq3['speedup']:.2f}× faster**.", "",
+              "Memory on CPU is the peak resident set of a process that ran only that method (base weights included);"
+              " on CUDA it is torch's max allocated.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--memory-of", nargs=2, default=None)
+    args = parser.parse_args()
+    device, dtype = device_and_dtype()
+    args.batch = args.batch or (16 if device == "cuda" else 4)
+    args.seq = args.seq or (512 if device == "cuda" else 128)
+    if args.memory_of:
+        return measure_memory(*args.memory_of, args)
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    for shape, spec in SHAPES.items():
+        if spec.get("cuda_only") and device != "cuda":
+            continue
+        shape_rows = time_shape(shape, args, device, dtype)
+        for row in shape_rows:
+            row["peak_mem_bytes"] = peak_memory(shape, row["method"], args)
+        lora = next(r for r in shape_rows if r["method"] == "peft lora")
+        for row in shape_rows:
+            row["ratio_to_lora"] = row["step_s_median"] / lora["step_s_median"]
+            row["mem_ratio_to_lora"] = row["peak_mem_bytes"] / lora["peak_mem_bytes"]
+            print(f"{shape:14s} {row['method']:30s} {row['step_s_median']:.4f}s ×{row['ratio_to_lora']:.3f} "
+                  f"mem ×{row['mem_ratio_to_lora']:.3f}", flush=True)
+        rows += shape_rows
+    eq3 = eq3_vs_naive(device)
+    meta = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.machine()}, "
+            f"{torch.get_num_threads()} threads)", "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
+            "seq": args.seq, "repeats": args.repeats, "torch": torch.__version__}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows, "eq3_vs_naive": eq3}, indent=2) + "\n")
+    (OUT / "latest.md").write_text(markdown(rows, eq3, meta))
+    print(markdown(rows, eq3, meta))
+
+
+if __name__ == "__main__":
+    main()
