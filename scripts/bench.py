@@ -2,21 +2,17 @@
 
 For each model shape (random init: RoBERTa-base-shaped; a small LLaMA-shaped model for a CPU step of seconds; on
 CUDA also LLaMA3-8B-shaped, in bf16), each method's forward + backward + AdamW step is timed as the median of
-repeated runs interleaved across methods, and its peak memory is measured alone in a fresh subprocess (CUDA:
-max allocated; CPU: peak resident set of the process). Also times the Eq. 3 expert combination against the naive
+repeated runs interleaved across methods, and its peak peak memory is parameters, buffers and optimizer state plus
+the peak a training step allocates on top. Also times the Eq. 3 expert combination against the naive
 N_e-matmul one at the paper's example size. Writes results/bench/latest.json and latest.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -122,6 +118,7 @@ def step_fn(model, batch):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
+    step.optimizer = optimizer
     return step
 
 
@@ -151,29 +148,47 @@ def time_shape(shape: str, args, device, dtype) -> list[dict]:
     for rep in range(args.repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate the order each round
             times[name].append(timed(steps[name], device))
-    rows = [{"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(spec), "adapter_params": adapter_params(models[name]),
-             "step_s_median": statistics.median(times[name]), "step_s_all": times[name]} for name in names]
+    rows = []
+    for name in names:
+        step_mem = step_peak_bytes(steps[name], device)
+        rows.append({"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(spec),
+                     "adapter_params": adapter_params(models[name]), "step_s_median": statistics.median(times[name]),
+                     "step_s_all": times[name], "step_mem_bytes": step_mem,
+                     "peak_mem_bytes": static_bytes(models[name], steps[name].optimizer) + step_mem})
     del models, steps
     return rows
 
 
-def peak_memory(shape: str, name: str, args) -> int:
-    """Peak memory of one method alone, in a fresh process (so earlier models do not count)."""
-    command = [sys.executable, __file__, "--memory-of", shape, name, "--batch", str(args.batch), "--seq", str(args.seq)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure_memory(shape: str, name: str, args) -> None:
-    device, dtype = device_and_dtype()
-    spec = SHAPES[shape]
-    model = build(name, spec, device, dtype)
-    step = step_fn(model, batch_for(spec, device, args))
+def static_bytes(model, optimizer) -> int:
+    """Parameters, buffers and optimizer state: what stays allocated between steps."""
+    state = [v for per_param in (optimizer.state.values() if optimizer else []) for v in per_param.values()
+             if torch.is_tensor(v)]
+    return tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()) + tensor_bytes(state)
+
+
+def step_peak_bytes(step, device) -> int:
+    """Peak of the memory one training step allocates on top of what was already there (activations, gradients,
+    workspace): CUDA's allocator statistics, or on CPU the running sum of the profiler's allocation events."""
     if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
         step()
-    print(torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
 
 
 def eq3_vs_naive(device, repeats: int = 30) -> dict:
@@ -198,42 +213,41 @@ def device_and_dtype():
 def markdown(rows: list[dict], eq3: dict, meta: dict) -> str:
     lines = [f"# Lily vs LoRA: step time and peak memory ({meta['device']}, {meta['dtype']}, batch {meta['batch']}"
              f" × {meta['seq']} tokens, median of {meta['repeats']} interleaved steps)", "",
-             "| model | method | adapter params | step (s) | × LoRA time | peak mem (MiB) | × LoRA mem |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | method | adapter params | step (s) | × LoRA time | peak mem (MiB) | × LoRA | "
+             "step's own mem (MiB) | × LoRA |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['model']} | {row['method']} | {row['adapter_params']:,} | {row['step_s_median']:.4f} | "
-                     f"{row['ratio_to_lora']:.3f} | {row['peak_mem_bytes'] / 2**20:.0f} | {row['mem_ratio_to_lora']:.3f} |")
+                     f"{row['ratio_to_lora']:.3f} | {row['peak_mem_bytes'] / 2**20:.0f} | {row['mem_ratio_to_lora']:.3f} | "
+                     f"{row['step_mem_bytes'] / 2**20:.1f} | {row['step_mem_ratio_to_lora']:.3f} |")
     lines += ["", f"Eq. 3 combination vs naive N_e matmuls (N=1024, d=16, C=768, N_e=4, forward+backward): "
               f"{eq3['eq3_s'] * 1e3:.3f} ms vs {eq3['naive_s'] * 1e3:.3f} ms, **{eq3['speedup']:.2f}× faster**.", "",
-              "Memory on CPU is the peak resident set of a process that ran only that method (base weights included);"
-              " on CUDA it is torch's max allocated.", ""]
+              "Peak memory = parameters + buffers + optimizer state + the peak one training step allocates on top "
+              "(activations, gradients, workspace; CUDA: allocator statistics, CPU: the profiler's allocation "
+              "events). The step's own memory is that last part alone. Lily's settings are the largest (r in 16/32,"
+              " ne_2 <= 4) within the LoRA's parameter count on the same targets.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--memory-of", nargs=2, default=None)
     args = parser.parse_args()
     device, dtype = device_and_dtype()
     args.batch = args.batch or (16 if device == "cuda" else 4)
     args.seq = args.seq or (512 if device == "cuda" else 128)
-    if args.memory_of:
-        return measure_memory(*args.memory_of, args)
     torch.set_num_threads(torch.get_num_threads())
     rows = []
     for shape, spec in SHAPES.items():
         if spec.get("cuda_only") and device != "cuda":
             continue
         shape_rows = time_shape(shape, args, device, dtype)
-        for row in shape_rows:
-            row["peak_mem_bytes"] = peak_memory(shape, row["method"], args)
         lora = next(r for r in shape_rows if r["method"] == "peft lora")
         for row in shape_rows:
             row["ratio_to_lora"] = row["step_s_median"] / lora["step_s_median"]
             row["mem_ratio_to_lora"] = row["peak_mem_bytes"] / lora["peak_mem_bytes"]
+            row["step_mem_ratio_to_lora"] = row["step_mem_bytes"] / lora["step_mem_bytes"]
             print(f"{shape:14s} {row['method']:30s} {row['step_s_median']:.4f}s ×{row['ratio_to_lora']:.3f} "
                   f"mem ×{row['mem_ratio_to_lora']:.3f}", flush=True)
         rows += shape_rows

@@ -4,7 +4,6 @@ init, the config checks, and save/load."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

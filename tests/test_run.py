@@ -7,7 +7,6 @@ import json
 import signal
 
 import pytest
-import torch
 
 import lilyexp.backbones.hf as hf
 import lilyexp.recipes.causal_lm as causal_lm
@@ -130,3 +129,10 @@ def test_wandb_logger_runs_offline(tiny_run, tmp_path, monkeypatch):
     assert json.loads(path.read_text())["status"] == "finished"
     runs = list((tmp_path / "checkpoints").rglob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
+
+
+def test_without_a_validation_split_the_last_weights_are_kept(tiny_run, tmp_path):
+    cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=2", *tiny_run, "task.load.val_size=0"], tmp_path)
+    record = json.loads(execute(cfg).read_text())
+    assert record["metrics"]["best"] == {} and record["metrics"]["history"] == []
+    assert "val/loss" not in record["metrics"]["final"] and record["data"]["validation"] == 0

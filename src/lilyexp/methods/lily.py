@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft import LilyConfig
 from peft.tuners.lily.layer import Linear as UpstreamLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -129,18 +128,23 @@ def mix_experts(hidden: torch.Tensor, experts: torch.Tensor, router: nn.Module |
         probabilities = logits.softmax(-1)
         outer = (probabilities.unsqueeze(-1) * hidden.unsqueeze(-2)).flatten(-2)
         return outer @ experts.reshape(-1, experts.shape[-1])
-    tokens = hidden if hidden.dim() == 3 else hidden.unsqueeze(1)
-    logits = logits if logits.dim() == 3 else logits.unsqueeze(1)
-    weights = torch.ones(tokens.shape[:2], dtype=tokens.dtype, device=tokens.device) if token_weights is None \
-        else token_weights
-    if pooling == "batch_mean":  # official: mean over batch and tokens of per-token softmax
+    if pooling == "batch_mean":  # official: mean over batch and tokens of the per-token softmax
         probabilities = logits.softmax(-1)
-        mix = (probabilities * weights.unsqueeze(-1)).sum((0, 1)) / weights.sum().clamp_min(1)
+        if token_weights is None:
+            mix = probabilities.reshape(-1, num_experts).mean(0)
+        else:
+            mix = (probabilities * token_weights.unsqueeze(-1)).sum((0, 1)) / token_weights.sum().clamp_min(1)
         return hidden @ torch.einsum("e,eio->io", mix, experts)
     # paper Eq. 2: softmax of the logits summed over each sample's tokens
-    mix = (logits * weights.unsqueeze(-1)).sum(1).softmax(-1)  # (batch, E)
-    per_sample = torch.einsum("be,eio->bio", mix, experts)
+    tokens = hidden if hidden.dim() == 3 else hidden.unsqueeze(1)
+    logits = logits if logits.dim() == 3 else logits.unsqueeze(1)
+    summed = logits.sum(1) if token_weights is None else (logits * token_weights.unsqueeze(-1)).sum(1)
+    per_sample = torch.einsum("be,eio->bio", summed.softmax(-1), experts)
     return (tokens @ per_sample).reshape(*hidden.shape[:-1], experts.shape[-1])
+
+
+def dropout_module(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()  # upstream has no dropout: keep p=0 free
 
 
 def lily_delta(holder: nn.Module, x: torch.Tensor, adapter: str) -> torch.Tensor:
@@ -164,7 +168,7 @@ class LilyVariantLinear(UpstreamLinear):
         super().__init__(base_layer, adapter_name, r, config=config, **kwargs)
         if not config.use_router:  # the ablation has no router parameters (official Linear_mono)
             self.lily_router[adapter_name] = nn.Identity()
-        self.lily_dropout = nn.ModuleDict({adapter_name: nn.Dropout(config.dropout)})
+        self.lily_dropout = nn.ModuleDict({adapter_name: dropout_module(config.dropout)})
         self.lily_activation = nn.ModuleDict({adapter_name: ACTIVATIONS[config.activation]()})
         self.variant = {adapter_name: config}
         self.routing = routing
@@ -197,7 +201,7 @@ class LilyBranch(nn.Module):
         self.lily_B = nn.ModuleDict({adapter: nn.Linear(out_features, config.num_B * config.r, bias=False)})
         router = nn.Linear(config.r, config.num_B, bias=False) if config.use_router else nn.Identity()
         self.lily_router = nn.ModuleDict({adapter: router})
-        self.lily_dropout = nn.ModuleDict({adapter: nn.Dropout(config.dropout)})
+        self.lily_dropout = nn.ModuleDict({adapter: dropout_module(config.dropout)})
         self.lily_activation = nn.ModuleDict({adapter: ACTIVATIONS[config.activation]()})
         self.variant, self.routing, self.lily_group, self.mix = {adapter: config}, routing, group, mix_experts
         nn.init.kaiming_uniform_(self.lily_A[adapter].weight, a=math.sqrt(5))

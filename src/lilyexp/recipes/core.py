@@ -228,6 +228,8 @@ def check_every_parameter_got_a_gradient(model: torch.nn.Module) -> None:
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
     return best is None or (value < best if mode == "min" else value > best)
 
 
@@ -303,9 +305,11 @@ def fit(
             progress.set_postfix(loss=f"{step_loss:.4f}")
         if done % eval_every == 0 or done == total:
             metrics = validate(model)
-            result.history.append({"step": done, **metrics})
-            log.write(done, metrics)
-            if is_better(metrics[select_metric], result.best.get(select_metric), select_mode):
+            if metrics:
+                result.history.append({"step": done, **metrics})
+                log.write(done, metrics)
+            if select_metric in metrics and is_better(metrics[select_metric], result.best.get(select_metric),
+                                                      select_mode):
                 result.best = {"step": done, **metrics}
                 best_state = trainable_state(accelerator.unwrap_model(model))
         if done % trainer.checkpoint_every == 0 or done == total:
