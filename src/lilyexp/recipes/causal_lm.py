@@ -6,7 +6,6 @@ cache and per-set answer extraction. The record states the generation settings t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lilyexp.errors import ConfigError
-from lilyexp.recipes.core import TrainerConfig, fit
+from lilyexp.recipes.core import Outcome, TrainerConfig, fit
 from lilyexp.records import RunContext
 from lilyexp.tasks.commonsense import train_prompt, train_text
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class Outcome:
-    metrics: dict
-    extra: dict
 
 
 def tokenize_for_training(tokenizer: Any, task: Any, example: dict) -> dict[str, list[int]]:

@@ -106,6 +106,14 @@ class StepPlan:
 
 
 @dataclass
+class Outcome:
+    """What a recipe returns: the record's ``metrics`` and extra top-level record keys."""
+
+    metrics: dict
+    extra: dict
+
+
+@dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)
