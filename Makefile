@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lilyexp-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test bench glue-cpu table3 clean-venv
 
 venv: $(STAMP)
 
@@ -22,6 +22,19 @@ demo: venv
 	$(BIN)/python -m lilyexp.run experiment=demo method=lora method.r=8 method.alpha=16
 	$(BIN)/python -m lilyexp.run experiment=demo method=lily method.r=32 method.ne_1=6 method.ne_2=6
 	$(BIN)/python scripts/summarize.py results/runs/demo --out results/demo.md
+
+# Real CPU-scale GLUE replication (MiniLM, Lily vs LoRA, 3 seeds; about an hour on 2 cores). Finished cells are kept.
+glue-cpu: venv
+	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lily
+	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lora
+	$(BIN)/python scripts/summarize.py results/runs/glue_minilm --seeds --out results/glue_minilm.md
+
+# Paper Table 3 (Lily cells; RoBERTa-base and -large, GPU-sized): runs the cells without a finished record, then
+# renders. TABLE3_ARGS passes overrides, e.g. TABLE3_ARGS="backbone=tiny_roberta task.data_dir=../shared/data/glue".
+TABLE3_TASKS ?= cola mrpc qnli rte sst2 stsb
+table3: venv
+	for task in $(TABLE3_TASKS); do $(BIN)/python -m lilyexp.run -m experiment=table3/lily_$$task $(TABLE3_ARGS) || exit 1; done
+	$(BIN)/python scripts/summarize.py results/runs/table3 --seeds --out results/tables/table3.md
 
 # A benchmark, not a test: step time and peak memory of Lily vs LoRA (CUDA when present); writes results/bench/.
 bench: venv

@@ -213,17 +213,20 @@ def device_and_dtype():
 def markdown(rows: list[dict], eq3: dict, meta: dict) -> str:
     lines = [f"# Lily vs LoRA: step time and peak memory ({meta['device']}, {meta['dtype']}, batch {meta['batch']}"
              f" × {meta['seq']} tokens, median of {meta['repeats']} interleaved steps)", "",
-             "| model | method | adapter params | step (s) | × LoRA time | peak mem (MiB) | × LoRA | "
-             "step's own mem (MiB) | × LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | method | adapter params | step (s) | IQR / median | × LoRA time | peak mem (MiB) | × LoRA | "
+             "step's own mem (MiB) | × LoRA |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        q1, _, q3 = statistics.quantiles(row["step_s_all"], n=4)
         lines.append(f"| {row['model']} | {row['method']} | {row['adapter_params']:,} | {row['step_s_median']:.4f} | "
+                     f"{(q3 - q1) / row['step_s_median']:.3f} | "
                      f"{row['ratio_to_lora']:.3f} | {row['peak_mem_bytes'] / 2**20:.0f} | {row['mem_ratio_to_lora']:.3f} | "
                      f"{row['step_mem_bytes'] / 2**20:.1f} | {row['step_mem_ratio_to_lora']:.3f} |")
     lines += ["", f"Eq. 3 combination vs naive N_e matmuls (N=1024, d=16, C=768, N_e=4, forward+backward): "
               f"{eq3['eq3_s'] * 1e3:.3f} ms vs {eq3['naive_s'] * 1e3:.3f} ms, **{eq3['speedup']:.2f}× faster**.", "",
               "Peak memory = parameters + buffers + optimizer state + the peak one training step allocates on top "
               "(activations, gradients, workspace; CUDA: allocator statistics, CPU: the profiler's allocation "
-              "events). The step's own memory is that last part alone. Lily's settings are the largest (r in 16/32,"
+              "events). The step's own memory is that last part alone. IQR / median is the spread of the repeated "
+              "step times: differences in time ratios smaller than it are noise. Lily's settings are the largest (r in 16/32,"
               " ne_2 <= 4) within the LoRA's parameter count on the same targets.", ""]
     return "\n".join(lines)
 
@@ -233,7 +236,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--render", action="store_true", help="only re-render latest.md from latest.json")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((OUT / "latest.json").read_text())
+        (OUT / "latest.md").write_text(markdown(saved["rows"], saved["eq3_vs_naive"], saved["meta"]))
+        return
     device, dtype = device_and_dtype()
     args.batch = args.batch or (16 if device == "cuda" else 4)
     args.seq = args.seq or (512 if device == "cuda" else 128)

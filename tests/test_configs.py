@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lilyexp.compose import check_combination, group_options
+from lilyexp.compose import CONF_DIR, check_combination, group_options
 from lilyexp.errors import ConfigError
 
 from conftest import compose_run
@@ -92,3 +92,15 @@ def test_target_nodes_bind_to_their_signatures(backbone, task, method):
     cfg = compose_run([f"backbone={backbone}", f"task={task}", f"method={method}"])
     for path, node in target_nodes(cfg):
         bind(node)
+
+
+EXPERIMENTS = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
+                     for p in (CONF_DIR / "experiment").rglob("*.yaml") if p.stem != "base")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_file_composes_to_a_runnable_cell(experiment):
+    cfg = compose_run([f"experiment={experiment}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    check_combination(cfg)
+    assert cfg.group != "adhoc", "experiment files name the group their records go to"

@@ -135,3 +135,16 @@ def test_two_epoch_runs_keep_best_and_last(name, metric, glue_dir, tmp_path):
     assert metrics["last"][f"val/{metric}"] == values[-1] or values[-1] != values[-1]
     assert record["params"]["head"] > 0 and record["params"]["adapter"] > 0
     assert record["params"]["trainable"] == record["params"]["head"] + record["params"]["adapter"]
+
+
+def test_table3_cell_runs_on_a_tiny_backbone_from_the_command_line(tmp_path):
+    """The experiment's sweep (roberta, roberta_large) yields to a backbone given on the command line."""
+    from conftest import run_cli
+    result = run_cli(["-m", "experiment=table3/lily_mrpc", "backbone=tiny_roberta", f"task.data_dir={SHARED_GLUE}",
+                      "task.train_limit=24", "task.eval_limit=16", "task.max_length=64", "trainer.epochs=1",
+                      "method.ne_1=2", "method.ne_2=2", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = list((tmp_path / "results" / "table3").glob("*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["config"]["trainer"]["batch_size"] == 50 and record["config"]["method"]["s"] == 0.1

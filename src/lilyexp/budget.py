@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 
+from lilyexp.backbones.hf import pretrained_config
 from lilyexp.compose import CONF_DIR
 from lilyexp.errors import ConfigError
 
@@ -48,11 +49,18 @@ def lily_count(shapes: Counter, r: int, ne_1: int, ne_2: int) -> int:
 
 
 def meta_model(backbone) -> torch.nn.Module:
-    node = backbone.get("architecture") or backbone.load
+    """The backbone without weights: its `architecture` node, a pretrained backbone's own config, or its
+    random-init `load` node."""
+    load = backbone.load
+    if "architecture" in backbone:
+        config = instantiate(backbone.architecture)
+    elif "name_or_path" in load:
+        config = pretrained_config(**{k: v for k, v in load.items() if not k.startswith("_")})
+    else:
+        with torch.device("meta"):
+            return instantiate(load).model
     with torch.device("meta"):
-        if "architecture" in backbone:
-            return get_class(backbone.load.auto_class).from_config(instantiate(node))
-        return instantiate(backbone.load).model
+        return get_class(load.auto_class).from_config(config)
 
 
 def within_budget(lora_shapes: Counter, lily_shapes: Counter, lora_r: int, top: int) -> list[dict]:

@@ -41,6 +41,18 @@ def load_pretrained(
     return Backbone(model, _with_pad_token(tokenizer, model, pad_token_id))
 
 
+def pretrained_config(name_or_path: str, *, package: str | None = None, gguf_file: str | None = None,
+                      revision: str | None = None, **_: Any) -> Any:
+    """The architecture config of a pretrained backbone (no weights), e.g. to build it on the meta device."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(name_or_path, package), revision=revision,
+                                          **({"gguf_file": gguf_file} if gguf_file else {}))
+    except OSError as exc:
+        raise unavailable(name_or_path, exc) from None
+
+
 def from_config(config: Any, *, auto_class: str, tokenizer: Any, pad_token_id: int | None = None,
                 **task_model_kwargs: Any) -> Backbone:
     """Random-init model of ``config`` (a transformers config object); no download."""
