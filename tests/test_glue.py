@@ -148,3 +148,12 @@ def test_table3_cell_runs_on_a_tiny_backbone_from_the_command_line(tmp_path):
     assert len(records) == 1
     record = json.loads(records[0].read_text())
     assert record["config"]["trainer"]["batch_size"] == 50 and record["config"]["method"]["s"] == 0.1
+
+
+def test_train_limit_is_a_fixed_random_subsample():
+    first = GlueTask("mrpc", data_dir=str(SHARED_GLUE), train_limit=100)
+    again = GlueTask("mrpc", data_dir=str(SHARED_GLUE), train_limit=100)
+    full = GlueTask("mrpc", data_dir=str(SHARED_GLUE))
+    assert first.train == again.train and len(first.train) == 100 and first.train != full.train[:100]
+    assert all(example in full.train for example in first.train)
+    assert GlueTask("mrpc", data_dir=str(SHARED_GLUE), train_limit=100, subsample_seed=1).train != first.train

@@ -60,9 +60,12 @@ def test_falcon_mamba_counts():
     assert count_parameters(lora, [])["trainable"] == 3_702_784
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa", "milora", "lily"])
+TINY_OVERRIDES = {"lora": [], "pissa": [], "milora": [], "lily": ["method.ne_1=2"]}  # tiny_llama has 2 layers
+
+
+@pytest.mark.parametrize("method", sorted(TINY_OVERRIDES))
 def test_methods_leave_the_output_unchanged_at_init(method):
-    extra = ["method.ne_1=2"] if method == "lily" else []
+    extra = TINY_OVERRIDES[method]
     cfg = compose_run(["backbone=tiny_llama", f"method={method}", "method.dropout=0.0", "method.r=4", *extra])
     base = tiny_llama()
     x = torch.randint(0, 100, (2, 6))
@@ -146,9 +149,9 @@ def test_live_adapters_pass_the_gradient_check():
     check_every_parameter_got_a_gradient(model)
 
 
-@pytest.mark.parametrize("method", ["lora", "milora", "lily"])
-def test_save_and_load_round_trip_for_every_method(method, tmp_path):
-    extra = ["method.ne_1=2"] if method == "lily" else []
+@pytest.mark.parametrize("method,keeps_base", [("lora", True), ("milora", False), ("lily", True)])
+def test_save_and_load_round_trip_for_every_method(method, keeps_base, tmp_path):
+    extra = TINY_OVERRIDES[method]
     cfg = compose_run(["backbone=tiny_llama", f"method={method}", "method.r=4", "method.dropout=0.0", *extra])
     cfg.method.target_modules = ["q_proj", "v_proj"]
     adapter = instantiate(cfg.method.adapter)
@@ -160,17 +163,15 @@ def test_save_and_load_round_trip_for_every_method(method, tmp_path):
     adapter.save(model, tmp_path / "adapter")
     assert list((tmp_path / "adapter").glob("*.safetensors"))
     x = torch.randint(0, 100, (2, 6))
-    reloaded = adapter.load(restored_base(model, method), tmp_path / "adapter")
+    reloaded = adapter.load(tiny_llama() if keeps_base else residual_base(model), tmp_path / "adapter")
     torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
 
 
-def restored_base(model, method):
-    """The base the adapter was trained on: the original weights (MiLoRA: its residual weights)."""
+def residual_base(model):
+    """The base a MiLoRA adapter is relative to: the residual weights its initialisation left."""
     fresh = tiny_llama()
-    if method == "milora":
-        residual = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-                    for k, v in model.state_dict().items() if "lora_" not in k}
-        fresh.load_state_dict(residual)
+    fresh.load_state_dict({k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                           for k, v in model.state_dict().items() if "lora_" not in k})
     return fresh
 
 
@@ -195,3 +196,17 @@ def test_milora_exports_a_plain_lora_against_the_original_weights(tmp_path):
     converted = PeftModel.from_pretrained(tiny_llama(), tmp_path / "converted")  # the untouched base weights
     x = torch.randint(0, 100, (2, 6))
     torch.testing.assert_close(converted(input_ids=x).logits, model(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [FullFineTune(), LinearProbe(["lm_head"])])
+def test_baselines_save_and_load_what_they_train(method, tmp_path):
+    model = method.apply(tiny_llama())
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    method.save(model, tmp_path)
+    reloaded = method.load(tiny_llama(), tmp_path)
+    x = torch.randint(0, 100, (2, 6))
+    torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+    (tmp_path / "trained_weights.safetensors").write_bytes(b"broken")
+    with pytest.raises(ConfigError, match="cannot read"):
+        method.load(tiny_llama(), tmp_path)

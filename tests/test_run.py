@@ -136,3 +136,22 @@ def test_without_a_validation_split_the_last_weights_are_kept(tiny_run, tmp_path
     record = json.loads(execute(cfg).read_text())
     assert record["metrics"]["best"] == {} and record["metrics"]["history"] == []
     assert "val/loss" not in record["metrics"]["final"] and record["data"]["validation"] == 0
+
+
+def test_falcon_mamba_delta_plus_in_is_refused_with_the_reason(no_model_loading, tmp_path):
+    cfg = compose_run(["backbone=tiny_falcon_mamba", "method=lily", "method.target_modules=[in_proj,dt_proj]"],
+                      tmp_path)
+    with pytest.raises(ConfigError, match="cannot adapt 'dt_proj': transformers' Falcon-Mamba mixer reads"):
+        execute(cfg)
+
+
+@pytest.mark.parametrize("generation,expected", [({"num_beams": 2, "batch_size": 1}, (2, 1)),
+                                                 ({"num_beams": 1, "batch_size": 8}, (1, 8))])
+def test_beam_and_batched_greedy_generation_are_recorded(generation, expected, tiny_run, tmp_path):
+    settings = ",".join(f"{k}:{v}" for k, v in generation.items())
+    cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=1", *tiny_run,
+                       f"task.load.generation={{{settings},max_new_tokens:4}}"], tmp_path)
+    record = json.loads(execute(cfg).read_text())
+    assert (record["generation"]["num_beams"], record["generation"]["batch_size"]) == expected
+    lines = (tmp_path / "results").rglob("*.predictions.jsonl").__next__().read_text().splitlines()
+    assert len(lines) == 16

@@ -6,7 +6,6 @@ import json
 import statistics
 import sys
 
-import pytest
 
 from conftest import REPO
 

@@ -1,6 +1,7 @@
 """Checks and helpers the runner uses to turn a composed config into objects, before any model is loaded.
 
-A backbone yaml declares the modalities it `provides` and, per method family, its `adapter_targets`; a task
+A backbone yaml declares the modalities it `provides`, per method family its `adapter_targets`, and the
+`bypassed_modules` an adapter cannot reach (with the reason); a task
 yaml declares the `modality` it needs and its `recipe` (training loop); a method yaml may name its `family`
 and the `modalities` it supports. Everything here reads those fields; nothing branches on component names.
 """
@@ -49,6 +50,10 @@ def check_combination(cfg: DictConfig) -> None:
         raise ConfigError(
             f"method '{method.name}' adapts the backbone's '{family}' targets, but backbone '{backbone.name}' "
             f"declares none; add backbone.adapter_targets.{family}=[module names].")
+    bypassed = backbone.get("bypassed_modules") or {}
+    for target in method.get("target_modules") or []:
+        if target in bypassed:
+            raise ConfigError(f"backbone '{backbone.name}' cannot adapt '{target}': {bypassed[target]}")
     if task.get("recipe") is None:
         raise ConfigError(f"task '{task.name}' has no training loop in this version of lilyexp yet.")
 

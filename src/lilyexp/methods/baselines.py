@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lilyexp.errors import ConfigError
+from lilyexp.recipes.core import load_trainable_state, trainable_state
+
+WEIGHTS = "trained_weights.safetensors"
 
 
-class FullFineTune:
+class SavesTrainedWeights:
+    """Save and load what the method trains (all weights, or the head) as one safetensors file."""
+
+    @staticmethod
+    def save(model: torch.nn.Module, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(model), Path(directory) / WEIGHTS)
+
+    def load(self, model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
+        model = self.apply(model)
+        try:
+            state = load_file(Path(directory) / WEIGHTS)
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(f"cannot read {Path(directory) / WEIGHTS}: {exc}") from None
+        try:
+            load_trainable_state(model, state)
+        except RuntimeError as exc:  # a shape mismatch
+            raise ConfigError(f"{Path(directory) / WEIGHTS} does not match the model: {str(exc).splitlines()[0]}") from None
+        return model
+
+
+class FullFineTune(SavesTrainedWeights):
     """Every parameter trains."""
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -15,7 +43,7 @@ class FullFineTune:
         return model
 
 
-class LinearProbe:
+class LinearProbe(SavesTrainedWeights):
     """Only the task head trains (``backbone.head_modules``)."""
 
     def __init__(self, head_modules: list[str]):

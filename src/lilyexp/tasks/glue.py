@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ class GlueTask:
     """One GLUE subset: training and validation examples ({text_a, text_b, label}), metric, label count."""
 
     def __init__(self, name: str, data_dir: str | None = None, max_length: int = 512,
-                 train_limit: int | None = None, eval_limit: int | None = None):
+                 train_limit: int | None = None, eval_limit: int | None = None, subsample_seed: int = 0):
+        """``train_limit`` keeps a random subsample of that size, drawn with ``subsample_seed`` (fixed across
+        runs, so every method and seed trains on the same examples); ``eval_limit`` keeps the first examples."""
         if name not in SUBSETS:
             raise ConfigError(f"unknown GLUE task '{name}'; one of {sorted(SUBSETS)}.")
         for key, value in {"max_length": max_length, "train_limit": train_limit, "eval_limit": eval_limit}.items():
@@ -104,7 +107,9 @@ class GlueTask:
                 raise ConfigError(f"task.data_dir '{folder.parent}' does not exist.")
             train, validation = read_tsv(folder / "train.tsv", self.subset), read_tsv(folder / self.subset.dev_file,
                                                                                       self.subset)
-        self.train, self.validation = train[:train_limit], validation[:eval_limit]
+        if train_limit is not None and train_limit < len(train):
+            train = random.Random(subsample_seed).sample(train, train_limit)
+        self.train, self.validation = train, validation[:eval_limit]
         self.model_kwargs = {"num_labels": self.subset.num_labels}
 
     @property
