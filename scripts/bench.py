@@ -10,6 +10,7 @@ N_e-matmul one at the paper's example size. Writes results/bench/latest.json and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -39,8 +40,10 @@ SHAPES = {
 }
 
 
-def equal_budget_lily(spec) -> tuple[int, int, int]:
+@functools.cache
+def equal_budget_lily(shape: str) -> tuple[int, int, int]:
     """The largest Lily (r in 16/32, ne_2 <= 4) whose parameter count stays within the LoRA's, on the same targets."""
+    spec = SHAPES[shape]
     with torch.device("meta"):
         shapes = target_shapes(spec["cls"].from_config(spec["config"]), spec["targets"])
     rows = [row for row in within_budget(shapes, shapes, spec["lora_r"], top=10_000)
@@ -55,18 +58,20 @@ def naive_mix(hidden, experts, router, pooling, token_weights=None):
     return sum(weights[e] * (hidden @ experts[e]) for e in range(experts.shape[0]))
 
 
-def lily_variant(base, spec, **switches):
-    r, ne_1, ne_2 = equal_budget_lily(spec)
+def lily_variant(base, shape, **switches):
+    spec = SHAPES[shape]
+    r, ne_1, ne_2 = equal_budget_lily(shape)
     return LilyVariantModel(base, LilyVariantConfig(r=r, ne_1=ne_1, num_B=ne_2, target_modules=spec["targets"],
                                                     **switches))
 
 
-def methods(spec) -> dict:
-    r, ne_1, ne_2 = equal_budget_lily(spec)
+def methods(shape: str) -> dict:
+    spec = SHAPES[shape]
+    r, ne_1, ne_2 = equal_budget_lily(shape)
     layers = spec["config"].num_hidden_layers
 
     def naive(base):
-        model = lily_variant(base, spec)
+        model = lily_variant(base, shape)
         for module in model.modules():
             if hasattr(module, "variant"):
                 module.mix = naive_mix
@@ -82,18 +87,19 @@ def methods(spec) -> dict:
         "peft lora": lambda base: get_peft_model(base, LoraConfig(r=spec["lora_r"], target_modules=spec["targets"])),
         "peft lily (upstream)": lambda base: get_peft_model(base, LilyConfig(
             r=r, stride_A=layers // ne_1, num_B=ne_2, target_modules=spec["targets"])),
-        "lily (batch_mean, official)": lambda base: lily_variant(base, spec),
-        "lily (sample_sum, Eq. 2)": lambda base: lily_variant(base, spec, pooling="sample_sum"),
-        "lily (token, Vim)": lambda base: lily_variant(base, spec, pooling="token"),
-        "lily (router per A)": lambda base: lily_variant(base, spec, router="A"),
+        "lily (batch_mean, official)": lambda base: lily_variant(base, shape),
+        "lily (sample_sum, Eq. 2)": lambda base: lily_variant(base, shape, pooling="sample_sum"),
+        "lily (token, Vim)": lambda base: lily_variant(base, shape, pooling="token"),
+        "lily (router per A)": lambda base: lily_variant(base, shape, router="A"),
         "lily naive N_e matmuls": naive,
     }
 
 
-def build(name: str, spec: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def build(name: str, shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    spec = SHAPES[shape]
     torch.manual_seed(0)
     base = spec["cls"].from_config(spec["config"]).to(device=device, dtype=dtype)
-    model = methods(spec)[name](base)
+    model = methods(shape)[name](base)
     for param in model.parameters():  # adapters train in fp32 (official and peft autocast behaviour)
         if param.requires_grad:
             param.data = param.data.float()
@@ -139,7 +145,7 @@ def adapter_params(model) -> int:
 def time_shape(shape: str, args, device, dtype) -> list[dict]:
     spec = SHAPES[shape]
     batch = batch_for(spec, device, args)
-    models = {name: build(name, spec, device, dtype) for name in methods(spec)}
+    models = {name: build(name, shape, device, dtype) for name in methods(shape)}
     steps = {name: step_fn(model, batch) for name, model in models.items()}
     for step in steps.values():
         step()  # warm-up
@@ -151,7 +157,7 @@ def time_shape(shape: str, args, device, dtype) -> list[dict]:
     rows = []
     for name in names:
         step_mem = step_peak_bytes(steps[name], device)
-        rows.append({"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(spec),
+        rows.append({"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(shape),
                      "adapter_params": adapter_params(models[name]), "step_s_median": statistics.median(times[name]),
                      "step_s_all": times[name], "step_mem_bytes": step_mem,
                      "peak_mem_bytes": static_bytes(models[name], steps[name].optimizer) + step_mem})

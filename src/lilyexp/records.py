@@ -63,9 +63,13 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.backbone.name}-{cfg.task.name}-{cfg.method.name}-seed{cfg.seed}-{config_hash(cfg)}"
 
 
+def in_head(parameter_name: str, head_modules: list[str] | set[str]) -> bool:
+    """Whether a parameter belongs to the task head (a module named in ``backbone.head_modules``)."""
+    return bool(set(head_modules) & set(parameter_name.split(".")))
+
+
 def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> dict[str, int]:
     """Unique parameter counts: shared tensors (Lily's A and B) are counted once."""
-    head_names = set(head_modules)
     counts = {"total": 0, "trainable": 0, "head": 0}
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -75,7 +79,7 @@ def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> dict[st
         counts["total"] += param.numel()
         if param.requires_grad:
             counts["trainable"] += param.numel()
-            if head_names & set(name.split(".")):
+            if in_head(name, head_modules):
                 counts["head"] += param.numel()
     counts["adapter"] = counts["trainable"] - counts["head"]
     return counts

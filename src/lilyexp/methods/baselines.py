@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lilyexp.errors import ConfigError
 from lilyexp.recipes.core import load_trainable_state, trainable_state
+from lilyexp.records import in_head
 
 WEIGHTS = "trained_weights.safetensors"
 
@@ -53,5 +54,5 @@ class LinearProbe(SavesTrainedWeights):
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         for name, param in model.named_parameters():
-            param.requires_grad = bool(self.head_modules & set(name.split(".")))
+            param.requires_grad = in_head(name, self.head_modules)
         return model

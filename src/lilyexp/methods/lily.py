@@ -147,6 +147,14 @@ def dropout_module(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()  # upstream has no dropout: keep p=0 free
 
 
+def attach_variant(holder: nn.Module, adapter: str, config: LilyVariantConfig, routing: RoutingContext) -> None:
+    """What :func:`lily_delta` reads besides A, B and the router, on a Lily layer or branch."""
+    holder.lily_dropout = nn.ModuleDict({adapter: dropout_module(config.dropout)})
+    holder.lily_activation = nn.ModuleDict({adapter: ACTIVATIONS[config.activation]()})
+    holder.variant, holder.routing = {adapter: config}, routing
+    holder.mix = mix_experts  # the Eq. 3 combination; `make bench` swaps in a naive reference to time it
+
+
 def lily_delta(holder: nn.Module, x: torch.Tensor, adapter: str) -> torch.Tensor:
     """s·Δ(x) of one adapter holder (a Lily layer or branch): h = φ(A x), dropout, routed mixture of B's."""
     config = holder.variant[adapter]
@@ -168,12 +176,8 @@ class LilyVariantLinear(UpstreamLinear):
         super().__init__(base_layer, adapter_name, r, config=config, **kwargs)
         if not config.use_router:  # the ablation has no router parameters (official Linear_mono)
             self.lily_router[adapter_name] = nn.Identity()
-        self.lily_dropout = nn.ModuleDict({adapter_name: dropout_module(config.dropout)})
-        self.lily_activation = nn.ModuleDict({adapter_name: ACTIVATIONS[config.activation]()})
-        self.variant = {adapter_name: config}
-        self.routing = routing
+        attach_variant(self, adapter_name, config, routing)
         self.lily_group = None  # (target name, weight shape), set by the model
-        self.mix = mix_experts  # the Eq. 3 combination; `make bench` swaps in a naive reference to time it
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -201,9 +205,8 @@ class LilyBranch(nn.Module):
         self.lily_B = nn.ModuleDict({adapter: nn.Linear(out_features, config.num_B * config.r, bias=False)})
         router = nn.Linear(config.r, config.num_B, bias=False) if config.use_router else nn.Identity()
         self.lily_router = nn.ModuleDict({adapter: router})
-        self.lily_dropout = nn.ModuleDict({adapter: dropout_module(config.dropout)})
-        self.lily_activation = nn.ModuleDict({adapter: ACTIVATIONS[config.activation]()})
-        self.variant, self.routing, self.lily_group, self.mix = {adapter: config}, routing, group, mix_experts
+        attach_variant(self, adapter, config, routing)
+        self.lily_group = group
         nn.init.kaiming_uniform_(self.lily_A[adapter].weight, a=math.sqrt(5))
         if config.use_router:
             nn.init.kaiming_uniform_(router.weight, a=math.sqrt(5))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lilyexp.errors import ConfigError, TrainingDiverged
-from lilyexp.records import RunContext
+from lilyexp.records import RunContext, in_head
 
 
 @dataclass
@@ -141,7 +141,7 @@ def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig, head_modules
     head, body = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (head if set(head_modules) & set(name.split(".")) else body).append(param)
+            (head if in_head(name, head_modules) else body).append(param)
     groups = [{"params": body, "lr": trainer.lr}]
     if head:
         groups.append({"params": head, "lr": trainer.head_lr or trainer.lr})
