@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lilyexp-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench glue-cpu table3 clean-venv
+.PHONY: venv demo test bench glue-cpu commonsense-cpu table3 clean-venv
 
 venv: $(STAMP)
 
@@ -27,7 +27,17 @@ demo: venv
 glue-cpu: venv
 	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lily
 	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lora
+	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lora_matched_lr
 	$(BIN)/python scripts/summarize.py results/runs/glue_minilm --seeds --out results/glue_minilm.md
+
+# Real CPU-scale commonsense replication (SmolLM2-135M; Lily and LoRA 2 seeds, PiSSA and MiLoRA 1; about 80
+# minutes on 2 cores). Finished cells are kept.
+commonsense-cpu: venv
+	$(BIN)/python -m lilyexp.run -m experiment=commonsense_smollm2/lily
+	$(BIN)/python -m lilyexp.run -m experiment=commonsense_smollm2/lora
+	$(BIN)/python -m lilyexp.run experiment=commonsense_smollm2/pissa
+	$(BIN)/python -m lilyexp.run experiment=commonsense_smollm2/milora
+	$(BIN)/python scripts/summarize.py results/runs/commonsense_smollm2 --seeds --out results/commonsense_smollm2.md
 
 # Paper Table 3 (Lily cells; RoBERTa-base and -large, GPU-sized): runs the cells without a finished record, then
 # renders. TABLE3_ARGS passes overrides, e.g. TABLE3_ARGS="backbone=tiny_roberta task.data_dir=../shared/data/glue".

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from lilyexp.errors import ConfigError
 
 SCHEMA_VERSION = 1
 # Keys that change where or how a run is logged, not what it computes.
@@ -148,8 +151,18 @@ class RunContext:
         record = json.loads(self.record_path.read_text())
         return record if record.get("status") == "finished" else None
 
-    def write_record(self, *, status: str, metrics: dict, params: dict, extra: dict | None = None) -> Path:
-        for side in sorted(self.work_dir.glob("*.jsonl")):  # per-step log, predictions
+    def write_failure(self, exc: BaseException, params: dict) -> Path:
+        """A failed record with the reason. If a finished record exists (an ``overwrite`` rerun failed), it is
+        kept and the failure goes to the work directory instead."""
+        failure = {"error": str(exc), "error_type": type(exc).__name__}
+        if not isinstance(exc, ConfigError):
+            failure["traceback"] = traceback.format_exc(limit=-8)
+        target = self.work_dir / "failed_record.json" if self.finished_record() is not None else None
+        return self.write_record(status="failed", metrics={}, params=params, extra=failure, path=target)
+
+    def write_record(self, *, status: str, metrics: dict, params: dict, extra: dict | None = None,
+                     path: Path | None = None) -> Path:
+        for side in sorted(self.work_dir.glob("*.jsonl")) if path is None else []:  # per-step log, predictions
             target = self.side_file(side.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(side, target)
@@ -165,5 +178,6 @@ class RunContext:
             "timing": {"wall_s": round(time.time() - self.started, 3), **peak_memory()},
             **(extra or {}),
         }
-        atomic_write_text(self.record_path, json.dumps(record, indent=2, default=str) + "\n")
-        return self.record_path
+        path = path or self.record_path
+        atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+        return path

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.compose import CONF_DIR, build, check_combination
@@ -23,11 +24,24 @@ log = logging.getLogger("lilyexp")
 
 
 def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
-    """Run one cell; return its record path (an existing finished record is kept unless ``overwrite``)."""
+    """Run one cell; return its record path (an existing finished record is kept unless ``overwrite``). Any
+    failure writes a failed record with the reason (a finished record is never replaced by one) and re-raises."""
     run = RunContext.create(cfg, list(overrides or []))
     if run.finished_record() is not None and not cfg.overwrite:
         log.info("finished record exists, skipping (overwrite=true reruns): %s", run.record_path)
         return run.record_path
+    params: dict = {}
+    try:
+        return train_and_record(cfg, run, params)
+    except Exception as exc:
+        path = run.write_failure(exc, params)
+        log.error("run failed (%s); record: %s", one_line(exc), path)
+        if isinstance(exc, TrainingDiverged):
+            raise TrainingDiverged(f"{exc}\nrecord: {path}") from None
+        raise
+
+
+def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     check_combination(cfg)
     trainer, task = build(cfg.trainer), build(cfg.task.load)
     method, recipe, logger = build(cfg.method.adapter), build(cfg.task.recipe), build(cfg.logger)
@@ -37,36 +51,49 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     backbone = build(cfg.backbone.load, **task.model_kwargs)
     model = method.apply(backbone.model)
     head_modules = list(cfg.backbone.head_modules)
-    params = count_parameters(model, head_modules)
+    params.update(count_parameters(model, head_modules))
     summary = {"adapter_summary": method.summary(model)} if hasattr(method, "summary") else {}
     log.info("parameters: %s %s", params, summary)
     logger.start(run.name, run.config)
     try:
         outcome = recipe(model=model, processor=backbone.processor, task=task, trainer=trainer, run=run,
                          logger=logger, seed=cfg.seed, head_modules=head_modules)
-    except TrainingDiverged as exc:
+    except Exception:
         logger.finish({"status": "failed"})
-        path = run.write_record(status="failed", metrics={}, params=params, extra={"error": str(exc)})
-        raise TrainingDiverged(f"{exc}\nrecord: {path}") from None
+        raise
     logger.finish(outcome.metrics["final"])
     return run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**summary, **outcome.extra})
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class CellFailed(RuntimeError):
+    """Raised inside a sweep, so Hydra's launcher records the failure and goes on with the other cells."""
 
 
 def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="run")
 def main(cfg: DictConfig) -> None:
     try:
         path = execute(cfg, hydra_overrides())
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", flush=True)
-        sys.exit(1)
+    except Exception as exc:
+        if in_sweep():  # sys.exit would end the whole sweep; Hydra reports this after the other cells ran
+            raise CellFailed(one_line(exc)) from None
+        if not isinstance(exc, (ConfigError, TrainingDiverged)):
+            raise  # a bug: the traceback is wanted (the failed record holds it too)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
     print(f"record: {path}", flush=True)
 
 

@@ -29,10 +29,11 @@ def milora_init(layer: LoraLayer, adapter: str) -> None:
     minor = S[-rank:] / scaling
     lora_A = torch.sqrt(minor)[:, None] * Vh[-rank:]
     lora_B = U[:, -rank:] * torch.sqrt(minor)[None, :]
-    layer.lora_A[adapter].weight.data = lora_A.to(layer.lora_A[adapter].weight.dtype)
-    layer.lora_B[adapter].weight.data = lora_B.to(layer.lora_B[adapter].weight.dtype)
+    # contiguous: SVD factors come back with column-major strides, which safetensors refuses to save
+    layer.lora_A[adapter].weight.data = lora_A.to(layer.lora_A[adapter].weight.dtype).contiguous()
+    layer.lora_B[adapter].weight.data = lora_B.to(layer.lora_B[adapter].weight.dtype).contiguous()
     residual = weight - scaling * lora_B @ lora_A
-    base.weight.data = transpose(residual.to(dtype), fan_in_fan_out)
+    base.weight.data = transpose(residual.to(dtype), fan_in_fan_out).contiguous()
 
 
 class MiLoRAMethod(PeftMethod):

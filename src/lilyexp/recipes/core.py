@@ -123,8 +123,10 @@ class FitResult:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by (deduplicated) name: a shared A or B appears once."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Trainable tensors by (deduplicated) name: a shared A or B appears once. Copied contiguous: safetensors
+    refuses strided tensors, such as SVD-initialised factors."""
+    return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
