@@ -2,16 +2,14 @@
 
     python scripts/summarize.py results/runs/demo --out results/demo.md
         one row per record (plus the untuned model where a record tested it first), one column per test metric
-    python scripts/summarize.py results/runs/glue_minilm --seeds --out results/glue_minilm.md
-        one row per (backbone, task, method): mean ± std over seeds of the task's main metric, best epoch and last epoch
+
+Seed aggregation and paper layouts: ``python -m lilyexp.tables``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
 
@@ -48,43 +46,13 @@ def table(records: list[dict], prefix: str = "test/") -> str:
     return "\n".join(lines) + "\n"
 
 
-def mean_std(values: list[float]) -> str:
-    scaled = [100 * v for v in values]
-    spread = statistics.stdev(scaled) if len(scaled) > 1 else 0.0
-    return f"{statistics.mean(scaled):.2f} ± {spread:.2f}"
-
-
-def seed_table(records: list[dict]) -> str:
-    """Mean ± std over seeds per (backbone, task, method) of the record's main metric, best and last epoch."""
-    cells: dict[tuple, list[dict]] = defaultdict(list)
-    for record in records:
-        cfg = record["config"]
-        key = (cfg["backbone"]["name"], cfg["task"].get("task_name", cfg["task"]["name"]), cfg["method"]["name"])
-        cells[key].append(record)
-    lines = ["| backbone | task | method | metric | adapter params | seeds | best epoch (paper's rule) | last epoch |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (backbone, task, method), runs in sorted(cells.items()):
-        metric = runs[0]["main_metric"]
-        best = [r["metrics"]["final"][metric] for r in runs]
-        last = [r["metrics"]["last"][metric] for r in runs]
-        lines.append(f"| {backbone} | {task} | {method} | {metric.removeprefix('val/')} | {runs[0]['params']['adapter']:,} | "
-                     f"{len(runs)} ({', '.join(str(r['config']['seed']) for r in runs)}) | {mean_std(best)} | "
-                     f"{mean_std(last)} |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seeds", action="store_true", help="aggregate seeds per (task, method)")
     args = parser.parse_args()
     records = load_records(args.folder)
-    if args.seeds:
-        text = f"Validation scores (×100, mean ± std over seeds) from the records in {args.folder}\n\n" + \
-            seed_table(records)
-    else:
-        text = f"Accuracy (%) from the records in {args.folder}\n\n" + table(records)
+    text = f"Accuracy (%) from the records in {args.folder}\n\n" + table(records)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

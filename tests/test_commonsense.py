@@ -143,3 +143,29 @@ def test_llm_adapters_files_read_the_shared_layout(tmp_path):
     (tmp_path / "bad.json").write_text("[{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         cs.llm_adapters_files(str(tmp_path), "bad.json", ["boolq"])
+
+
+def test_training_records_come_from_the_hub_or_mixed_local_files(tmp_path, monkeypatch):
+    rows = [{"instruction": "h", "input": "", "output": "the correct answer is true", "answer": "true"}]
+    seen = []
+    monkeypatch.setattr(cs, "hub_records", lambda dataset_id: seen.append(dataset_id) or rows)
+    (tmp_path / "a.json").write_text('[{"instruction": "a", "input": "", "output": "o", "answer": "x"}]')
+    mixed = cs.training_records(tmp_path, "a.json,hub:zwhe99/commonsense_170k")
+    assert [r["instruction"] for r in mixed] == ["a", "h"] and seen == ["zwhe99/commonsense_170k"]
+
+
+def test_unreachable_hub_training_set_is_one_sentence_naming_the_id_and_the_local_switch():
+    def offline(dataset_id, split):
+        raise ConnectionError("Couldn't reach the hub\nTraceback ...")
+    with pytest.raises(ConfigError) as info:
+        cs.hub_records("zwhe99/commonsense_170k", load=offline)
+    message = str(info.value)
+    assert "zwhe99/commonsense_170k" in message and "task.train_file" in message and "\n" not in message
+
+
+def test_paper_cells_default_to_the_hub_training_set_and_ask_for_the_test_sets(tmp_path):
+    from conftest import compose_run
+    cfg = compose_run(["experiment=table2/lily"], tmp_path)
+    assert cfg.task.train_file == "hub:zwhe99/commonsense_170k" and cfg.group == "table2"
+    with pytest.raises(ConfigError, match="LLM-Adapters' dataset/ folder"):
+        cs.llm_adapters_files(None, cfg.task.train_file, list(cfg.task.eval_sets))

@@ -210,3 +210,16 @@ def test_baselines_save_and_load_what_they_train(method, tmp_path):
     (tmp_path / "trained_weights.safetensors").write_bytes(b"broken")
     with pytest.raises(ConfigError, match="cannot read"):
         method.load(tiny_llama(), tmp_path)
+
+
+def test_svd_initialised_factors_checkpoint_as_contiguous_tensors(tmp_path):
+    """safetensors refuses strided tensors; MiLoRA's (and PiSSA's) SVD factors come back column-major."""
+    from safetensors.torch import save_file
+
+    from lilyexp.recipes.core import trainable_state
+    model = MiLoRAMethod(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj"])).apply(tiny_llama())
+    A, B, residual = lora_factors(model)
+    assert A.is_contiguous() and B.is_contiguous() and residual.is_contiguous()
+    state = trainable_state(model)
+    assert all(t.is_contiguous() for t in state.values())
+    save_file(state, tmp_path / "trainable.safetensors")

@@ -123,8 +123,10 @@ def test_sweep_with_hydras_basic_launcher(tiny_run, tmp_path):
 def test_wandb_logger_runs_offline(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    cfg = compose_run(["backbone=tiny_llama", "logger=wandb", "trainer.max_steps=2", *tiny_run], tmp_path)
-    assert cfg.logger.tags == ["tiny_llama", "commonsense_synthetic", "lora"] and cfg.logger.group == "adhoc"
+    cfg = compose_run(["backbone=tiny_llama", "logger=wandb", "trainer.max_steps=2", "group=table2", *tiny_run],
+                      tmp_path)
+    assert cfg.logger.tags == ["table2", "tiny_llama", "commonsense_synthetic", "lora"]
+    assert cfg.logger.group == "table2"  # every run of a table's sweep shares the wandb group
     path = execute(cfg)
     assert json.loads(path.read_text())["status"] == "finished"
     runs = list((tmp_path / "checkpoints").rglob("offline-run-*"))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.compose import CONF_DIR, build, check_combination
 from lilyexp.errors import ConfigError, TrainingDiverged
+from lilyexp.loggers import NullLogger
 from lilyexp.records import RunContext, count_parameters
 
 log = logging.getLogger("lilyexp")
@@ -44,7 +46,8 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     check_combination(cfg)
     trainer, task = build(cfg.trainer), build(cfg.task.load)
-    method, recipe, logger = build(cfg.method.adapter), build(cfg.task.recipe), build(cfg.logger)
+    method, recipe = build(cfg.method.adapter), build(cfg.task.recipe)
+    logger = build(cfg.logger) if PartialState().is_main_process else NullLogger()  # one wandb run per cell
     for part in ("backbone.load", "task.load", "method.adapter", "task.recipe"):
         log.info("%s: %s", part, OmegaConf.select(cfg, f"{part}._target_"))
     set_seed(cfg.seed)
@@ -62,6 +65,8 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
         logger.finish({"status": "failed"})
         raise
     logger.finish(outcome.metrics["final"])
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the record
+        return run.record_path
     return run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**summary, **outcome.extra})
 

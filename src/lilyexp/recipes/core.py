@@ -272,7 +272,10 @@ def fit(
     optimizer = build_optimizer(model, trainer, head_modules)
     warmup = trainer.warmup_steps or math.ceil(trainer.warmup_ratio * total)
     scheduler = get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays ours: accelerate's wrapper steps it once per process per call under DDP (it assumes
+    # per-process schedules), while ours counts optimizer steps of the global batch.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    main = accelerator.is_main_process
     checkpointer, log = Checkpointer(run), StepLog(run.steps_path, logger)
     result, best_state, start = FitResult(), None, 0
     if trainer.resume and checkpointer.latest() is not None:
@@ -281,7 +284,7 @@ def fit(
         result = FitResult(state["history"], state["best"], state["initial"], start, resumed_from=start)
         log.truncate_after(start)
     else:
-        if run.steps_path.exists():
+        if main and run.steps_path.exists():
             run.steps_path.unlink()
         if before_training is not None and trainer.eval_before_training:
             result.initial = before_training(model)
@@ -300,6 +303,8 @@ def fit(
             step_loss += loss.detach().float().item()
             if step == start and i == 0:
                 check_every_parameter_got_a_gradient(model)
+        if accelerator.num_processes > 1:  # every process logs the global batch's loss, as one process would
+            step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
         if not math.isfinite(step_loss):
             raise TrainingDiverged(f"the training loss became {step_loss} at step {step + 1}; "
                                    f"lower trainer.lr or check the data.")
@@ -309,7 +314,7 @@ def fit(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if done % trainer.log_every == 0 or done == total:
+        if main and (done % trainer.log_every == 0 or done == total):
             log.write(done, {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
                              "train/epoch": done / plan.steps_per_epoch})
             progress.set_postfix(loss=f"{step_loss:.4f}")
@@ -317,14 +322,17 @@ def fit(
             metrics = validate(model)
             if metrics:
                 result.history.append({"step": done, **metrics})
-                log.write(done, metrics)
+                if main:
+                    log.write(done, metrics)
             if select_metric in metrics and is_better(metrics[select_metric], result.best.get(select_metric),
                                                       select_mode):
                 result.best = {"step": done, **metrics}
                 best_state = trainable_state(accelerator.unwrap_model(model))
         if done % trainer.checkpoint_every == 0 or done == total:
             state = {"step": done, "history": result.history, "best": result.best, "initial": result.initial}
-            checkpointer.save(accelerator.unwrap_model(model), optimizer, scheduler, state, best_state)
+            if main:
+                checkpointer.save(accelerator.unwrap_model(model), optimizer, scheduler, state, best_state)
+            accelerator.wait_for_everyone()
         if trainer.kill_at_step == done:
             os.kill(os.getpid(), signal.SIGKILL)
     result.steps = total

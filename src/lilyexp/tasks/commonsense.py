@@ -105,12 +105,44 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+HUB_PREFIX = "hub:"
+LLM_ADAPTERS = "github.com/AGI-Edgerunners/LLM-Adapters (dataset/ and ft-training_set/)"
+
+
+def hub_records(dataset_id: str, load=None) -> list[dict]:
+    """Training records from a hub dataset in LLM-Adapters format (e.g. ``zwhe99/commonsense_170k``)."""
+    if load is None:
+        from datasets import load_dataset as load
+    try:
+        rows = load(dataset_id, split="train")
+    except (OSError, ConnectionError, ValueError) as exc:
+        raise ConfigError(f"could not load '{dataset_id}' from the hub ({type(exc).__name__}); set "
+                          f"task.train_file to a local commonsense_170k.json (from {LLM_ADAPTERS}).") from None
+    return [dict(row) for row in rows]
+
+
+def training_records(root: Path | None, train_file: str | None) -> list[dict]:
+    """``train_file``: JSON files joined by commas (mixed in order; relative to ``data_dir`` allowed) or
+    ``hub:<dataset id>``."""
+    records = []
+    for item in (train_file or "").split(","):
+        if item.startswith(HUB_PREFIX):
+            records.extend(hub_records(item.removeprefix(HUB_PREFIX)))
+        elif item:
+            path = Path(item).expanduser()
+            path = path if path.is_absolute() or root is None else root / item
+            if not path.exists():
+                raise ConfigError(f"task.train_file '{path}' does not exist.")
+            records.extend(read_records(path))
+    return records
+
+
 def llm_adapters_files(data_dir: str | None, train_file: str | None, eval_sets: list[str]) -> InstructionData:
-    """``<data_dir>/<set>/test.json`` per test set and ``train_file`` (a JSON file, or several joined by
-    commas, mixed in order) for training; paths relative to ``data_dir`` are allowed."""
+    """``<data_dir>/<set>/test.json`` per test set and the training records of ``train_file``. The test sets
+    are read from LLM-Adapters' dataset/ folder: they are not published on the hub in that format."""
     if data_dir is None:
-        raise ConfigError("task.data_dir is not set: point it at a folder holding <set>/test.json "
-                          "(LLM-Adapters' dataset/ layout).")
+        raise ConfigError(f"task.data_dir is not set: point it at LLM-Adapters' dataset/ folder holding "
+                          f"<set>/test.json (from {LLM_ADAPTERS}).")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"task.data_dir '{root}' does not exist.")
@@ -120,14 +152,7 @@ def llm_adapters_files(data_dir: str | None, train_file: str | None, eval_sets: 
         if not path.exists():
             raise ConfigError(f"test set '{name}' is missing: expected {path}.")
         tests[name] = read_records(path)
-    train = []
-    for item in (train_file or "").split(","):
-        if item:
-            path = Path(item) if Path(item).is_absolute() else root / item
-            if not path.exists():
-                raise ConfigError(f"task.train_file '{path}' does not exist.")
-            train.extend(read_records(path))
-    return InstructionData(train, tests)
+    return InstructionData(training_records(root, train_file), tests)
 
 
 class CommonsenseTask:

@@ -1,0 +1,80 @@
+"""Sweeps as the table targets run them: a failing cell is recorded and does not stop the others, a second run
+skips finished cells and retries failed ones, an ``overwrite`` rerun that fails keeps the finished record, and
+the same sweep through submitit's local launcher (real subprocesses, the SLURM code path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose_run, run_cli
+from lilyexp import run as run_module
+from lilyexp.run import execute
+
+TINY = ["backbone=tiny_llama", "trainer.max_steps=1", "task.n_train=120", "task.n_eval=2", "task.load.val_size=8",
+        "task.load.cutoff_len=512", "task.load.generation.max_new_tokens=4", "trainer.batch_size=4"]
+
+
+def records(tmp_path) -> dict[float, dict]:
+    out = {}
+    for path in (tmp_path / "results").rglob("*.json"):
+        record = json.loads(path.read_text())
+        out[record["config"]["trainer"]["lr"]] = {**record, "_mtime": path.stat().st_mtime_ns}
+    return out
+
+
+def test_failing_cell_is_recorded_the_rest_run_and_a_rerun_retries_only_it(tmp_path):
+    sweep = ["-m", "trainer.lr=-1,1e-3", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"]
+    first = run_cli(sweep, tmp_path)
+    assert first.returncode != 0  # the sweep reports its failure, after every cell ran
+    assert "CellFailed: ConfigError: learning rates must be positive" in first.stderr
+    done = records(tmp_path)
+    assert done[1e-3]["status"] == "finished"
+    assert done[-1]["status"] == "failed" and "learning rates must be positive" in done[-1]["error"]
+    assert done[-1]["error_type"] == "ConfigError"
+
+    second = run_cli(sweep, tmp_path)
+    again = records(tmp_path)
+    assert again[1e-3]["_mtime"] == done[1e-3]["_mtime"]  # finished: skipped, untouched
+    assert "finished record exists, skipping" in second.stdout + second.stderr
+    assert again[-1]["_mtime"] > done[-1]["_mtime"]  # failed: retried
+
+
+def test_a_second_run_of_a_finished_sweep_runs_nothing(tmp_path):
+    sweep = ["-m", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"]
+    assert run_cli(sweep, tmp_path).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")}
+    second = run_cli(sweep, tmp_path)
+    assert second.returncode == 0 and (second.stdout + second.stderr).count("finished record exists, skipping") == 2
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")} == before
+
+
+def test_a_failed_overwrite_rerun_keeps_the_finished_record(tmp_path, monkeypatch):
+    cfg = compose_run(TINY, tmp_path)
+    path = execute(cfg)
+    finished = path.read_text()
+
+    def broken_recipe(**kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(run_module, "build", lambda node, **kw: broken_recipe if node is cfg.task.recipe
+                        else original_build(node, **kw))
+    cfg.overwrite = True
+    with pytest.raises(RuntimeError, match="disk full"):
+        execute(cfg)
+    assert path.read_text() == finished
+    failure = json.loads(next((tmp_path / "checkpoints").rglob("failed_record.json")).read_text())
+    assert failure["status"] == "failed" and failure["error"] == "disk full" and "Traceback" in failure["traceback"]
+
+
+original_build = run_module.build
+
+
+def test_sweep_through_submitits_local_launcher(tmp_path):
+    result = run_cli(["-m", "hydra/launcher=local", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"],
+                     tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*.json")]
+    assert sorted(r["config"]["seed"] for r in found) == [0, 1]
+    assert all(r["status"] == "finished" for r in found)
+    assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitit's own job folders: it really ran them
