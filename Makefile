@@ -53,27 +53,18 @@ TABLE2_EXPERIMENTS := table2/lora table2/pissa table2/milora table2/lily
 TABLE3_EXPERIMENTS = $(foreach t,$(TABLE3_TASKS),table3/lily_$(t) table3/lora_$(t) table3/full_$(t))
 TABLE16_EXPERIMENTS := table16/lily_lr
 TABLE17_EXPERIMENTS := table17/router_ablation
-VTAB_TABLES := table4 table5 table15
-PAPER_TABLES := table1 table2 table3 table16 table17 $(VTAB_TABLES)
+TABLE4_EXPERIMENTS := table4/lily table4/lora table4/adaptformer table4/full table4/linear_probe
+TABLE15_EXPERIMENTS := table15/lily_qv table15/lily_mlp table15/lily_qvmlp table15/lily_kvmlp
+TABLE5_EXPERIMENTS := table5/lily_s table5/lily_l table5/lora table5/full table5/linear_probe
+PAPER_TABLES := table1 table2 table3 table4 table5 table15 table16 table17
 
 define run_table
 	@status=0; for exp in $(2); do $(BIN)/python -m lilyexp.run -m experiment=$$exp paths.results_dir=$(RESULTS) $(TABLE_ARGS) || status=1; done; \
 	$(RENDER) $(1); exit $$status
 endef
 
-table1: venv
-	$(call run_table,table1,$(TABLE1_EXPERIMENTS))
-table2: venv
-	$(call run_table,table2,$(TABLE2_EXPERIMENTS))
-table3: venv
-	$(call run_table,table3,$(TABLE3_EXPERIMENTS))
-table16: venv
-	$(call run_table,table16,$(TABLE16_EXPERIMENTS))
-table17: venv
-	$(call run_table,table17,$(TABLE17_EXPERIMENTS))
-# VTAB-1K (task=vtab, Vim, AdaptFormer) is not built yet: these render the paper's numbers and mark our cells blocked.
-$(VTAB_TABLES): venv
-	$(RENDER) $@
+$(PAPER_TABLES): table%: venv
+	$(call run_table,$@,$(TABLE$*_EXPERIMENTS))
 
 # Render every table (paper tables and the CPU replications) from the records that exist; runs nothing.
 tables: venv

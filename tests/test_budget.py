@@ -42,3 +42,13 @@ def test_cli_on_the_paper_backbone_shapes(capsys):
     main(["backbone=llama3", "lora_r=32", "top=3"])
     out = capsys.readouterr().out
     assert "56,623,104" in out and out.count("\n| ") == 4
+
+
+def test_cli_arguments_are_checked_without_a_traceback(capsys):
+    from lilyexp.budget import main
+    for argv, message in ((["lora=3"], "unknown argument"), (["lora_r=x"], "positive integer")):
+        with pytest.raises(SystemExit, match=message):
+            main(argv)
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "usage:" in capsys.readouterr().out

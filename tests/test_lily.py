@@ -272,3 +272,35 @@ def test_vit_b16_kvmlp_count_matches_the_official_formula():
 def test_a_non_linear_target_must_be_declared_parallel():
     with pytest.raises(ConfigError, match="parallel"):
         LilyVariantModel(tiny_vit(), LilyVariantConfig(r=4, ne_1=2, num_B=2, target_modules=["mlp"]))
+
+
+def test_half_precision_backbone_gets_fp32_adapters_still_shared():
+    from lilyexp.methods.lily import LilyMethod
+    base = tiny_llama().to(torch.float16)
+    model = LilyMethod(LilyVariantConfig(r=4, ne_1=2, num_B=3, target_modules=["q_proj", "k_proj", "v_proj"])).apply(base)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.float16}
+    q = [layer.self_attn.q_proj for layer in model.model.model.layers]
+    assert q[0].lily_A["default"] is q[1].lily_A["default"] and all(l.lily_B["default"] is q[0].lily_B["default"] for l in q)
+    out = model(input_ids=torch.randint(0, 100, (2, 5))).logits
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("placement,adapted_parts,has_mlp", [("qv", (0, 2), False), ("qvmlp", (0, 2), True),
+                                                            ("mlp", (), True)])
+def test_vit_placements_adapt_exactly_their_parts(placement, adapted_parts, has_mlp):
+    """Table 15's placements: qv leaves k alone, mlp leaves the whole qkv alone."""
+    from conftest import compose_run
+    from hydra.utils import instantiate
+    cfg = compose_run([f"experiment=table15/lily_{placement}", "backbone=tiny_vit", "method.ne_1=2",
+                       "method.zero_init_B=false"])
+    base = tiny_vit()
+    model = instantiate(cfg.method.adapter).apply(copy.deepcopy(base))
+    block_in = torch.randn(2, 17, 32)
+    adapted, original = model.model.blocks[0].attn.qkv(block_in), base.blocks[0].attn.qkv(block_in)
+    for part in range(3):
+        same = torch.allclose(adapted[..., 32 * part:32 * (part + 1)], original[..., 32 * part:32 * (part + 1)])
+        assert same == (part not in adapted_parts), (placement, "qkv"[part])
+    mlp_changed = not torch.allclose(model.model.blocks[0].mlp(block_in), base.blocks[0].mlp(block_in))
+    assert mlp_changed == has_mlp

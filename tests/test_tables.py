@@ -115,6 +115,25 @@ def test_a_per_cell_choice_follows_the_stated_rule(tmp_path):
     assert "[s=0.1]" in markdown(build(spec, records, "best_epoch"))
 
 
+def test_a_joint_choice_with_a_metric_per_selection_rule(tmp_path):
+    """VTAB's rule: s and ne chosen together, on the test accuracy under test-selected (the paper's) and on val200
+    under val-selected (honest); each record holds the dict its protocol writes."""
+    rule = {"over": ["method.s", "method.ne_1"], "by": {"test_selected": "val/accuracy", "val_selected": "val/mcc"}}
+    spec = {**SPEC, "rows": [{**SPEC["rows"][0], "choose": rule}]}
+
+    def vtab_record(s, ne, paper, honest_val):
+        r = record("lily", "mrpc", 0, 0.0, s=s)
+        r["config"]["method"]["ne_1"] = ne
+        r["metrics"] = {"test_selected": {"val/accuracy": paper}, "val_selected": {"val/accuracy": paper - 0.1,
+                                                                                   "val/mcc": honest_val}}
+        return r
+    records = write(tmp_path, [vtab_record(0.1, 2, 0.9, 0.5), vtab_record(1.0, 4, 0.8, 0.7)])
+    paper = cells(build(spec, records, "test_selected"), "Lily")["MRPC"]
+    honest = cells(build(spec, records, "val_selected"), "Lily")["MRPC"]
+    assert paper.chosen == "s=0.1, ne_1=2" and paper.mean == pytest.approx(90)
+    assert honest.chosen == "s=1.0, ne_1=4" and honest.mean == pytest.approx(70)
+
+
 def test_csv_is_long_format_with_every_number_sourced(tmp_path):
     records = write(tmp_path, [record("lily", "mrpc", s, v) for s, v in ((0, 0.9), (1, 0.8))])
     rows = list(csv.DictReader(io.StringIO(csv_text(build(SPEC, records, "best_epoch")))))
@@ -170,3 +189,45 @@ def test_table2_paper_numbers_match_the_shared_provenance_file():
     assert rows["LoRA"]["values"]["Avg"] == 80.8 and rows["LoRA"]["provenance"] == "primary"
     assert rows["Lily"]["values"]["BoolQ"] == 72.9 and rows["Lily"]["provenance"] == "secondary"
     assert rows["MiLoRA"]["values"]["ARC-c"] == 75.5
+
+
+def cells_and_commands():
+    """One (table, row, column) per distinct experiment file a table's commands name: a column variable that
+    picks the experiment file (table3's lily_{task}) is composed per column, one that only overrides a setting
+    (task.task_name={task}) once per row, the other columns checked to filter on exactly that setting."""
+    for name in spec_names():
+        spec = load_spec(name)
+        for row in spec["rows"]:
+            if not row.get("command"):
+                continue
+            columns = [c for c in spec["columns"] if "mean_of" not in c]
+            per_column = "experiment=" in row["command"] and "{" in row["command"].split("experiment=")[1].split()[0]
+            for column in columns if per_column else ([columns[0]] if "{" in row["command"] else [None]):
+                yield name, spec, row, column
+
+
+def test_override_variables_select_the_column_they_fill():
+    for name in spec_names():
+        spec = load_spec(name)
+        for row in spec["rows"]:
+            if "task.task_name={task}" in (row.get("command") or ""):
+                for column in (c for c in spec["columns"] if "mean_of" not in c):
+                    assert column["where"] == {"task.task_name": column["vars"]["task"]}, (name, column)
+
+
+@pytest.mark.parametrize("name,spec,row,column", [pytest.param(*c, id=f"{c[0]}:{c[2]['label']}:{(c[3] or {}).get('label', '')}")
+                                                  for c in cells_and_commands()])
+def test_each_cells_command_produces_records_that_land_in_that_cell(name, spec, row, column):
+    """Compose the command a table prints for a missing cell: its config must match the cell's filters and
+    its records must go to a folder the table reads."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_run
+    from lilyexp.tables.build import matches
+    command = row["command"].format(**(column or {}).get("vars", {}))
+    overrides = [token for token in command.split() if "=" in token]
+    cfg = OmegaConf.to_container(compose_run(overrides), resolve=True)
+    assert cfg["group"] in spec["groups"]
+    assert matches({"config": cfg}, row["where"]), (command, row["where"])
+    if column is not None:
+        assert matches({"config": cfg}, column.get("where")), (command, column["where"])

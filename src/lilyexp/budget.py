@@ -77,8 +77,25 @@ def within_budget(lora_shapes: Counter, lily_shapes: Counter, lora_r: int, top: 
     return sorted(kept, key=lambda row: -row["params"])[:top]
 
 
-def main(argv: list[str]) -> None:
+USAGE = "usage: python -m lilyexp.budget [backbone=<name>] [lora_r=<int>] [top=<int>]"
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        raise SystemExit(0)
+    bad = [arg for arg in argv if "=" not in arg or arg.split("=", 1)[0] not in ("backbone", "lora_r", "top")]
+    if bad:
+        raise SystemExit(f"unknown argument(s) {bad}; {USAGE}")
     args = dict(arg.split("=", 1) for arg in argv)
+    for key in ("lora_r", "top"):
+        if key in args and not (args[key].isdigit() and int(args[key]) > 0):
+            raise SystemExit(f"{key} must be a positive integer, got '{args[key]}'; {USAGE}")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="run", overrides=[f"backbone={args.get('backbone', 'smollm2')}"])
     lora_r, top = int(args.get("lora_r", 8)), int(args.get("top", 15))

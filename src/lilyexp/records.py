@@ -66,6 +66,12 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.backbone.name}-{cfg.task.name}-{cfg.method.name}-seed{cfg.seed}-{config_hash(cfg)}"
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun / accelerate launch set RANK), or a plain process. Read from the
+    environment, because creating accelerate's state here, before the recipe's Accelerator, would fix it too early."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def in_head(parameter_name: str, head_modules: list[str] | set[str]) -> bool:
     """Whether a parameter belongs to the task head (a module named in ``backbone.head_modules``)."""
     return bool(set(head_modules) & set(parameter_name.split(".")))

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import hydra
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lilyexp.compose import CONF_DIR, build, check_combination
 from lilyexp.errors import ConfigError, TrainingDiverged
 from lilyexp.loggers import NullLogger
-from lilyexp.records import RunContext, count_parameters
+from lilyexp.records import RunContext, count_parameters, is_main_process
 
 log = logging.getLogger("lilyexp")
 
@@ -47,7 +46,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     check_combination(cfg)
     trainer, task = build(cfg.trainer), build(cfg.task.load)
     method, recipe = build(cfg.method.adapter), build(cfg.task.recipe)
-    logger = build(cfg.logger) if PartialState().is_main_process else NullLogger()  # one wandb run per cell
+    logger = build(cfg.logger) if is_main_process() else NullLogger()  # one wandb run per cell
     for part in ("backbone.load", "task.load", "method.adapter", "task.recipe"):
         log.info("%s: %s", part, OmegaConf.select(cfg, f"{part}._target_"))
     set_seed(cfg.seed)
@@ -65,7 +64,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
         logger.finish({"status": "failed"})
         raise
     logger.finish(outcome.metrics["final"])
-    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the record
+    if not is_main_process():  # under `accelerate launch` / torchrun, one process writes the record
         return run.record_path
     return run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**summary, **outcome.extra})

@@ -35,9 +35,10 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def unavailable(model_id: str, cause: Exception) -> BackboneUnavailable:
-    """The one sentence a user sees when a hub model cannot be had."""
+def unavailable(model_id: str, cause: Exception, switch: str = "backbone.load.name_or_path=/path/to/a/local/copy"
+                ) -> BackboneUnavailable:
+    """The one sentence a user sees when a hub model cannot be had; ``switch`` is how to point at a local copy."""
     return BackboneUnavailable(
         f"could not load '{model_id}': it is not a local folder and the Hugging Face hub is unreachable or "
-        f"does not hold it ({type(cause).__name__}); set backbone.load.name_or_path=/path/to/a/local/copy, or "
+        f"does not hold it ({type(cause).__name__}); set {switch}, or "
         f"point HF_HOME at a cache that holds it (HF_HUB_OFFLINE=1 to skip the network).")

@@ -19,5 +19,6 @@ def load(model_name: str, *, pretrained: bool, num_classes: int = 0, checkpoint_
     except (OSError, RuntimeError) as exc:
         if not pretrained:
             raise
-        raise unavailable(model_name, exc) from None
+        raise unavailable(model_name, exc, "backbone.load.checkpoint_path=/path/to/the/weights (.npz or "
+                          "timm .safetensors)") from None
     return Backbone(model, None)

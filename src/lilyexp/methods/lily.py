@@ -39,7 +39,7 @@ from lilyexp.errors import ConfigError
 
 ROUTER_PLACEMENTS = ("layer", "A", "group")  # official & upstream | paper App. A.1.3 | one per group (Vim)
 POOLINGS = ("batch_mean", "sample_sum", "token")  # official & upstream | paper Eq. 2 | Vim
-PER_TARGET_KEYS = ("r", "num_B", "use_router", "activation")
+PER_TARGET_KEYS = ("r", "num_B", "use_router", "activation", "dropout", "detach_input")
 ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU}
 
 
@@ -55,8 +55,10 @@ class LilyVariantConfig(LilyConfig):
     use_router: bool = field(default=True, metadata={"help": "False: the no-router ablation, B experts averaged"})
     apply_scaling: bool = field(default=True, metadata={"help": "False: ignore s (the official LLM code does)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on h = A(x) (Vim uses 0.1)"})
+    detach_input: bool = field(default=False, metadata={"help": "the adapter's input carries no gradient upstream: "
+                               "the official Vim kernel drops the dt adapter's term from the x_dbl gradient"})
     per_target: dict = field(default_factory=dict, metadata={"help": "target suffix -> {r, num_B, use_router, "
-                                                                     "activation}"})
+                                                                     "activation, dropout, detach_input}"})
     slices: dict = field(default_factory=dict, metadata={"help": "fused targets adapted on output slices only: "
                          "suffix -> {parts: [q, k, v], adapt: [k, v]} (timm ViT's qkv)"})
     parallel: list = field(default_factory=list, metadata={"help": "targets adapted as a whole module, in parallel: "
@@ -81,6 +83,8 @@ class LilyVariantConfig(LilyConfig):
                                   f"allowed: {PER_TARGET_KEYS}.")
             if settings.get("r", 1) < 1 or settings.get("num_B", 1) < 1:
                 raise ConfigError(f"lily per_target['{target}'] needs r >= 1 and num_B >= 1.")
+            if not 0 <= settings.get("dropout", 0.0) < 1:
+                raise ConfigError(f"lily per_target['{target}'] dropout must be in [0, 1).")
             if settings.get("activation") not in ACTIVATIONS:
                 raise ConfigError(f"lily activation must be one of {list(ACTIVATIONS)}, got {settings['activation']}.")
         for target, spec in self.slices.items():
@@ -160,6 +164,7 @@ def lily_delta(holder: nn.Module, x: torch.Tensor, adapter: str) -> torch.Tensor
     config = holder.variant[adapter]
     lily_B = holder.lily_B[adapter].weight
     experts = lily_B.reshape(holder.num_B[adapter], -1, lily_B.shape[1])
+    x = x.detach() if config.detach_input else x  # Δ·stop_grad(x): the official Vim backward (notes §5)
     hidden = holder.lily_A[adapter](x.to(lily_B.dtype))
     hidden = holder.lily_dropout[adapter](holder.lily_activation[adapter](hidden))
     weights = holder.routing.token_weights(hidden) if config.mask_padding else None
@@ -411,6 +416,15 @@ class LilyVariantModel(LilyModel):
                 param.copy_(tensors[key])
 
 
+def upcast_half_adapters(model: nn.Module) -> None:
+    """fp32 adapters on an fp16/bf16 backbone, as peft's ``autocast_adapter_dtype`` gives LoRA (fp16 AMP cannot
+    unscale fp16 gradients). Done in place (``param.data``) so shared A's and B's stay one tensor each; peft's own
+    ``cast_adapter_dtype`` assigns new parameters, which would silently unshare them."""
+    for name, param in model.named_parameters():
+        if "lily_" in name and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
 class LilyMethod:
     """The ``method=lily`` object: validates the config before any model loads, then adapts the model."""
 
@@ -419,9 +433,11 @@ class LilyMethod:
 
     def apply(self, model: nn.Module) -> LilyVariantModel:
         try:
-            return LilyVariantModel(model, self.config)
+            adapted = LilyVariantModel(model, self.config)
         except ValueError as exc:
             raise ConfigError(f"Lily could not adapt the backbone: {exc}") from None
+        upcast_half_adapters(adapted)
+        return adapted
 
     @staticmethod
     def summary(model: LilyVariantModel) -> list[dict]:

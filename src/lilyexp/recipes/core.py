@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 
 from lilyexp.errors import ConfigError, TrainingDiverged
 from lilyexp.records import RunContext, in_head
@@ -39,7 +39,7 @@ class TrainerConfig:
     lr: float = 3e-4
     head_lr: float | None = None  # learning rate of the task head (backbone.head_modules); None = lr
     weight_decay: float = 0.0
-    scheduler: str = "linear"  # any transformers.get_scheduler name
+    scheduler: str = "linear"  # any transformers.get_scheduler name, or timm_cosine_epochs (the VTAB code's)
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -67,6 +67,9 @@ class TrainerConfig:
             raise ConfigError(f"trainer.select must be 'best' or 'last', got '{self.select}'.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"trainer.mixed_precision must be no, fp16 or bf16, got '{self.mixed_precision}'.")
+        known = [kind.value for kind in SchedulerType] + ["timm_cosine_epochs"]
+        if self.scheduler not in known:
+            raise ConfigError(f"trainer.scheduler '{self.scheduler}' is unknown; one of {', '.join(known)}.")
         if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
             raise ConfigError("trainer.warmup_ratio must be in [0, 1) and trainer.warmup_steps non-negative.")
 
@@ -137,6 +140,34 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+# timm's CosineLRScheduler as the official VTAB code configures it (notes §3.4).
+TIMM_LR_MIN, TIMM_WARMUP_LR_INIT = 1e-5, 1e-6
+
+
+def timm_cosine_epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int) -> float:
+    """The learning rate of a (0-based) epoch under timm ``CosineLRScheduler(t_initial=epochs, warmup_t,
+    lr_min=1e-5, warmup_lr_init=1e-6)`` stepped with ``scheduler.step(ep)`` after each epoch: epochs 0 and 1 both
+    run at lr(t=0), epoch k >= 1 at lr(t=k-1); the cosine counts from t=0 (warmup_prefix False)."""
+    t = max(epoch - 1, 0)
+    if t < warmup_epochs:
+        return TIMM_WARMUP_LR_INIT + t * (base_lr - TIMM_WARMUP_LR_INIT) / warmup_epochs
+    return TIMM_LR_MIN + 0.5 * (base_lr - TIMM_LR_MIN) * (1 + math.cos(math.pi * t / epochs))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig, warmup_steps: int, total: int,
+                    steps_per_epoch: int):
+    if trainer.scheduler != "timm_cosine_epochs":
+        return get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
+    epochs = math.ceil(total / steps_per_epoch)
+    warmup_epochs = round(trainer.warmup_ratio * epochs)
+    factors = []
+    for group in optimizer.param_groups:  # the head may run at its own learning rate
+        base = group["lr"]
+        factors.append(lambda step, base=base: timm_cosine_epoch_lr(step // steps_per_epoch, base, epochs,
+                                                                    warmup_epochs) / base)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig, head_modules: list[str]) -> torch.optim.Optimizer:
@@ -271,7 +302,7 @@ def fit(
         model.enable_input_require_grads()
     optimizer = build_optimizer(model, trainer, head_modules)
     warmup = trainer.warmup_steps or math.ceil(trainer.warmup_ratio * total)
-    scheduler = get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    scheduler = build_scheduler(optimizer, trainer, warmup, total, plan.steps_per_epoch)
     # The scheduler stays ours: accelerate's wrapper steps it once per process per call under DDP (it assumes
     # per-process schedules), while ours counts optimizer steps of the global batch.
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -54,7 +54,9 @@ def lookup(tree: Any, dotted: str) -> Any:
 
 
 def same(value: Any, wanted: Any) -> bool:
-    if isinstance(wanted, list):
+    if isinstance(value, list):  # a list-valued setting (e.g. method.parallel) matches the same list
+        return isinstance(wanted, list) and len(value) == len(wanted) and all(map(same, value, wanted))
+    if isinstance(wanted, list):  # otherwise a list of wanted values: any of them
         return any(same(value, w) for w in wanted)
     if isinstance(wanted, (int, float)) and not isinstance(wanted, bool) and isinstance(value, (int, float)):
         return math.isclose(float(value), float(wanted), rel_tol=1e-9)
@@ -125,21 +127,24 @@ def aggregate(records: list[dict], selection: str, metric: str, scale: float) ->
 
 
 def choose(records: list[dict], rule: dict, selection: str, metric: str, scale: float) -> Cell:
-    """A hyper-parameter chosen per cell by an explicit rule: group the cell's records by the value at
-    ``rule.over``, score each group by the mean of ``rule.by`` (under ``rule.selection``), keep the best."""
+    """Hyper-parameters chosen per cell by an explicit rule: group the cell's records by the values at
+    ``rule.over`` (one key or several), score each group by the mean of ``rule.by`` (a metric, or one per
+    selection rule) under ``rule.selection`` (default: the table's), keep the best group."""
+    keys = rule["over"] if isinstance(rule["over"], list) else [rule["over"]]
+    by = rule["by"][selection] if isinstance(rule["by"], dict) else rule["by"]
     groups: dict[str, list[dict]] = {}
     for record in records:
-        groups.setdefault(json.dumps(lookup(record["config"], rule["over"])), []).append(record)
+        groups.setdefault(json.dumps([lookup(record["config"], key) for key in keys]), []).append(record)
     scored = []
     for value, group in groups.items():
-        score = aggregate(group, rule.get("selection", selection), rule["by"], 1.0)
+        score = aggregate(group, rule.get("selection", selection), by, 1.0)
         if score.mean is not None:
             scored.append((score.mean, value, group))
     if not scored:
         return aggregate(records, selection, metric, scale)
     best = (max if rule.get("mode", "max") == "max" else min)(scored, key=lambda item: item[0])
     cell = aggregate(best[2], selection, metric, scale)
-    cell.chosen = f"{rule['over'].split('.')[-1]}={json.loads(best[1])}"
+    cell.chosen = ", ".join(f"{key.split('.')[-1]}={value}" for key, value in zip(keys, json.loads(best[1])))
     return cell
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lilyexp.errors import ConfigError
 
 METRIC_MODULE = str(Path(__file__).with_name("glue_metric.py"))
@@ -126,5 +128,26 @@ class GlueTask:
 
         return evaluate.load(METRIC_MODULE, self.name)
 
-    def score(self, predictions: list, references: list) -> dict:
-        return {f"val/{k}": v for k, v in self.metric.compute(predictions=predictions, references=references).items()}
+    def score(self, predictions: list, references: list, prefix: str = "val") -> dict:
+        scores = self.metric.compute(predictions=predictions, references=references)
+        return {f"{prefix}/{k}": v for k, v in scores.items()}
+
+    # What the shared classification loop (recipes/classify.py) asks of a task.
+    final = None             # GLUE reports the validation split itself: no separate final test
+    selection_key = "best_epoch"
+    eval_every_epochs = 1
+    eval_batch_size = None   # the official GLUE code evaluates at the training batch size
+
+    def prepare(self, tokenizer: Any, examples: list[dict]) -> list[dict]:
+        """Single-sentence or sentence-pair tokenisation up to ``max_length`` (padding comes per batch)."""
+        return [{**tokenizer(e["text_a"], e["text_b"], truncation=True, max_length=self.max_length),
+                 "labels": e["label"]} for e in examples]
+
+    def collate(self, tokenizer: Any, features: list[dict]) -> dict:
+        labels = torch.tensor([f["labels"] for f in features], dtype=torch.float if self.is_regression else torch.long)
+        batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt")
+        return {**batch, "labels": labels}
+
+    @staticmethod
+    def logits(model: Any, batch: dict) -> torch.Tensor:
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
