@@ -204,6 +204,8 @@ def cells_and_commands():
             per_column = "experiment=" in row["command"] and "{" in row["command"].split("experiment=")[1].split()[0]
             for column in columns if per_column else ([columns[0]] if "{" in row["command"] else [None]):
                 yield name, spec, row, column
+            if row.get("command_all"):  # the one sweep command printed for a row without any record
+                yield name, spec, {**row, "command": row["command_all"], "label": row["label"] + " (all)"}, None
 
 
 def test_override_variables_select_the_column_they_fill():

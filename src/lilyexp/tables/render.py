@@ -61,7 +61,7 @@ def lines_of(table: Table) -> list[tuple[str, str, list[str]]]:
             mark = PROVENANCE_MARKS.get(provenance(row), "")
             values = [fmt(paper_value(row, l), digits) for l in labels]
             out.append((f"{name} — paper{mark}", str(paper.get("params") or MISSING), values))
-            if cells:
+            if any(c.mean is not None for c in cells.values()):
                 out.append((f"{name} — Δ", "", [delta_text(cells[l], paper_value(row, l), digits) for l in labels]))
     return out
 
@@ -79,13 +79,21 @@ def notes_of(table: Table) -> list[str]:
             notes.append(f"{entry['row']['label']}: paper numbers from {entry['row']['paper']['source']}.")
     failed = sorted({reason for e in table.rows for c in e["cells"].values() for reason in c.failed})
     notes += [f"failed: {reason}" for reason in failed]
-    commands = sorted({c.command for e in table.rows for c in e["cells"].values() if c.command})
+    commands = sorted({command for e in table.rows for command in missing_commands(e)})
     if commands:
         notes.append("Cells shown as — have no record yet; these commands produce them:")
         notes += [f"    {command}" for command in commands]
     blocked = sorted({e["row"]["blocked"] for e in table.rows if e["row"].get("blocked")})
     notes += [f"Not runnable yet: {reason}" for reason in blocked]
     return notes
+
+
+def missing_commands(entry: dict) -> list[str]:
+    """The commands that fill a row's missing cells; one sweep command (``command_all``) when none has a record."""
+    cells = entry["cells"].values()
+    if entry["row"].get("command_all") and cells and all(c.mean is None and not c.failed for c in cells):
+        return [entry["row"]["command_all"]]
+    return [c.command for c in cells if c.command]
 
 
 def markdown(table: Table) -> str:
