@@ -78,3 +78,22 @@ def test_sweep_through_submitits_local_launcher(tmp_path):
     assert sorted(r["config"]["seed"] for r in found) == [0, 1]
     assert all(r["status"] == "finished" for r in found)
     assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitit's own job folders: it really ran them
+
+
+def test_a_record_made_with_another_path_to_the_same_data_counts_as_finished(tmp_path, monkeypatch):
+    """Cells are identified by what they compute: ../shared/data and /abs/shared/data are the same data."""
+    import os
+
+    from lilyexp.records import RunContext
+    data = tmp_path / "shared" / "data"
+    data.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "shared")
+    relative = compose_run(["task=commonsense", "task.data_dir=./data"], tmp_path)
+    absolute = compose_run(["task=commonsense", f"task.data_dir={os.path.realpath(data)}"], tmp_path)
+    made = RunContext.create(absolute, [])
+    made.write_record(status="finished", metrics={"final": {}}, params={})
+    again = RunContext.create(relative, [])
+    assert again.record_path != made.record_path  # the names differ (the hash sees the path)...
+    assert again.finished_record() is not None and again.record_path == made.record_path  # ...the cell is the same
+    other = RunContext.create(compose_run(["task=commonsense", "task.data_dir=./data", "seed=3"], tmp_path), [])
+    assert other.finished_record() is None

@@ -7,6 +7,7 @@ Records are written atomically: a temp file in the same folder, then a rename.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -48,9 +49,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Short hash of the resolved config without bookkeeping keys."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+def without_bookkeeping(data: dict) -> dict:
+    data = copy.deepcopy(data)
     for dotted in BOOKKEEPING_KEYS:
         *parents, leaf = dotted.split(".")
         node = data
@@ -58,8 +58,25 @@ def config_hash(cfg: DictConfig) -> str:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
-    blob = json.dumps(data, sort_keys=True, default=str)
+    return data
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Short hash of the resolved config without bookkeeping keys."""
+    blob = json.dumps(without_bookkeeping(OmegaConf.to_container(cfg, resolve=True)), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def with_absolute_data_dirs(node: Any) -> Any:
+    """The same data reached through a relative or an absolute path is the same cell."""
+    if isinstance(node, dict):
+        return {k: os.path.realpath(v) if k.endswith("data_dir") and isinstance(v, str) else with_absolute_data_dirs(v)
+                for k, v in node.items()}
+    return [with_absolute_data_dirs(v) for v in node] if isinstance(node, list) else node
+
+
+def cell_identity(config: dict) -> str:
+    return json.dumps(with_absolute_data_dirs(without_bookkeeping(config)), sort_keys=True, default=str)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -152,10 +169,19 @@ class RunContext:
         return self.record_path.with_name(f"{self.record_path.stem}.{suffix}")
 
     def finished_record(self) -> dict | None:
-        if not self.record_path.exists():
-            return None
-        record = json.loads(self.record_path.read_text())
-        return record if record.get("status") == "finished" else None
+        """The finished record of this cell: the one at ``record_path``, or one of the same cell whose name differs
+        only because its data folder was given by another path (``record_path`` then points at it)."""
+        if self.record_path.exists():
+            record = json.loads(self.record_path.read_text())
+            return record if record.get("status") == "finished" else None
+        identity = cell_identity(self.config)
+        prefix = self.name.rsplit("-", 1)[0]
+        for path in sorted(self.record_path.parent.glob(f"{prefix}-*.json")):
+            record = json.loads(path.read_text())
+            if record.get("status") == "finished" and cell_identity(record.get("config", {})) == identity:
+                self.record_path = path
+                return record
+        return None
 
     def write_failure(self, exc: BaseException, params: dict) -> Path:
         """A failed record with the reason. If a finished record exists (an ``overwrite`` rerun failed), it is
