@@ -81,7 +81,6 @@ def run(*, model: torch.nn.Module, processor: Any, task: Any, trainer: TrainerCo
                task.selection_key: selected, "selection": SELECTION_TEXT[task.selection_key]}
     extra = {"data": {"train": len(train), "selection": len(selection),
                       "final": None if task.final is None else len(task.final)},
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "main_metric": task.main_metric}
-    if hasattr(task, "splits"):
-        extra["splits"] = task.splits
+             "steps": result.steps, "resumed_from_step": result.resumed_from, "main_metric": task.main_metric,
+             "splits": task.splits}
     return Outcome(metrics, extra)

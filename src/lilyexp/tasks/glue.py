@@ -134,6 +134,7 @@ class GlueTask:
 
     # What the shared classification loop (recipes/classify.py) asks of a task.
     final = None             # GLUE reports the validation split itself: no separate final test
+    splits = {"train": "train", "selection": "validation", "final": None}
     selection_key = "best_epoch"
     eval_every_epochs = 1
     eval_batch_size = None   # the official GLUE code evaluates at the training batch size
