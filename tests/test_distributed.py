@@ -14,8 +14,8 @@ from conftest import REPO
 
 # Every example truncated to the same 64 tokens with the loss on all of them, and no dropout: per-process mean
 # losses then average to the one-process mean exactly.
-CELL = ["backbone=tiny_llama", "trainer.max_steps=3", "task.n_train=120", "task.n_eval=2", "task.load.val_size=8",
-        "task.load.cutoff_len=64", "task.load.train_on_inputs=true", "task.load.generation.max_new_tokens=4",
+CELL = ["backbone=tiny_llama", "trainer.max_steps=3", "task.n_train=120", "task.n_eval=2", "task.val_size=8",
+        "task.cutoff_len=64", "task.train_on_inputs=true", "task.generation.max_new_tokens=4",
         "method.dropout=0.0", "trainer.eval_every=3"]
 
 

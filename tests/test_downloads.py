@@ -8,8 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,15 @@ import pytest
 from lilyexp import downloads as dl
 from lilyexp.errors import ConfigError
 
+from conftest import SHARED as SHARED_ROOT
+from loopback import Loopback
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LILYEXP_SHARED", REPO.parent / "shared")) / "data"
+SHARED = SHARED_ROOT / "data"
 COMMONSENSE, DREAMBOOTH = SHARED / "commonsense", SHARED / "dreambooth"
 LLM, DB = dl.load_manifest("llm_adapters"), dl.load_manifest("dreambooth")
 BOOLQ = "dataset/boolq/test.json"
 HINT = "set task.data_dir to a folder holding <set>/test.json"
-SERVER_LIFETIME_S = 120  # the server shuts itself down after this even if a teardown never runs
 
 needs_shared = pytest.mark.skipif(not (COMMONSENSE.is_dir() and DREAMBOOTH.is_dir()),
                                   reason=f"no shared data copies under {SHARED} (set LILYEXP_SHARED)")
@@ -44,60 +44,6 @@ def shared_copies() -> list[tuple[dl.PinnedRepo, str, Path]]:
 def git_hash_object(path: Path | None = None, data: bytes | None = None) -> str:
     command = ["git", "hash-object", "--no-filters", str(path)] if path else ["git", "hash-object", "--stdin"]
     return subprocess.run(command, input=data, capture_output=True, check=True).stdout.decode().strip()
-
-
-class Loopback:
-    """A raw.githubusercontent.com stand-in on 127.0.0.1 serving ``root/<owner>/<name>/<commit>/<path>``;
-    it records every request and can answer 404 to everything or hang (``mode``)."""
-
-    def __init__(self, root: Path):
-        self.root, self.requests, self.mode, self.release = root, [], "serve", threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-        self.timer = threading.Timer(SERVER_LIFETIME_S, self.httpd.shutdown)
-        self.timer.daemon = True
-
-    def _handler(self):
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(server.root), **kwargs)
-
-            def do_GET(self):
-                server.requests.append((self.path, self.headers.get("User-Agent")))
-                if server.mode == "404":
-                    return self.send_error(404)
-                if server.mode == "hang":
-                    server.release.wait(5)  # longer than the client's timeout; returns without answering
-                    return None
-                return super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
-    def path_of(self, repo: dl.PinnedRepo, path: str) -> Path:
-        return self.root / repo.owner / repo.name / repo.commit / path
-
-    def put(self, repo: dl.PinnedRepo, path: str, source: Path | None = None, data: bytes | None = None):
-        """Serve ``source`` (linked) or ``data`` at ``path``; replaces the link, never writes through it."""
-        target = self.path_of(repo, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        if source is not None:
-            target.symlink_to(source)
-        else:
-            target.write_bytes(data)
-
-    def stop(self):
-        self.release.set()
-        self.timer.cancel()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(autouse=True)
@@ -298,3 +244,39 @@ def test_large_files_show_a_progress_bar(server, monkeypatch, capsys):
     monkeypatch.setattr(dl, "PROGRESS_FROM", 1)
     dl.fetch_file(DB, "dataset/dog/00.jpg", base_url=server.url)
     assert "dataset/dog/00.jpg" in capsys.readouterr().err
+
+
+def test_commonsense_test_sets_come_from_the_pinned_commit_without_a_data_dir(server, monkeypatch):
+    from lilyexp.tasks import commonsense as cs
+
+    monkeypatch.setenv("LILYEXP_GITHUB_RAW", server.url)
+    data = cs.llm_adapters_files(None, str(COMMONSENSE / "boolq" / "train.json"), ["boolq", "piqa"])
+    assert len(data.eval_sets["boolq"]) == 3270 and len(data.eval_sets["piqa"]) == 1838
+    assert {p for p, _ in server.requests} == {f"/{LLM.owner}/{LLM.name}/{LLM.commit}/dataset/{s}/test.json"
+                                               for s in ("boolq", "piqa")}
+
+
+def test_a_training_file_with_the_wrong_bytes_is_refused_and_not_cached(server, monkeypatch, clean_env):
+    from lilyexp.tasks import commonsense as cs
+
+    monkeypatch.setenv("LILYEXP_GITHUB_RAW", server.url)
+    server.put(LLM, "ft-training_set/commonsense_170k.json", data=b"[]")
+    with pytest.raises(ConfigError, match="commonsense_170k.json.*task.train_file"):
+        cs.training_records(None, cs.DEFAULT_TRAIN_FILE)
+    assert not list(clean_env.rglob("commonsense_170k.json"))
+
+
+@pytest.mark.slow
+def test_the_mission_command_downloads_its_test_sets(server, tmp_path):
+    """`python -m lilyexp.run backbone=<b> task=commonsense method=lily` with no data folder: the test sets come
+    from the pinned commit (here a loopback server; the 170K training file is not in our shared copies, so a local
+    training file stands in)."""
+    from conftest import run_cli
+
+    env = {"LILYEXP_GITHUB_RAW": server.url, "LILYEXP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0"}
+    result = run_cli(["backbone=tiny_llama", "task=commonsense", "method=lily", "debug=smoke", "task.subset=[boolq]",
+                      f"task.train_file={COMMONSENSE / 'boolq' / 'train.json'}", "task.generation.num_beams=1",
+                      "task.generation.max_new_tokens=4"], tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("record: ")
+    assert (tmp_path / "cache" / LLM.owner / LLM.name / LLM.commit / BOOLQ).is_file()

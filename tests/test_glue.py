@@ -17,7 +17,6 @@ from lilyexp.tasks.glue import SUBSETS, GlueTask, from_hub_rows, read_tsv
 
 from conftest import REPO, compose_run
 
-SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> None:
@@ -76,7 +75,8 @@ def test_hub_and_tsv_formats_agree(glue_dir):
     assert np.allclose([r["label"] for r in hub], [r["label"] for r in tsv], atol=1e-3)
 
 
-def test_real_glue_files_in_shared_load_with_their_documented_sizes():
+def test_real_glue_files_in_shared_load_with_their_documented_sizes(shared_data):
+    SHARED_GLUE = shared_data / "glue"
     sizes = {"cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500), "sst2": (67349, 872)}
     for name, (train, dev) in sizes.items():
         task = GlueTask(name, data_dir=str(SHARED_GLUE))
@@ -94,13 +94,13 @@ def test_metrics_match_sklearn_and_scipy(name, glue_dir):
     task.name, task.subset = name, SUBSETS[name]
     if name == "stsb":
         refs, preds = rng.uniform(0, 5, 50), rng.uniform(0, 5, 50)
-        scores = task.score(preds.tolist(), refs.tolist())
+        scores = task.score("val", preds.tolist(), refs.tolist())
         assert scores["val/pearson"] == pytest.approx(pearsonr(preds, refs)[0], abs=1e-5)
         assert scores["val/spearmanr"] == pytest.approx(spearmanr(preds, refs)[0], abs=1e-5)
         return
     classes = SUBSETS[name].num_labels
     refs, preds = rng.integers(0, classes, 60), rng.integers(0, classes, 60)
-    scores = task.score(preds.tolist(), refs.tolist())
+    scores = task.score("val", preds.tolist(), refs.tolist())
     if name == "cola":
         assert scores == {"val/matthews_correlation": pytest.approx(matthews_corrcoef(refs, preds))}
         return
@@ -124,7 +124,7 @@ def test_missing_or_bad_glue_input_is_a_clear_error(glue_dir, tmp_path):
 
 @pytest.mark.parametrize("name,metric", [("cola", "matthews_correlation"), ("rte", "accuracy"), ("stsb", "pearson")])
 def test_two_epoch_runs_keep_best_and_last(name, metric, glue_dir, tmp_path):
-    cfg = compose_run(["backbone=tiny_roberta", "task=glue", f"task.task_name={name}", f"task.data_dir={glue_dir}",
+    cfg = compose_run(["backbone=tiny_roberta", "task=glue", f"task.subset={name}", f"task.data_dir={glue_dir}",
                        "task.max_length=64", "trainer.epochs=2", "trainer.batch_size=6", "trainer.lr=5e-3",
                        "trainer.head_lr=1e-2", "trainer.warmup_ratio=0.06", "method=lora", "method.r=4"], tmp_path)
     record = json.loads(execute(cfg).read_text())
@@ -137,10 +137,12 @@ def test_two_epoch_runs_keep_best_and_last(name, metric, glue_dir, tmp_path):
     assert record["params"]["trainable"] == record["params"]["head"] + record["params"]["adapter"]
 
 
-def test_table3_cell_runs_on_a_tiny_backbone_from_the_command_line(tmp_path):
+@pytest.mark.slow
+def test_table3_cell_runs_on_a_tiny_backbone_from_the_command_line(tmp_path, shared_data):
     """The experiment's sweep (roberta, roberta_large) yields to a backbone given on the command line."""
     from conftest import run_cli
-    result = run_cli(["-m", "experiment=table3/lily_mrpc", "backbone=tiny_roberta", f"task.data_dir={SHARED_GLUE}",
+    result = run_cli(["-m", "experiment=table3/lily", "task.subset=mrpc", "backbone=tiny_roberta",
+                      f"task.data_dir={shared_data / 'glue'}",
                       "task.train_limit=24", "task.eval_limit=16", "task.max_length=64", "trainer.epochs=1",
                       "method.ne_1=2", "method.ne_2=2", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -150,7 +152,8 @@ def test_table3_cell_runs_on_a_tiny_backbone_from_the_command_line(tmp_path):
     assert record["config"]["trainer"]["batch_size"] == 50 and record["config"]["method"]["s"] == 0.1
 
 
-def test_train_limit_is_a_fixed_random_subsample():
+def test_train_limit_is_a_fixed_random_subsample(shared_data):
+    SHARED_GLUE = shared_data / "glue"
     first = GlueTask("mrpc", data_dir=str(SHARED_GLUE), train_limit=100)
     again = GlueTask("mrpc", data_dir=str(SHARED_GLUE), train_limit=100)
     full = GlueTask("mrpc", data_dir=str(SHARED_GLUE))

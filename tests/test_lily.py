@@ -138,7 +138,7 @@ def test_sharing_is_real_and_counted_once():
     assert all(layer.lily_B["default"] is q[0].lily_B["default"] for layer in q)
     assert len({id(layer.lily_router["default"]) for layer in q}) == 4
     assert q[0].lily_B["default"] is not layers[0].self_attn.k_proj.lily_B["default"]
-    # n_A·C_in·r + ne·r·C_out + L·r·ne per target (notes §9): q (32->32), k and v (32->16)
+    # n_A·C_in·r + ne·r·C_out + L·r·ne per target (the official sharing rule): q (32->32), k and v (32->16)
     expected = sum(2 * 32 * 4 + 3 * 4 * out + 4 * 4 * 3 for out in (32, 16, 16))
     assert count_parameters(model, [])["trainable"] == expected
 
@@ -263,7 +263,7 @@ def test_vit_b16_kvmlp_count_matches_the_official_formula():
     import timm
     with torch.device("meta"):
         vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    for ne, expected in ((2, 198_144), (3, 297_216), (4, 396_288)):  # notes §9, r = 16
+    for ne, expected in ((2, 198_144), (3, 297_216), (4, 396_288)):  # the official formula, r = 16
         model = LilyVariantModel(copy.deepcopy(vit), LilyVariantConfig(
             r=16, ne_1=ne, num_B=ne, per_target={"mlp": {"r": 32, "activation": "relu"}}, **KVMLP))
         assert count_parameters(model, [])["trainable"] == expected

@@ -17,7 +17,7 @@ from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel
 from lilyexp.methods.milora import MiLoRAMethod
 from lilyexp.methods.peft_method import PeftMethod
 from lilyexp.records import count_parameters
-from lilyexp.recipes.core import check_every_parameter_got_a_gradient
+from lilyexp.recipes.loop import check_every_parameter_got_a_gradient
 
 from conftest import compose_run
 

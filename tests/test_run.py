@@ -13,6 +13,7 @@ import lilyexp.recipes.causal_lm as causal_lm
 from lilyexp.errors import BackboneUnavailable, ConfigError, TrainingDiverged
 from lilyexp.run import execute
 
+from callbacks import kill_after
 from conftest import compose_run, run_cli
 
 
@@ -52,7 +53,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_run, tmp_path):
               "method.dropout=0.1", *tiny_run]
     straight = run_cli(common, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = run_cli([*common, "trainer.kill_at_step=5"], tmp_path / "resumed")
+    killed = run_cli([*common, kill_after(5)], tmp_path / "resumed")
     assert killed.returncode == -signal.SIGKILL
     assert not list((tmp_path / "resumed" / "results").rglob("*.json")), "a killed run must leave no record"
     resumed = run_cli([*common, "trainer.resume=true"], tmp_path / "resumed")
@@ -134,7 +135,7 @@ def test_wandb_logger_runs_offline(tiny_run, tmp_path, monkeypatch):
 
 
 def test_without_a_validation_split_the_last_weights_are_kept(tiny_run, tmp_path):
-    cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=2", *tiny_run, "task.load.val_size=0"], tmp_path)
+    cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=2", *tiny_run, "task.val_size=0"], tmp_path)
     record = json.loads(execute(cfg).read_text())
     assert record["metrics"]["best"] == {} and record["metrics"]["history"] == []
     assert "val/loss" not in record["metrics"]["final"] and record["data"]["validation"] == 0
@@ -152,7 +153,7 @@ def test_falcon_mamba_delta_plus_in_is_refused_with_the_reason(no_model_loading,
 def test_beam_and_batched_greedy_generation_are_recorded(generation, expected, tiny_run, tmp_path):
     settings = ",".join(f"{k}:{v}" for k, v in generation.items())
     cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=1", *tiny_run,
-                       f"task.load.generation={{{settings},max_new_tokens:4}}"], tmp_path)
+                       f"task.generation={{{settings},max_new_tokens:4}}"], tmp_path)
     record = json.loads(execute(cfg).read_text())
     assert (record["generation"]["num_beams"], record["generation"]["batch_size"]) == expected
     lines = (tmp_path / "results").rglob("*.predictions.jsonl").__next__().read_text().splitlines()

@@ -12,8 +12,8 @@ from conftest import compose_run, run_cli
 from lilyexp import run as run_module
 from lilyexp.run import execute
 
-TINY = ["backbone=tiny_llama", "trainer.max_steps=1", "task.n_train=120", "task.n_eval=2", "task.load.val_size=8",
-        "task.load.cutoff_len=512", "task.load.generation.max_new_tokens=4", "trainer.batch_size=4"]
+TINY = ["backbone=tiny_llama", "trainer.max_steps=1", "task.n_train=120", "task.n_eval=2", "task.val_size=8",
+        "task.cutoff_len=512", "task.generation.max_new_tokens=4", "trainer.batch_size=4"]
 
 
 def records(tmp_path) -> dict[float, dict]:
@@ -55,7 +55,7 @@ def test_a_failed_overwrite_rerun_keeps_the_finished_record(tmp_path, monkeypatc
     path = execute(cfg)
     finished = path.read_text()
 
-    def broken_recipe(**kwargs):
+    def broken_recipe(inputs):
         raise RuntimeError("disk full")
     monkeypatch.setattr(run_module, "build", lambda node, **kw: broken_recipe if node is cfg.task.recipe
                         else original_build(node, **kw))
@@ -93,7 +93,7 @@ def test_a_record_made_with_another_path_to_the_same_data_counts_as_finished(tmp
     made = RunContext.create(absolute, [])
     made.write_record(status="finished", metrics={"final": {}}, params={})
     again = RunContext.create(relative, [])
-    assert again.record_path != made.record_path  # the names differ (the hash sees the path)...
-    assert again.finished_record() is not None and again.record_path == made.record_path  # ...the cell is the same
+    assert again.identity == made.identity and again.record_path == made.record_path  # paths are made absolute
+    assert again.finished_record() is not None
     other = RunContext.create(compose_run(["task=commonsense", "task.data_dir=./data", "seed=3"], tmp_path), [])
     assert other.finished_record() is None

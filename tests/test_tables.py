@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from lilyexp.records import run_metrics
 from lilyexp.tables.__main__ import render
 from lilyexp.tables.build import build, load_spec, read_records, spec_names
 from lilyexp.tables.render import csv_text, latex, markdown
@@ -19,8 +20,8 @@ from lilyexp.tables.render import csv_text, latex, markdown
 SPEC = {
     "name": "fixture", "title": "Fixture table", "groups": ["g"], "selections": ["best_epoch"],
     "columns": [
-        {"label": "MRPC", "where": {"task.task_name": "mrpc"}, "metric": "val/accuracy", "vars": {"task": "mrpc"}},
-        {"label": "CoLA", "where": {"task.task_name": "cola"}, "metric": "val/mcc", "vars": {"task": "cola"}},
+        {"label": "MRPC", "where": {"task.subset": "mrpc"}, "metric": "val/accuracy", "vars": {"task": "mrpc"}},
+        {"label": "CoLA", "where": {"task.subset": "cola"}, "metric": "val/mcc", "vars": {"task": "cola"}},
         {"label": "Avg", "mean_of": ["MRPC", "CoLA"]},
     ],
     "rows": [
@@ -33,11 +34,14 @@ SPEC = {
 }
 
 
-def record(method, task, seed, best, last=None, status="finished", s=None, error=None, params=300):
+def record(method, task, seed, best, last=None, status="finished", s=None, error=None, params=300,
+           rule="best_epoch"):
     metric = "val/accuracy" if task == "mrpc" else "val/mcc"
-    cfg = {"method": {"name": method, "s": s}, "task": {"task_name": task}, "seed": seed, "backbone": {"name": "b"}}
-    out = {"status": status, "config": cfg, "params": {"adapter": params, "trainable": params}}
-    out["metrics"] = {"final": {metric: best}, "last": {metric: last if last is not None else best}} if status == "finished" else {}
+    cfg = {"method": {"name": method, "s": s}, "task": {"subset": task}, "seed": seed, "backbone": {"name": "b"}}
+    out = {"schema": 2, "status": status, "config": cfg, "params": {"adapter": params, "trainable": params}}
+    history = [{"step": 1, metric: best}, {"step": 2, metric: last if last is not None else best}]
+    out["metrics"] = run_metrics(final={metric: best}, rule=rule, metric=metric, mode="max", best=history[0],
+                                 history=history) if status == "finished" else {}
     if error:
         out["error"] = error
     return out
@@ -96,13 +100,13 @@ def test_paper_numbers_carry_their_provenance_and_the_difference(tmp_path):
     assert "| Lily — Δ |  | +1.5 |" in text
     assert "| FourierFT — paper | 0.02M | 88.0 |" in text
     assert "† secondary" in text and "Lily: paper numbers from a note." in text
-    assert "Selection: best epoch on the validation split" in text
+    assert "Selection: best evaluation on the validation split" in text
 
 
 def test_last_epoch_selection_reads_the_last_epoch(tmp_path):
     records = write(tmp_path, [record("lily", "mrpc", 0, best=0.9, last=0.7)])
     assert cells(build(SPEC, records, "last_epoch"), "Lily")["MRPC"].mean == pytest.approx(70)
-    assert "Selection: last epoch." in markdown(build(SPEC, records, "last_epoch"))
+    assert "Selection: the last evaluation (no selection)." in markdown(build(SPEC, records, "last_epoch"))
 
 
 def test_a_per_cell_choice_follows_the_stated_rule(tmp_path):
@@ -121,13 +125,14 @@ def test_a_joint_choice_with_a_metric_per_selection_rule(tmp_path):
     rule = {"over": ["method.s", "method.ne_1"], "by": {"test_selected": "val/accuracy", "val_selected": "val/mcc"}}
     spec = {**SPEC, "rows": [{**SPEC["rows"][0], "choose": rule}]}
 
-    def vtab_record(s, ne, paper, honest_val):
-        r = record("lily", "mrpc", 0, 0.0, s=s)
-        r["config"]["method"]["ne_1"] = ne
-        r["metrics"] = {"test_selected": {"val/accuracy": paper}, "val_selected": {"val/accuracy": paper - 0.1,
-                                                                                   "val/mcc": honest_val}}
-        return r
-    records = write(tmp_path, [vtab_record(0.1, 2, 0.9, 0.5), vtab_record(1.0, 4, 0.8, 0.7)])
+    def vtab_records(s, ne, paper, honest_val):  # one run per protocol, as the table4 sweep makes them
+        runs = [record("lily", "mrpc", 0, paper, s=s, rule="test_selected"),
+                record("lily", "mrpc", 0, paper - 0.1, s=s, rule="val_selected")]
+        runs[1]["metrics"]["final"]["val/mcc"] = honest_val
+        for r in runs:
+            r["config"]["method"]["ne_1"] = ne
+        return runs
+    records = write(tmp_path, [*vtab_records(0.1, 2, 0.9, 0.5), *vtab_records(1.0, 4, 0.8, 0.7)])
     paper = cells(build(spec, records, "test_selected"), "Lily")["MRPC"]
     honest = cells(build(spec, records, "val_selected"), "Lily")["MRPC"]
     assert paper.chosen == "s=0.1, ne_1=2" and paper.mean == pytest.approx(90)
@@ -194,7 +199,7 @@ def test_table2_paper_numbers_match_the_shared_provenance_file():
 def cells_and_commands():
     """One (table, row, column) per distinct experiment file a table's commands name: a column variable that
     picks the experiment file (table3's lily_{task}) is composed per column, one that only overrides a setting
-    (task.task_name={task}) once per row, the other columns checked to filter on exactly that setting."""
+    (task.subset={task}) once per row, the other columns checked to filter on exactly that setting."""
     for name in spec_names():
         spec = load_spec(name)
         for row in spec["rows"]:
@@ -212,9 +217,9 @@ def test_override_variables_select_the_column_they_fill():
     for name in spec_names():
         spec = load_spec(name)
         for row in spec["rows"]:
-            if "task.task_name={task}" in (row.get("command") or ""):
+            if "task.subset={task}" in (row.get("command") or ""):
                 for column in (c for c in spec["columns"] if "mean_of" not in c):
-                    assert column["where"] == {"task.task_name": column["vars"]["task"]}, (name, column)
+                    assert column["where"] == {"task.subset": column["vars"]["task"]}, (name, column)
 
 
 @pytest.mark.parametrize("name,spec,row,column", [pytest.param(*c, id=f"{c[0]}:{c[2]['label']}:{(c[3] or {}).get('label', '')}")

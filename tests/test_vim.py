@@ -131,7 +131,7 @@ def lily_on_vim(model, detach=True, r=8, ne=5):
 def test_lily_l_on_vim_s_has_the_official_parameter_count():
     with torch.device("meta"):
         model = lily_on_vim(VisionMamba(num_classes=0))
-    assert count_parameters(model, [])["trainable"] == 145_960  # notes §5: lily.sh's configuration
+    assert count_parameters(model, [])["trainable"] == 145_960  # vim/lily.sh's configuration, by the official parameter layout
     groups = {g["target"]: g for g in model.summary()}
     assert groups["in_proj"]["routers"] == 1 and groups["in_proj"]["num_A"] == 24  # one router, no A sharing
     assert groups["dt_proj"]["num_B"] == groups["dt_proj_b"]["num_B"] == 1 and groups["dt_proj"]["routers"] == 0
@@ -156,12 +156,14 @@ def test_official_dt_adapter_gradient_leaves_the_adapter_term_out_upstream():
 @pytest.mark.parametrize("experiment,extra", [("table5/lily_l", []), ("table5/lily_s", []), ("table5/lora", []),
                                               ("table5/full", []), ("table5/linear_probe", [])])
 def test_two_step_vtab_run_on_tiny_vim(experiment, extra, vtab_dir, tmp_path):  # noqa: F811
-    cfg = compose_run([f"experiment={experiment}", "backbone=tiny_vim", "task.task_name=eurosat",
+    cfg = compose_run([f"experiment={experiment}", "backbone=tiny_vim", "task.subset=eurosat",
                        f"task.data_dir={vtab_dir}", "task.image_size=32", "trainer.batch_size=4", "trainer.epochs=1",
                        "task.eval_every_epochs=1", "method.ne_1=2" if "lily" in experiment else "seed=42", *extra],
                       tmp_path)
     record = json.loads(execute(cfg).read_text())
-    assert record["status"] == "finished" and "test/accuracy" in record["metrics"]["test_selected"]
+    metrics = record["metrics"]
+    assert record["status"] == "finished" and metrics["selection"]["rule"] == "test_selected"
+    assert "test/accuracy" in metrics["final"]
     if "lily" in experiment:
         groups = {g["target"] for g in record["adapter_summary"]}
         assert groups == {"in_proj", "dt_proj", "dt_proj_b"}

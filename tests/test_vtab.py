@@ -44,10 +44,10 @@ def vtab_dir(tmp_path):
 def test_every_list_file_is_read_per_protocol(vtab_dir):
     paper = VtabTask("eurosat", str(vtab_dir), protocol="paper", image_size=32)
     assert (len(paper.train), len(paper.validation), paper.final) == (12, 6, None)
-    assert paper.main_metric == "test/accuracy" and paper.selection_key == "test_selected"
+    assert paper.main_metric == "test/accuracy" and paper.selection_rule == "test_selected"
     honest = VtabTask("eurosat", str(vtab_dir), protocol="honest", image_size=32)
     assert (len(honest.train), len(honest.validation), len(honest.final)) == (8, 4, 6)
-    assert honest.main_metric == "val/accuracy" and honest.selection_key == "val_selected"
+    assert honest.main_metric == "val/accuracy" and honest.selection_rule == "val_selected"
     batch = honest.collate(None, honest.train[:3])
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 2]
     assert 0.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0  # not normalised (official)
@@ -130,7 +130,7 @@ METHODS = {
 @pytest.mark.parametrize("protocol", ["paper", "honest"])
 @pytest.mark.parametrize("experiment", sorted(METHODS))
 def test_two_step_run_per_method_and_protocol(experiment, protocol, vtab_dir, tmp_path):
-    cfg = compose_run([f"experiment={experiment}", "backbone=tiny_vit", "task.task_name=eurosat",
+    cfg = compose_run([f"experiment={experiment}", "backbone=tiny_vit", "task.subset=eurosat",
                        f"task.data_dir={vtab_dir}", f"task.protocol={protocol}", "task.image_size=32",
                        "trainer.batch_size=4", "trainer.epochs=2", "task.eval_every_epochs=1",
                        *METHODS[experiment]], tmp_path)
@@ -138,12 +138,12 @@ def test_two_step_run_per_method_and_protocol(experiment, protocol, vtab_dir, tm
     images = 12 if protocol == "paper" else 8  # train800val200 or train800
     assert record["status"] == "finished" and record["steps"] == 2 * (images // 4)
     metrics = record["metrics"]
-    key = "test_selected" if protocol == "paper" else "val_selected"
-    assert metrics[key] == metrics["final"] and "test/accuracy" in metrics[key]
+    rule = "test_selected" if protocol == "paper" else "val_selected"
+    assert metrics["selection"]["rule"] == rule and "test/accuracy" in metrics["final"]
     assert len(metrics["history"]) == 2  # evaluated every epoch here (every 10 in the paper's recipe)
     if protocol == "honest":
-        assert "val/accuracy" in metrics[key] and record["splits"] == {"train": "train800", "selection": "val200",
-                                                                        "final": "test"}
+        assert "val/accuracy" in metrics["final"] and record["splits"] == {"train": "train800", "selection": "val200",
+                                                                            "final": "test"}
     else:
-        assert metrics[key]["test/accuracy"] == max(h["test/accuracy"] for h in metrics["history"])
+        assert metrics["final"]["test/accuracy"] == max(h["test/accuracy"] for h in metrics["history"])
     assert record["config"]["trainer"]["scheduler"] == "timm_cosine_epochs"

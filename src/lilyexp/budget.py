@@ -3,7 +3,7 @@
     python -m lilyexp.budget backbone=llama3 lora_r=32 [top=15]
 
 Shapes come from the backbone built on the meta device (no weights): its `architecture` node when the yaml has
-one, else its random-init `load` node. Counts use the official sharing rule (notes §9): per (target, shape)
+one, else its random-init `load` node. Counts use the official sharing rule: per (target, shape)
 group of L layers, ceil(L / (L // ne_1))·C_in·r (A's) + ne_2·r·C_out (B's) + L·r·ne_2 (one router per layer).
 """
 

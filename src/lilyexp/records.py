@@ -1,14 +1,29 @@
-"""Run identity and the one JSON record each finished (or failed) run writes.
+"""The one JSON record each finished (or failed) run writes, its schema, and a run's identity on disk.
 
-A run's name is derived from what it computes (backbone, task, method, seed and a hash of the resolved config
-minus bookkeeping keys), so a rerun of the same cell finds its checkpoints and its finished record.
+Record schema, version 2 (``schema``), the same for every paradigm:
+
+* ``run_name``, ``status`` (``finished`` | ``failed``), ``identity`` (what makes the run a cell:
+  :func:`lilyexp.settings.cell_identity`), ``config`` (resolved), ``overrides`` (the command line's);
+* ``metrics``:
+    - ``final``: the numbers the run reports, i.e. the selected model's evaluation (and its test, when the task
+      tests the selected model once);
+    - ``selection``: ``{"rule", "metric", "mode", "step"}``: how ``final`` was chosen; ``rule`` is one of
+      :data:`SELECTION_RULES`;
+    - ``best``: the evaluation at the selected step (``{"step", metrics...}``), ``last``: the last evaluation,
+      ``history``: every evaluation, ``initial``: the untuned model, when it was tested;
+* ``params`` (``trainable``, ``total``, ``adapter``, ``head``), ``env`` (git sha, package versions, device),
+  ``timing`` (``wall_s``, ``peak_mem_bytes``), and what the recipe adds (``data`` sizes, ``steps``, ...);
+* a failed record has ``error``, ``error_type`` and, for unexpected errors, ``traceback``.
+
+Version-1 records (lilyexp 0.1) are read through :func:`upgrade`, so old results still render.
+
+A run's name is ``<backbone>-<task>[-<subset>]-<method>-seed<k>-<hash of its identity>``; a rerun of the same cell
+finds its checkpoints and its finished record, also one written under another name by an older version.
 Records are written atomically: a temp file in the same folder, then a rename.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import os
 import platform
@@ -27,15 +42,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.errors import ConfigError
+from lilyexp.settings import cell_identity, identity_hash
 
-SCHEMA_VERSION = 1
-# Keys that change where or how a run is logged, not what it computes.
-BOOKKEEPING_KEYS = ("paths", "logger", "overwrite", "trainer.resume", "trainer.kill_at_step", "hydra")
-PACKAGES = ("lilyexp", "torch", "transformers", "peft", "accelerate", "hydra-core", "datasets", "timm")
+SCHEMA_VERSION = 2
+# How a record's ``final`` numbers were chosen (metrics.selection.rule): the one vocabulary of the project.
+SELECTION_RULES = {
+    "best_epoch": "best evaluation on the validation split, which is also the split reported (the paper's GLUE rule)",
+    "val_selected": "checkpoint selected on a validation split, then tested once",
+    "test_selected": "best of the periodic test evaluations (selection on the test split, the paper's VTAB rule)",
+    "last": "the last weights, no selection",
+}
+PACKAGES = ("lilyexp", "torch", "transformers", "peft", "accelerate", "hydra-core", "datasets", "timm", "diffusers")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either nothing or the whole file."""
+    """Write ``text`` to ``path`` so that readers see either nothing or the whole file (mode from the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -43,44 +64,92 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def without_bookkeeping(data: dict) -> dict:
-    data = copy.deepcopy(data)
-    for dotted in BOOKKEEPING_KEYS:
-        *parents, leaf = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return data
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Short hash of the resolved config without bookkeeping keys."""
-    blob = json.dumps(without_bookkeeping(OmegaConf.to_container(cfg, resolve=True)), sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+def run_metrics(*, final: dict, rule: str, metric: str, mode: str, best: dict, history: list[dict],
+                initial: dict | None = None) -> dict:
+    """The ``metrics`` of a record (schema 2): every recipe builds it here, so the keys mean the same."""
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"unknown selection rule '{rule}'; one of {sorted(SELECTION_RULES)}")
+    metrics = {"final": final, "selection": {"rule": rule, "metric": metric, "mode": mode, "step": best.get("step")},
+               "best": best, "last": history[-1] if history else {}, "history": history}
+    if initial is not None:
+        metrics["initial"] = initial
+    return metrics
 
 
-def with_absolute_data_dirs(node: Any) -> Any:
-    """The same data reached through a relative or an absolute path is the same cell."""
-    if isinstance(node, dict):
-        return {k: os.path.realpath(v) if k.endswith("data_dir") and isinstance(v, str) else with_absolute_data_dirs(v)
-                for k, v in node.items()}
-    return [with_absolute_data_dirs(v) for v in node] if isinstance(node, list) else node
+# ------------------------------------------------------------------------------------------ reading records
+
+V1_TASK_KNOBS = ("val_size", "cutoff_len", "train_on_inputs", "ignore_case", "align_eval_prompt", "generation")
 
 
-def cell_identity(config: dict) -> str:
-    return json.dumps(with_absolute_data_dirs(without_bookkeeping(config)), sort_keys=True, default=str)
+def upgrade_config_v1(config: dict) -> dict:
+    """Version-1 configs named the subset ``task_name`` (GLUE, VTAB) or ``eval_sets`` (commonsense) and kept the
+    commonsense knobs inside ``task.load``."""
+    task = dict(config.get("task") or {})
+    for old in ("task_name", "eval_sets"):
+        if old in task:
+            task["subset"] = task.pop(old)
+    load = task.get("load") or {}
+    for key in V1_TASK_KNOBS:
+        if key in load and key not in task:
+            task[key] = load[key]
+    trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k != "kill_at_step"}
+    trainer.setdefault("_schema_", trainer.get("_target_"))
+    return {**config, "task": task, "trainer": trainer}
 
 
-def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.backbone.name}-{cfg.task.name}-{cfg.method.name}-seed{cfg.seed}-{config_hash(cfg)}"
+def upgrade_metrics_v1(metrics: dict, record: dict) -> dict:
+    if not metrics or isinstance(metrics.get("selection"), dict):
+        return metrics
+    history = metrics.get("history", [])
+    rule = next((key for key in ("best_epoch", "test_selected", "val_selected") if key in metrics), None)
+    if rule is not None:  # classification: the rule was a key holding the selected numbers
+        metric, mode = record.get("main_metric"), "max"
+    else:  # causal LM: "best" restored the lowest validation loss, "last" kept the last weights
+        rule = "val_selected" if metrics.get("selection") == "best" and metrics.get("best") else "last"
+        metric, mode = "val/loss", "min"
+    return run_metrics(final=metrics.get("final", {}), rule=rule, metric=metric, mode=mode,
+                       best=metrics.get("best", {}), history=history, initial=metrics.get("initial"))
+
+
+def upgrade(record: dict) -> dict:
+    """A record in the current schema (version-1 records are converted; nothing is written)."""
+    if record.get("schema", 1) >= SCHEMA_VERSION:
+        return record
+    config = upgrade_config_v1(record.get("config", {}))
+    upgraded = {**record, "schema": SCHEMA_VERSION, "config": config,
+                "metrics": upgrade_metrics_v1(record.get("metrics", {}), record)}
+    upgraded["identity"] = cell_identity(config)
+    return upgraded
+
+
+def read_record(path: Path) -> dict | None:
+    """The record at ``path`` in the current schema, with its ``_path``; ``None`` for an unreadable file."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {**upgrade(record), "_path": str(path)} if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+def run_name(cfg: DictConfig, identity: dict) -> str:
+    subset = cfg.task.get("subset")
+    task = f"{cfg.task.name}-{subset}" if isinstance(subset, str) else cfg.task.name
+    return f"{cfg.backbone.name}-{task}-{cfg.method.name}-seed{cfg.seed}-{identity_hash(identity)}"
 
 
 def is_main_process() -> bool:
@@ -112,11 +181,11 @@ def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> dict[st
 
 
 def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+                               text=True, timeout=5, cwd=here)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -151,14 +220,17 @@ class RunContext:
     work_dir: Path
     config: dict
     overrides: list[str]
+    identity: dict
     started: float = field(default_factory=time.time)
 
     @classmethod
     def create(cls, cfg: DictConfig, overrides: list[str]) -> "RunContext":
-        name = run_name(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        identity = cell_identity(config)
+        name = run_name(cfg, identity)
         record_path = Path(cfg.paths.results_dir) / cfg.group / f"{name}.json"
         work_dir = Path(cfg.paths.checkpoint_dir) / cfg.group / name
-        return cls(name, record_path, work_dir, OmegaConf.to_container(cfg, resolve=True), overrides)
+        return cls(name, record_path, work_dir, config, overrides, identity)
 
     @property
     def steps_path(self) -> Path:
@@ -169,16 +241,16 @@ class RunContext:
         return self.record_path.with_name(f"{self.record_path.stem}.{suffix}")
 
     def finished_record(self) -> dict | None:
-        """The finished record of this cell: the one at ``record_path``, or one of the same cell whose name differs
-        only because its data folder was given by another path (``record_path`` then points at it)."""
+        """The finished record of this cell: the one at ``record_path``, or one of the same identity written
+        under another name (an older version's hash, another path to the same data); ``record_path`` then points
+        at it."""
         if self.record_path.exists():
-            record = json.loads(self.record_path.read_text())
-            return record if record.get("status") == "finished" else None
-        identity = cell_identity(self.config)
-        prefix = self.name.rsplit("-", 1)[0]
-        for path in sorted(self.record_path.parent.glob(f"{prefix}-*.json")):
-            record = json.loads(path.read_text())
-            if record.get("status") == "finished" and cell_identity(record.get("config", {})) == identity:
+            record = read_record(self.record_path)
+            return record if record and record.get("status") == "finished" else None
+        prefix = f"{self.config['backbone']['name']}-{self.config['task']['name']}"
+        for path in sorted(self.record_path.parent.glob(f"{prefix}*.json")):
+            record = read_record(path)
+            if record and record.get("status") == "finished" and record.get("identity") == self.identity:
                 self.record_path = path
                 return record
         return None
@@ -202,6 +274,7 @@ class RunContext:
             "schema": SCHEMA_VERSION,
             "run_name": self.name,
             "status": status,
+            "identity": self.identity,
             "config": self.config,
             "overrides": self.overrides,
             "metrics": metrics,

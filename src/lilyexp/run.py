@@ -1,7 +1,9 @@
 """Entry point: ``python -m lilyexp.run backbone=<b> task=<t> method=<m> [overrides]``.
 
-Composes the config tree (the registry), checks the combination and every setting before any model is
-loaded, trains with the task's recipe, and writes one JSON record; the last output line is ``record: <path>``.
+Composes the config tree (the registry), checks every setting's name and type and the combination before
+anything is built (a mistyped command writes no record), builds the trainer, task and method objects before any
+model loads, trains with the task's recipe, and writes one JSON record; the last output line is
+``record: <path>``. A run that fails after the checks writes a failed record with the reason.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 from lilyexp.compose import CONF_DIR, build, check_combination
 from lilyexp.errors import ConfigError, TrainingDiverged
 from lilyexp.loggers import NullLogger
+from lilyexp.recipes.core import RecipeInputs
 from lilyexp.records import RunContext, count_parameters, is_main_process
+from lilyexp.settings import check_settings
 
 log = logging.getLogger("lilyexp")
 
 
 def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
-    """Run one cell; return its record path (an existing finished record is kept unless ``overwrite``). Any
-    failure writes a failed record with the reason (a finished record is never replaced by one) and re-raises."""
+    """Run one cell; return its record path (an existing finished record is kept unless ``overwrite``). A
+    mistyped command raises ConfigError before anything is written; any later failure writes a failed record
+    with the reason (a finished record is never replaced by one) and re-raises."""
+    check_settings(cfg, overrides)
+    check_combination(cfg)
     run = RunContext.create(cfg, list(overrides or []))
     if run.finished_record() is not None and not cfg.overwrite:
         log.info("finished record exists, skipping (overwrite=true reruns): %s", run.record_path)
@@ -43,7 +50,6 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
 
 def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
-    check_combination(cfg)
     trainer, task = build(cfg.trainer), build(cfg.task.load)
     method, recipe = build(cfg.method.adapter), build(cfg.task.recipe)
     logger = build(cfg.logger) if is_main_process() else NullLogger()  # one wandb run per cell
@@ -54,20 +60,22 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     model = method.apply(backbone.model)
     head_modules = list(cfg.backbone.head_modules)
     params.update(count_parameters(model, head_modules))
-    summary = {"adapter_summary": method.summary(model)} if hasattr(method, "summary") else {}
-    log.info("parameters: %s %s", params, summary)
+    summary = method.summary(model)
+    log.info("parameters: %s %s", params, summary or "")
     logger.start(run.name, run.config)
+    inputs = RecipeInputs(model=model, processor=backbone.processor, task=task, trainer=trainer, run=run,
+                          logger=logger, seed=cfg.seed, head_modules=head_modules)
     try:
-        outcome = recipe(model=model, processor=backbone.processor, task=task, trainer=trainer, run=run,
-                         logger=logger, seed=cfg.seed, head_modules=head_modules)
+        outcome = recipe(inputs)
     except Exception:
         logger.finish({"status": "failed"})
         raise
     logger.finish(outcome.metrics["final"])
     if not is_main_process():  # under `accelerate launch` / torchrun, one process writes the record
         return run.record_path
+    extra = {"adapter_summary": summary} if summary is not None else {}
     return run.write_record(status="finished", metrics=outcome.metrics, params=params,
-                            extra={**summary, **outcome.extra})
+                            extra={**extra, **outcome.extra})
 
 
 def one_line(exc: BaseException) -> str:

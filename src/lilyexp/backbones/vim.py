@@ -1,5 +1,5 @@
 """Vision Mamba small (Vim-S, "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
-in plain PyTorch, as reproduction-notes §5 describes the official ``models_mamba.py``: conv patch embedding, a class
+in plain PyTorch, as the official ``vim/models_mamba.py`` builds it: conv patch embedding, a class
 token in the middle of the patch sequence, absolute position embedding, 24 blocks of fp32-residual add + RMSNorm +
 a bidirectional "v2" Mamba mixer (forward scan and a scan of the flipped sequence with its own ``_b`` parameters,
 averaged), final RMSNorm, the class token into the head.

@@ -12,13 +12,25 @@ it adds to), so no timm code is copied or patched.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lilyexp.errors import ConfigError
+from lilyexp.methods import MethodSettings
 from lilyexp.methods.baselines import SavesTrainedWeights
 from lilyexp.records import in_head
+from lilyexp.settings import knob
+
+
+@dataclass
+class AdaptFormerSettings(MethodSettings):
+    """method=adaptformer: where it attaches comes from the backbone's ``adapter_targets.adaptformer``."""
+
+    bottleneck: int = knob(8)
+    scale: float = knob(0.1)
+    dropout: float = knob(0.0)
 
 
 class Bottleneck(nn.Module):

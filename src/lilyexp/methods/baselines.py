@@ -19,6 +19,10 @@ class SavesTrainedWeights:
     """Save and load what the method trains (all weights, or the head) as one safetensors file."""
 
     @staticmethod
+    def summary(model: torch.nn.Module) -> None:
+        return None
+
+    @staticmethod
     def save(model: torch.nn.Module, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         save_file(trainable_state(model), Path(directory) / WEIGHTS)

@@ -1,7 +1,7 @@
 """Lily (Low-Rank Interconnected Adaptation across Layers, arXiv 2407.09946) in every variant the paper's
 experiments used, built on peft's upstream Lily (``peft.tuners.lily``, peft >= 0.19).
 
-Upstream reproduces the official NLU/LLM code for whole Linear layers (reproduction-notes §7). Where the
+Upstream reproduces the official NLU/LLM code for whole Linear layers (natural-language-understanding/lily.py, commonsense-reasoning's peft fork). Where the
 paper's experiments need more, this module extends it instead of copying it:
 
 * :class:`LilyVariantConfig` subclasses ``LilyConfig`` with the paper's switches (router placement, router
@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lilyexp.errors import ConfigError
+from lilyexp.methods import MethodSettings
+from lilyexp.settings import knob
 
 ROUTER_PLACEMENTS = ("layer", "A", "group")  # official & upstream | paper App. A.1.3 | one per group (Vim)
 POOLINGS = ("batch_mean", "sample_sum", "token")  # official & upstream | paper Eq. 2 | Vim
@@ -164,7 +166,7 @@ def lily_delta(holder: nn.Module, x: torch.Tensor, adapter: str) -> torch.Tensor
     config = holder.variant[adapter]
     lily_B = holder.lily_B[adapter].weight
     experts = lily_B.reshape(holder.num_B[adapter], -1, lily_B.shape[1])
-    x = x.detach() if config.detach_input else x  # Δ·stop_grad(x): the official Vim backward (notes §5)
+    x = x.detach() if config.detach_input else x  # Δ·stop_grad(x): the official Vim kernel's backward omits this term upstream
     hidden = holder.lily_A[adapter](x.to(lily_B.dtype))
     hidden = holder.lily_dropout[adapter](holder.lily_activation[adapter](hidden))
     weights = holder.routing.token_weights(hidden) if config.mask_padding else None
@@ -234,7 +236,7 @@ def linear_ends(module: nn.Module) -> tuple[int, int]:
 
 class LilySlicedLinear(nn.Module, BaseTunerLayer):
     """A fused projection (timm ViT's qkv) whose output slices get their own Lily adapters: the official ViT code
-    adds Lily to the k and v slices after the fused Linear, keeping its bias (notes §2.4)."""
+    adds Lily to the k and v slices after the fused Linear, keeping its bias (visual-adaptation-benchmark/vit/lily.py)."""
 
     adapter_layer_names = ("lily_parts",)
 
@@ -450,3 +452,24 @@ class LilyMethod:
     @staticmethod
     def load(model: nn.Module, directory: str | Path) -> LilyVariantModel:
         return LilyVariantModel.load_pretrained(model, directory)
+
+
+@dataclass
+class LilySettings(MethodSettings):
+    """method=lily: the paper's names; defaults are the official code's (what produced the paper's numbers)."""
+
+    r: int = knob(16, help="Lily_r")
+    s: float = knob(1.0, help="Lily_s, the scaling of the adapter output")
+    ne_1: int = knob(4, help="A's per (target, shape) group; consecutive layers share one (stride layers // ne_1)")
+    ne_2: int = knob(4, help="B experts per (target, shape) group, shared model-wide")
+    router: str = knob("layer", choices=ROUTER_PLACEMENTS)
+    pooling: str = knob("batch_mean", choices=POOLINGS)
+    mask_padding: bool = knob(False)
+    use_router: bool = knob(True)
+    apply_s: bool = knob(True)
+    dropout: float = knob(0.0)
+    zero_init_B: bool = knob(True)
+    per_target: dict = knob({})
+    slices: dict = knob({})
+    parallel: list = knob([])
+    target_modules: Optional[list] = knob(None, help="None: the backbone's adapter_targets.lily")

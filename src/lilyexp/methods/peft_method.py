@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 
 from lilyexp.errors import ConfigError
+from lilyexp.methods import MethodSettings
+from lilyexp.settings import knob
+
+
+@dataclass
+class LoraSettings(MethodSettings):
+    """method=lora and method=milora: a peft LoraConfig."""
+
+    r: int = knob(32)
+    alpha: float = knob(64)
+    dropout: float = knob(0.05)
+    target_modules: Optional[list] = knob(None, help="None: the backbone's adapter_targets.lora")
+
+
+@dataclass
+class PissaSettings(LoraSettings):
+    """method=pissa: LoRA initialised from the principal singular components (peft's init_lora_weights)."""
+
+    init: str = knob("pissa", help="pissa (full SVD) or pissa_niter_<K> (randomised SVD, K iterations)")
+
+
+@dataclass
+class PeftSettings(MethodSettings):
+    """method=peft: any peft config, given whole under ``config`` (its ``_target_`` names the class)."""
+
+    target_modules: Optional[list] = knob(None)
+    config: Any = knob(None)
 
 
 class PeftMethod:
@@ -26,6 +55,10 @@ class PeftMethod:
             return get_peft_model(model, self.config)
         except ValueError as exc:  # e.g. a target module name the backbone does not have
             raise ConfigError(f"peft could not adapt the backbone: {exc}") from None
+
+    @staticmethod
+    def summary(model: torch.nn.Module) -> None:
+        return None
 
     @staticmethod
     def save(model: PeftModel, directory: str | Path) -> None:

@@ -1,7 +1,9 @@
-"""Causal-LM supervised fine-tuning with generation-based evaluation (the commonsense paradigm, notes §3.2-3.3):
-LLM-Adapters tokenisation (cutoff, EOS appended, loss on the whole prompt unless ``train_on_inputs=False``),
-left padding to a multiple of 8, validation loss for checkpoint selection, then batched generation with a KV
-cache and per-set answer extraction. The record states the generation settings that ran."""
+"""Causal-LM supervised fine-tuning with generation-based evaluation (the commonsense paradigm of the official
+commonsense-reasoning/finetune_*.py and evaluate_*.py): LLM-Adapters tokenisation (cutoff, EOS appended, loss on
+the whole prompt unless ``train_on_inputs=False``), left padding to a multiple of 8, validation loss for checkpoint
+selection, then batched generation with a KV cache and the task's answer extraction. The record states the
+generation settings that ran. The task supplies the texts, prompts and scoring
+(:class:`lilyexp.contracts.InstructionTask`); nothing here knows a dataset."""
 
 from __future__ import annotations
 
@@ -14,21 +16,21 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lilyexp.errors import ConfigError
-from lilyexp.recipes.core import Outcome, TrainerConfig, fit
-from lilyexp.records import RunContext
-from lilyexp.tasks.commonsense import train_prompt, train_text
+from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, selected_evaluation
+from lilyexp.recipes.loop import fit
+from lilyexp.records import run_metrics
 
 IGNORE_INDEX = -100
 
 
 def tokenize_for_training(tokenizer: Any, task: Any, example: dict) -> dict[str, list[int]]:
-    ids = tokenizer(train_text(example), truncation=True, max_length=task.cutoff_len)["input_ids"]
+    ids = tokenizer(task.train_text(example), truncation=True, max_length=task.cutoff_len)["input_ids"]
     if ids[-1] != tokenizer.eos_token_id and len(ids) < task.cutoff_len:
         ids = ids + [tokenizer.eos_token_id]
     labels = list(ids)
     if not task.train_on_inputs:
-        prompt_len = len(tokenizer(train_prompt(example), truncation=True, max_length=task.cutoff_len)["input_ids"])
-        labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
+        prompt = tokenizer(task.train_prompt(example), truncation=True, max_length=task.cutoff_len)["input_ids"]
+        labels[:len(prompt)] = [IGNORE_INDEX] * len(prompt)
     return {"input_ids": ids, "labels": labels}
 
 
@@ -68,27 +70,38 @@ def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, b
 
 
 @torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], settings: dict, device) -> list[str]:
+    """Decoded prompt + generation per prompt (left padding, KV cache, beam search or greedy)."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], device) -> tuple[dict, list[dict]]:
+    """The task's score on one test set and one prediction line per example."""
+    batch_size, lines = task.generation["batch_size"], []
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"eval {name}", leave=False):
+        chunk = examples[start:start + batch_size]
+        decoded = generate(model, tokenizer, [task.prompt(e) for e in chunk], task.generation, device)
+        for offset, (example, text) in enumerate(zip(chunk, decoded)):
+            response, prediction = task.extract(name, text)
+            lines.append({"id": start + offset, "eval_set": name, "generation": response, "prediction": prediction,
+                          "answer": example["answer"], "correct": task.is_correct(prediction, example["answer"])})
+    score = task.score(name, [line["prediction"] for line in lines], [line["answer"] for line in lines])
+    return score, lines
+
+
 def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predictions_path: Path | None,
                         device) -> dict:
-    """Accuracy per test set and their mean; one JSON line per example goes to ``predictions_path``."""
+    """The task's score per test set and their mean; one JSON line per example goes to ``predictions_path``."""
     model.eval()
-    settings = task.generation
     tokenizer.padding_side = "left"
-    lines, metrics = [], {}
+    metrics, lines = {}, []
     for name, examples in task.eval_sets.items():
-        correct = 0
-        for start in tqdm(range(0, len(examples), settings["batch_size"]), desc=f"eval {name}", leave=False):
-            chunk = examples[start:start + settings["batch_size"]]
-            encoded = tokenizer([task.prompt(e) for e in chunk], return_tensors="pt", padding=True).to(device)
-            output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
-                                    num_beams=settings["num_beams"], do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-            for offset, (example, decoded) in enumerate(zip(chunk, tokenizer.batch_decode(output, skip_special_tokens=True))):
-                response, prediction, ok = task.score(name, decoded, example["answer"])
-                correct += ok
-                lines.append({"id": start + offset, "eval_set": name, "generation": response,
-                              "prediction": prediction, "answer": example["answer"], "correct": ok})
-        metrics[f"test/accuracy/{name}"] = correct / max(len(examples), 1)
+        score, answered = answer_test_set(model, tokenizer, task, name, examples, device)
+        metrics.update(score)
+        lines += answered
     metrics["test/accuracy/avg"] = sum(metrics.values()) / max(len(metrics), 1)
     if predictions_path is not None:
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,19 +109,19 @@ def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predi
     return metrics
 
 
-def run(*, model: torch.nn.Module, processor: Any, task: Any, trainer: TrainerConfig, run: RunContext,
-        logger: Any, seed: int, head_modules: list[str]) -> Outcome:
-    tokenizer = processor
+def run(inputs: RecipeInputs) -> Outcome:
+    tokenizer, task, trainer = inputs.processor, inputs.task, inputs.trainer
     accelerator = Accelerator(mixed_precision=trainer.mixed_precision)
     train_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.train)
     val_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.validation)
     if not train_features:
-        raise ConfigError(f"no training example keeps an answer token within task cutoff_len={task.cutoff_len}.")
+        raise ConfigError(f"no training example keeps an answer token within task.cutoff_len={task.cutoff_len} "
+                          f"tokens; raise task.cutoff_len.")
     pad_id, eval_bs = tokenizer.pad_token_id, trainer.eval_batch_size or trainer.batch_size
     main = accelerator.is_main_process
 
     def test(model: torch.nn.Module, tag: str) -> dict:
-        path = run.work_dir / f"{tag}.jsonl" if main else None
+        path = inputs.run.work_dir / f"{tag}.jsonl" if main else None
         return generation_accuracy(accelerator.unwrap_model(model), tokenizer, task, path, accelerator.device)
 
     def validate(model: torch.nn.Module) -> dict:
@@ -116,18 +129,15 @@ def run(*, model: torch.nn.Module, processor: Any, task: Any, trainer: TrainerCo
             return {}
         return validation_loss(model, val_features, pad_id, eval_bs, accelerator.device)
 
-    result = fit(
-        model, plan_size=len(train_features),
-        collate=lambda indices: left_pad([train_features[i] for i in indices], pad_id),
-        compute_loss=language_model_loss, validate=validate,
-        select_metric="val/loss", select_mode="min", trainer=trainer, run=run, logger=logger, seed=seed,
-        head_modules=head_modules, before_training=lambda m: test(m, "predictions_initial"), accelerator=accelerator)
-    final = {**test(model, "predictions"), **{k: v for k, v in result.best.items() if k != "step"}}
-    if trainer.select == "last" and result.history:
-        final.update({k: v for k, v in result.history[-1].items() if k != "step"})
-    metrics = {"final": final, "best": result.best, "history": result.history, "selection": trainer.select}
-    if result.initial is not None:
-        metrics["initial"] = result.initial
+    objective = Objective(
+        plan_size=len(train_features), collate=lambda indices: left_pad([train_features[i] for i in indices], pad_id),
+        compute_loss=language_model_loss, validate=validate, select_metric="val/loss", select_mode="min",
+        before_training=lambda model: test(model, "predictions_initial"))
+    result = fit(inputs, objective, accelerator)
+    chosen, rule = selected_evaluation(result, trainer, "val_selected")
+    final = {**test(inputs.model, "predictions"), **{k: v for k, v in chosen.items() if k != "step"}}
+    metrics = run_metrics(final=final, rule=rule, metric="val/loss", mode="min", best=chosen,
+                          history=result.history, initial=result.initial)
     sizes = {"train": len(train_features), "train_dropped_no_labels": len(task.train) - len(train_features),
              "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
     extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": sizes,

@@ -1,57 +1,51 @@
-"""The shared training core every paradigm's loop uses: trainer settings, a deterministic step plan (so a
-resumed run sees exactly the batches an uninterrupted one would), checkpoint/resume, NaN stop, model
-selection on a validation metric, per-step JSONL, built on ``accelerate``."""
+"""What every paradigm's training loop shares: the trainer settings, what a recipe receives and returns, a
+deterministic step plan (so a resumed run sees exactly the batches an uninterrupted one would), the optimizer
+(separate head and backbone learning rates) and the schedules. The loop itself is :mod:`lilyexp.recipes.loop`."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
-import shutil
-import signal
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
-from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
-from lilyexp.errors import ConfigError, TrainingDiverged
+from lilyexp.errors import ConfigError
 from lilyexp.records import RunContext, in_head
+from lilyexp.settings import bookkeeping, knob
+
+SCHEDULERS = tuple(kind.value for kind in SchedulerType) + ("timm_cosine_epochs",)
 
 
 @dataclass
 class TrainerConfig:
     """Settings of one training run; every field is a Hydra override (``trainer.<name>=...``)."""
 
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 8  # micro-batch per process
-    grad_accum: int = 1
-    eval_batch_size: int | None = None
-    drop_last: bool = False
-    lr: float = 3e-4
-    head_lr: float | None = None  # learning rate of the task head (backbone.head_modules); None = lr
-    weight_decay: float = 0.0
-    scheduler: str = "linear"  # any transformers.get_scheduler name, or timm_cosine_epochs (the VTAB code's)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    eval_every: int | None = None  # optimizer steps between validations; None = end of every epoch
-    select: str = "best"  # best: restore the best validation checkpoint before testing; last: keep the last
-    eval_before_training: bool = False  # also test the untuned model (metrics.initial)
-    checkpoint_every: int = 100
-    resume: bool = False
-    log_every: int = 1
-    gradient_checkpointing: bool = False
-    kill_at_step: int | None = None  # testing aid: SIGKILL this process right after that step (a crash)
+    epochs: int = knob(1)
+    max_steps: Optional[int] = knob(None, help="optimizer steps; overrides epochs when set")
+    batch_size: int = knob(8, help="micro-batch per process")
+    grad_accum: int = knob(1)
+    eval_batch_size: Optional[int] = knob(None)
+    drop_last: bool = knob(False)
+    lr: float = knob(3e-4)
+    head_lr: Optional[float] = knob(None, help="learning rate of the task head (backbone.head_modules); None = lr")
+    weight_decay: float = knob(0.0)
+    scheduler: str = knob("linear", choices=SCHEDULERS,
+                          help="a transformers.get_scheduler name, or timm_cosine_epochs (the VTAB code's)")
+    warmup_steps: int = knob(0)
+    warmup_ratio: float = knob(0.0)
+    max_grad_norm: Optional[float] = knob(1.0)
+    mixed_precision: str = knob("no", choices=("no", "fp16", "bf16"))
+    eval_every: Optional[int] = knob(None, help="optimizer steps between validations; None = every epoch")
+    select: str = knob("best", choices=("best", "last"),
+                       help="best: restore the best validation checkpoint before testing; last: keep the last")
+    eval_before_training: bool = knob(False, help="also test the untuned model (metrics.initial)")
+    gradient_checkpointing: bool = knob(False)
+    checkpoint_every: int = bookkeeping(100)
+    resume: bool = bookkeeping(False)
+    log_every: int = bookkeeping(1)
+    callbacks: list = bookkeeping([])  # objects with on_step_end(loop, step) (``_target_`` nodes), e.g. captures
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -63,13 +57,6 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{name} must be positive, got {value}.")
         if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
             raise ConfigError(f"learning rates must be positive, got lr={self.lr}, head_lr={self.head_lr}.")
-        if self.select not in ("best", "last"):
-            raise ConfigError(f"trainer.select must be 'best' or 'last', got '{self.select}'.")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"trainer.mixed_precision must be no, fp16 or bf16, got '{self.mixed_precision}'.")
-        known = [kind.value for kind in SchedulerType] + ["timm_cosine_epochs"]
-        if self.scheduler not in known:
-            raise ConfigError(f"trainer.scheduler '{self.scheduler}' is unknown; one of {', '.join(known)}.")
         if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
             raise ConfigError("trainer.warmup_ratio must be in [0, 1) and trainer.warmup_steps non-negative.")
 
@@ -109,8 +96,37 @@ class StepPlan:
 
 
 @dataclass
+class RecipeInputs:
+    """What the runner hands a recipe (``recipe(inputs) -> Outcome``)."""
+
+    model: torch.nn.Module
+    processor: Any  # the backbone's tokenizer, or None where the task builds its own transform
+    task: Any  # the task object (a protocol per paradigm: lilyexp.contracts)
+    trainer: TrainerConfig
+    run: RunContext
+    logger: Any
+    seed: int
+    head_modules: list[str]
+
+
+@dataclass
+class Objective:
+    """What a paradigm trains and selects on: the examples (by index), the loss, and the validation that picks
+    the checkpoint (``select_metric``, higher or lower is better by ``select_mode``)."""
+
+    plan_size: int
+    collate: Callable[[list[int]], dict]
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
+    validate: Callable[[torch.nn.Module], dict]
+    select_metric: str
+    select_mode: str
+    before_training: Callable[[torch.nn.Module], dict] | None = None  # tests the untuned model
+
+
+@dataclass
 class Outcome:
-    """What a recipe returns: the record's ``metrics`` and extra top-level record keys."""
+    """What a recipe returns: the record's ``metrics`` (built by ``records.run_metrics``) and extra top-level
+    record keys."""
 
     metrics: dict
     extra: dict
@@ -123,6 +139,14 @@ class FitResult:
     initial: dict | None = None
     steps: int = 0
     resumed_from: int | None = None
+
+
+def selected_evaluation(result: FitResult, trainer: TrainerConfig, rule: str) -> tuple[dict, str]:
+    """The evaluation of the weights the loop kept, and the record's selection rule: the best evaluation under
+    the task's ``rule``, or the last one (``trainer.select=last``)."""
+    if trainer.select == "best" and result.best:
+        return result.best, rule
+    return (result.history[-1] if result.history else {}), "last"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -142,7 +166,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
-# timm's CosineLRScheduler as the official VTAB code configures it (notes §3.4).
+# timm's CosineLRScheduler as the official VTAB code configures it (visual-adaptation-benchmark/vit/main.py).
 TIMM_LR_MIN, TIMM_WARMUP_LR_INIT = 1e-5, 1e-6
 
 
@@ -181,192 +205,3 @@ def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig, head_modules
     if not body and not head:
         raise ConfigError("the method left no trainable parameter.")
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=trainer.weight_decay)
-
-
-class Checkpointer:
-    """Atomic checkpoints in ``<work_dir>/checkpoint``: trainable and best-so-far tensors, optimizer,
-    scheduler, RNG states and the loop's bookkeeping. A new one is written beside the old, then swapped."""
-
-    def __init__(self, run: RunContext):
-        self.dir = run.work_dir / "checkpoint"
-
-    def save(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
-        tmp = self.dir.with_name("checkpoint.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        if best_state is not None:
-            save_file(best_state, tmp / "best.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
-        old = self.dir.with_name("checkpoint.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.dir.exists():
-            self.dir.rename(old)
-        tmp.rename(self.dir)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def latest(self) -> Path | None:
-        for candidate in (self.dir, self.dir.with_name("checkpoint.old")):
-            if (candidate / "state.json").exists():
-                return candidate
-        return None
-
-    def load(self, model, optimizer, scheduler) -> tuple[dict, dict | None]:
-        path = self.latest()
-        try:
-            load_trainable_state(model, load_file(path / "trainable.safetensors"))
-            extra = torch.load(path / "optimizer.pt", weights_only=False)
-            state = json.loads((path / "state.json").read_text())
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"checkpoint {path} is corrupt or incomplete ({exc}); delete it to start over.") from None
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        set_rng_state(extra["rng"])
-        best = path / "best.safetensors"
-        return state, (load_file(best) if best.exists() else None)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StepLog:
-    """Per-step scalars as JSON lines; on resume, lines past the checkpoint are dropped (they will be redone)."""
-
-    def __init__(self, path: Path, logger: Any):
-        self.path, self.logger = path, logger
-
-    def truncate_after(self, step: int) -> None:
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, step: int, metrics: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.logger.log_metrics(metrics, step)
-
-
-def check_every_parameter_got_a_gradient(model: torch.nn.Module) -> None:
-    """After the first backward: a trainable tensor without a gradient never took part in the forward, e.g. an
-    adapter on a module whose weight the backbone reads directly (Falcon-Mamba's dt_proj, notes §2.3)."""
-    dead = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    if dead:
-        raise ConfigError(f"{len(dead)} trainable tensors received no gradient in the first step, so they never "
-                          f"run (e.g. {', '.join(dead[:3])}); the backbone bypasses those modules: adapt others.")
-
-
-def is_better(value: float, best: float | None, mode: str) -> bool:
-    if not math.isfinite(value):
-        return False
-    return best is None or (value < best if mode == "min" else value > best)
-
-
-def fit(
-    model: torch.nn.Module,
-    *,
-    plan_size: int,
-    collate: Callable[[list[int]], dict],
-    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
-    validate: Callable[[torch.nn.Module], dict],
-    select_metric: str,
-    select_mode: str,
-    trainer: TrainerConfig,
-    run: RunContext,
-    logger: Any,
-    seed: int,
-    head_modules: list[str],
-    before_training: Callable[[torch.nn.Module], dict] | None = None,
-    accelerator: Accelerator | None = None,
-) -> FitResult:
-    """Train ``model`` in place; on return it holds the selected weights (best or last, per ``trainer.select``)."""
-    accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision)
-    plan = StepPlan(plan_size, trainer.batch_size, trainer.grad_accum, seed, accelerator.num_processes,
-                    accelerator.process_index, trainer.drop_last)
-    total = trainer.max_steps or trainer.epochs * plan.steps_per_epoch
-    eval_every = trainer.eval_every or plan.steps_per_epoch
-    if trainer.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    optimizer = build_optimizer(model, trainer, head_modules)
-    warmup = trainer.warmup_steps or math.ceil(trainer.warmup_ratio * total)
-    scheduler = build_scheduler(optimizer, trainer, warmup, total, plan.steps_per_epoch)
-    # The scheduler stays ours: accelerate's wrapper steps it once per process per call under DDP (it assumes
-    # per-process schedules), while ours counts optimizer steps of the global batch.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    main = accelerator.is_main_process
-    checkpointer, log = Checkpointer(run), StepLog(run.steps_path, logger)
-    result, best_state, start = FitResult(), None, 0
-    if trainer.resume and checkpointer.latest() is not None:
-        state, best_state = checkpointer.load(accelerator.unwrap_model(model), optimizer, scheduler)
-        start = state["step"]
-        result = FitResult(state["history"], state["best"], state["initial"], start, resumed_from=start)
-        log.truncate_after(start)
-    else:
-        if main and run.steps_path.exists():
-            run.steps_path.unlink()
-        if before_training is not None and trainer.eval_before_training:
-            result.initial = before_training(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    progress = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not accelerator.is_main_process)
-    for step in progress:
-        model.train()
-        group = plan.group(step)
-        step_loss = 0.0
-        for i, indices in enumerate(group):
-            batch = {k: v.to(accelerator.device) for k, v in collate(indices).items()}
-            sync = nullcontext() if i == len(group) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = compute_loss(model, batch) / len(group)
-                accelerator.backward(loss)
-            step_loss += loss.detach().float().item()
-            if step == start and i == 0:
-                check_every_parameter_got_a_gradient(model)
-        if accelerator.num_processes > 1:  # every process logs the global batch's loss, as one process would
-            step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
-        if not math.isfinite(step_loss):
-            raise TrainingDiverged(f"the training loss became {step_loss} at step {step + 1}; "
-                                   f"lower trainer.lr or check the data.")
-        if trainer.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, trainer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if main and (done % trainer.log_every == 0 or done == total):
-            log.write(done, {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
-                             "train/epoch": done / plan.steps_per_epoch})
-            progress.set_postfix(loss=f"{step_loss:.4f}")
-        if done % eval_every == 0 or done == total:
-            metrics = validate(model)
-            if metrics:
-                result.history.append({"step": done, **metrics})
-                if main:
-                    log.write(done, metrics)
-            if select_metric in metrics and is_better(metrics[select_metric], result.best.get(select_metric),
-                                                      select_mode):
-                result.best = {"step": done, **metrics}
-                best_state = trainable_state(accelerator.unwrap_model(model))
-        if done % trainer.checkpoint_every == 0 or done == total:
-            state = {"step": done, "history": result.history, "best": result.best, "initial": result.initial}
-            if main:
-                checkpointer.save(accelerator.unwrap_model(model), optimizer, scheduler, state, best_state)
-            accelerator.wait_for_everyone()
-        if trainer.kill_at_step == done:
-            os.kill(os.getpid(), signal.SIGKILL)
-    result.steps = total
-    if trainer.select == "best" and best_state is not None:
-        load_trainable_state(accelerator.unwrap_model(model), best_state)
-    return result

@@ -18,13 +18,15 @@ from typing import Any
 
 import yaml
 
-# Where a selection rule's numbers sit in a record, and how a table names it.
+from lilyexp.records import SELECTION_RULES, read_record
+
+# A table's selections: which records' numbers it prints (their metrics.selection.rule, None = any) and where
+# in the record they sit. The rules themselves are lilyexp.records.SELECTION_RULES.
 SELECTIONS = {
-    "best_epoch": ("final", "best epoch on the validation split (the paper's rule)"),
-    "last_epoch": ("last", "last epoch"),
-    "validation_selected": ("final", "checkpoint with the lowest validation loss, tested once (official rule)"),
-    "test_selected": ("test_selected", "best of the periodic test evaluations (selection on the test split, the paper's rule)"),
-    "val_selected": ("val_selected", "selected on val200, tested once (honest rule)"),
+    "best_epoch": ("best_epoch", "final", SELECTION_RULES["best_epoch"]),
+    "last_epoch": (None, "last", "the last evaluation (no selection)"),
+    "val_selected": ("val_selected", "final", SELECTION_RULES["val_selected"]),
+    "test_selected": ("test_selected", "final", SELECTION_RULES["test_selected"]),
 }
 PROVENANCE_MARKS = {"primary": "", "secondary": "†", "repo-derived": "‡", "reference": "§", "not recovered": ""}
 
@@ -70,11 +72,8 @@ def matches(record: dict, where: dict) -> bool:
 def read_records(results_dir: Path, groups: list[str]) -> list[dict]:
     """Every record (finished or failed) in the table's groups, oldest first, with its path."""
     paths = [p for group in groups for p in (results_dir / group).glob("*.json")]
-    records = []
-    for path in sorted(paths, key=lambda p: p.stat().st_mtime):
-        record = json.loads(path.read_text())
-        records.append({**record, "_path": str(path)})
-    return records
+    records = [read_record(path) for path in sorted(paths, key=lambda p: p.stat().st_mtime)]
+    return [record for record in records if record is not None]
 
 
 @dataclass
@@ -106,24 +105,25 @@ def newest_per_seed(records: list[dict]) -> list[dict]:
 
 
 def metric_of(record: dict, selection: str, metric: str) -> float | None:
-    where = SELECTIONS[selection][0]
-    value = lookup(record.get("metrics", {}), where)
-    if not isinstance(value, dict):
+    rule, where, _ = SELECTIONS[selection]
+    metrics = record.get("metrics", {})
+    if rule is not None and lookup(metrics, "selection.rule") != rule:
         return None
-    return value.get(metric)
+    value = metrics.get(where)
+    return value.get(metric) if isinstance(value, dict) else None
 
 
 def aggregate(records: list[dict], selection: str, metric: str, scale: float) -> Cell:
-    finished = newest_per_seed([r for r in records if r.get("status") == "finished"])
-    values = [(r, metric_of(r, selection, metric)) for r in finished]
-    values = [(r, v) for r, v in values if v is not None]
-    if not values:
+    """Mean ± std over seeds of the records that hold ``metric`` under ``selection`` (the newest per seed)."""
+    numbered = [r for r in records if r.get("status") == "finished" and metric_of(r, selection, metric) is not None]
+    finished = newest_per_seed(numbered)
+    if not finished:
         failed = [f"{Path(r['_path']).name}: {r.get('error', 'failed')}".splitlines()[0]
                   for r in records if r.get("status") == "failed"]
         return Cell(failed=failed)
-    scaled = [scale * v for _, v in values]
+    scaled = [scale * metric_of(r, selection, metric) for r in finished]
     return Cell(mean=statistics.mean(scaled), std=statistics.stdev(scaled) if len(scaled) > 1 else 0.0,
-                seeds=[r["config"].get("seed") for r, _ in values], params=[adapter_params(r) for r, _ in values])
+                seeds=[r["config"].get("seed") for r in finished], params=[adapter_params(r) for r in finished])
 
 
 def choose(records: list[dict], rule: dict, selection: str, metric: str, scale: float) -> Cell:

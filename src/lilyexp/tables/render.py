@@ -68,7 +68,7 @@ def lines_of(table: Table) -> list[tuple[str, str, list[str]]]:
 
 def notes_of(table: Table) -> list[str]:
     spec = table.spec
-    notes = [f"Selection: {SELECTIONS[table.selection][1]}.", *spec.get("notes", [])]
+    notes = [f"Selection: {SELECTIONS[table.selection][2]}.", *spec.get("notes", [])]
     marks = sorted({provenance(e["row"]) for e in table.rows if (e["row"].get("paper") or {}).get("values")})
     legend = [f"{PROVENANCE_MARKS[m] or '(no mark)'} {m}" for m in marks if m in PROVENANCE_MARKS]
     if legend:
@@ -126,7 +126,7 @@ def latex(table: Table) -> str:
     for name, params, cells in lines_of(table):
         body.append(" & ".join(latex_escape(x) for x in (name, params, *cells)) + r" \\")
     body += [r"\hline", r"\end{tabular}",
-             r"\caption{" + latex_escape(table.spec["title"] + ". " + SELECTIONS[table.selection][1]) + "}",
+             r"\caption{" + latex_escape(table.spec["title"] + ". " + SELECTIONS[table.selection][2]) + "}",
              r"\end{table}"]
     return "\n".join(body) + "\n"
 

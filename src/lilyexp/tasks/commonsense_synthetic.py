@@ -7,9 +7,27 @@ largest), so fine-tuned accuracy clearly beats the untuned model's. No copied te
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from typing import Callable
 
-from lilyexp.tasks.commonsense import InstructionData
+from lilyexp.settings import knob
+from lilyexp.tasks.commonsense import GenerationSettings, InstructionData, InstructionSettings
+
+
+@dataclass
+class SyntheticSettings(InstructionSettings):
+    """task=commonsense_synthetic: the generated questions; the loss is on the answer and the eval prompt is
+    aligned to the training token boundary by default, so a few demo steps go to the rule."""
+
+    data_seed: int = knob(0)
+    n_train: int = knob(800)
+    n_eval: int = knob(50, help="questions per test set")
+    val_size: int = knob(80)
+    train_on_inputs: bool = knob(False)
+    align_eval_prompt: bool = knob(True)
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(1, 16, 16),
+                                           metadata={"kind": "knob"})
+
 
 CHOOSE = "Please choose the correct answer to the question: "
 

@@ -1,4 +1,4 @@
-"""GLUE as the Lily NLU code runs it (reproduction-notes §3.1): the hub's ``nyu-mll/glue`` or a local folder of the
+"""GLUE as the Lily NLU code runs it (natural-language-understanding/glue.py, run.sh): the hub's ``nyu-mll/glue`` or a local folder of the
 classic GLUE TSVs (``glue_data/<TASK>/{train,dev}.tsv``), both read into the same columns and labels; metrics
 from the package's ``evaluate`` GLUE module (offline). The number the paper reports is the best epoch on the
 validation split."""
@@ -10,11 +10,13 @@ import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from lilyexp.errors import ConfigError
+from lilyexp.settings import knob
+from lilyexp.tasks import TaskSettings
 
 METRIC_MODULE = str(Path(__file__).with_name("glue_metric.py"))
 
@@ -47,6 +49,16 @@ SUBSETS = {
                        label_names=("entailment", "neutral", "contradiction"), dev_file="dev_matched.tsv",
                        hub_validation="validation_matched"),
 }
+
+
+@dataclass
+class GlueSettings(TaskSettings):
+    """task=glue: one GLUE subset from the hub or a local folder of the classic TSVs."""
+
+    subset: str = knob("cola", choices=tuple(SUBSETS), help="the GLUE task")
+    data_dir: Optional[str] = knob(None, help="a glue_data/ folder (<TASK>/train.tsv, dev.tsv); None = the hub")
+    max_length: int = knob(512)
+    subsample_seed: int = knob(0, help="seed of the train_limit subsample (the same for every run)")
 
 
 def example(texts: list[str], label: Any, subset: GlueSubset) -> dict:
@@ -91,18 +103,18 @@ def load_hub(name: str, subset: GlueSubset) -> tuple[list[dict], list[dict]]:
 class GlueTask:
     """One GLUE subset: training and validation examples ({text_a, text_b, label}), metric, label count."""
 
-    def __init__(self, name: str, data_dir: str | None = None, max_length: int = 512,
+    def __init__(self, subset: str, data_dir: str | None = None, max_length: int = 512,
                  train_limit: int | None = None, eval_limit: int | None = None, subsample_seed: int = 0):
         """``train_limit`` keeps a random subsample of that size, drawn with ``subsample_seed`` (fixed across
         runs, so every method and seed trains on the same examples); ``eval_limit`` keeps the first examples."""
-        if name not in SUBSETS:
-            raise ConfigError(f"unknown GLUE task '{name}'; one of {sorted(SUBSETS)}.")
+        if subset not in SUBSETS:
+            raise ConfigError(f"unknown GLUE task '{subset}'; one of {sorted(SUBSETS)}.")
         for key, value in {"max_length": max_length, "train_limit": train_limit, "eval_limit": eval_limit}.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"task.{key} must be positive, got {value}.")
-        self.name, self.subset, self.max_length = name, SUBSETS[name], max_length
+        self.name, self.subset, self.max_length = subset, SUBSETS[subset], max_length
         if data_dir is None:
-            train, validation = load_hub(name, self.subset)
+            train, validation = load_hub(subset, self.subset)
         else:
             folder = Path(data_dir).expanduser() / self.subset.folder
             if not folder.parent.is_dir():
@@ -128,14 +140,15 @@ class GlueTask:
 
         return evaluate.load(METRIC_MODULE, self.name)
 
-    def score(self, predictions: list, references: list, prefix: str = "val") -> dict:
+    def score(self, split: str, predictions: list, references: list) -> dict[str, float]:
         scores = self.metric.compute(predictions=predictions, references=references)
-        return {f"{prefix}/{k}": v for k, v in scores.items()}
+        return {f"{split}/{k}": v for k, v in scores.items()}
 
     # What the shared classification loop (recipes/classify.py) asks of a task.
     final = None             # GLUE reports the validation split itself: no separate final test
     splits = {"train": "train", "selection": "validation", "final": None}
-    selection_key = "best_epoch"
+    selection_rule = "best_epoch"
+    selection_split = "val"
     eval_every_epochs = 1
     eval_batch_size = None   # the official GLUE code evaluates at the training batch size
 

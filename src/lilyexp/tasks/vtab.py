@@ -1,4 +1,4 @@
-"""VTAB-1K as the official ViT/Vim code runs it (reproduction-notes §3.4-3.5): the NOAH/RepAdapter release layout
+"""VTAB-1K as the official ViT/Vim code runs it (visual-adaptation-benchmark/{vit,vim}/main.py): the NOAH/RepAdapter release layout
 ``<data_dir>/<task>/{train800,val200,train800val200,test}.txt`` (lines ``<relative path> <label>``), images resized
 to 224 with bicubic interpolation and NOT normalised (the official choice), group averages as the mean of the three
 group means.
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from lilyexp.errors import ConfigError
+from lilyexp.settings import knob
+from lilyexp.tasks import TaskSettings
 
-# name: (group, classes), as the official vtab.py (shared/paper/table14.yaml)
+# name: (group, classes), as the official vtab.py
 TASKS = {
     "cifar": ("natural", 100), "caltech101": ("natural", 102), "dtd": ("natural", 47),
     "oxford_flowers102": ("natural", 102), "oxford_iiit_pet": ("natural", 37), "svhn": ("natural", 10),
@@ -33,6 +35,19 @@ RELEASE = ("the VTAB-1K release of NOAH/RepAdapter (the 'vtab-1k' archive linked
            "one folder per task")
 PROTOCOLS = {"paper": ("train800val200", "test", None, "test_selected"),
              "honest": ("train800", "val200", "test", "val_selected")}
+
+
+@dataclass
+class VtabSettings(TaskSettings):
+    """task=vtab: one VTAB-1K task under one protocol."""
+
+    subset: str = knob("cifar", choices=tuple(TASKS), help="the VTAB-1K task")
+    data_dir: Optional[str] = knob(None, help="the VTAB-1K release, one folder per task")
+    protocol: str = knob("paper", choices=tuple(PROTOCOLS))
+    image_size: int = knob(224)
+    normalize: bool = knob(False, help="ImageNet mean/std (the official code feeds [0, 1] pixels)")
+    eval_every_epochs: int = knob(10)
+    test_batch_size: int = knob(256)
 
 
 def group_average(accuracies: dict[str, float]) -> float:
@@ -91,11 +106,11 @@ def load_image(path: Path, size: int, normalize: bool) -> torch.Tensor:
 class VtabTask:
     """One VTAB-1K task under one protocol; images are decoded per batch."""
 
-    def __init__(self, name: str, data_dir: str | None, *, protocol: str = "paper", image_size: int = 224,
+    def __init__(self, subset: str, data_dir: str | None, *, protocol: str = "paper", image_size: int = 224,
                  normalize: bool = False, eval_every_epochs: int = 10, test_batch_size: int = 256,
                  train_limit: int | None = None, eval_limit: int | None = None):
-        if name not in TASKS:
-            raise ConfigError(f"unknown VTAB-1K task '{name}'; one of {sorted(TASKS)}.")
+        if subset not in TASKS:
+            raise ConfigError(f"unknown VTAB-1K task '{subset}'; one of {sorted(TASKS)}.")
         if protocol not in PROTOCOLS:
             raise ConfigError(f"task.protocol must be one of {sorted(PROTOCOLS)}, got '{protocol}'.")
         for key, value in {"image_size": image_size, "eval_every_epochs": eval_every_epochs,
@@ -105,16 +120,16 @@ class VtabTask:
                 raise ConfigError(f"task.{key} must be positive, got {value}.")
         if data_dir is None:
             raise ConfigError(f"task.data_dir is not set: point it at {RELEASE}.")
-        folder = Path(data_dir).expanduser() / name
+        folder = Path(data_dir).expanduser() / subset
         if not folder.is_dir():
             raise ConfigError(f"VTAB-1K task folder {folder} is missing: task.data_dir must hold {RELEASE}.")
-        self.name, self.protocol, self.group = name, protocol, TASKS[name][0]
-        classes = TASKS[name][1]
-        train_split, select_split, final_split, self.selection_key = PROTOCOLS[protocol]
+        self.name, self.protocol, self.group = subset, protocol, TASKS[subset][0]
+        classes = TASKS[subset][1]
+        train_split, select_split, final_split, self.selection_rule = PROTOCOLS[protocol]
         self.train = read_list(folder, train_split, classes)[:train_limit]
         self.validation = read_list(folder, select_split, classes)[:eval_limit]
         self.final = read_list(folder, final_split, classes)[:eval_limit] if final_split else None
-        self.select_prefix = "test" if select_split == "test" else "val"
+        self.selection_split = "test" if select_split == "test" else "val"
         self.splits = {"train": train_split, "selection": select_split, "final": final_split}
         self.image_size, self.normalize = image_size, normalize
         self.eval_every_epochs, self.eval_batch_size = eval_every_epochs, test_batch_size
@@ -123,7 +138,7 @@ class VtabTask:
 
     @property
     def main_metric(self) -> str:
-        return f"{self.select_prefix}/accuracy"
+        return f"{self.selection_split}/accuracy"
 
     def prepare(self, processor: Any, examples: list[Example]) -> list[Example]:
         return examples  # decoded per batch: a test split can hold tens of thousands of images
@@ -136,6 +151,6 @@ class VtabTask:
     def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(batch["pixel_values"])
 
-    def score(self, predictions: list, references: list, prefix: str | None = None) -> dict:
+    def score(self, split: str, predictions: list, references: list) -> dict[str, float]:
         correct = sum(int(p == r) for p, r in zip(predictions, references))
-        return {f"{prefix or self.select_prefix}/accuracy": correct / max(len(references), 1)}
+        return {f"{split}/accuracy": correct / max(len(references), 1)}

@@ -1,0 +1,25 @@
+"""Training-loop callbacks the tests inject through ``trainer.callbacks`` (the subprocess finds this module
+because ``conftest.run_cli`` puts tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from lilyexp.recipes.loop import Callback
+
+
+class KillAfterStep(Callback):
+    """SIGKILL the process right after optimizer step ``step``: a crash, with nothing written after it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, loop, step: int) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_after(step: int) -> str:
+    """The override that installs the callback."""
+    return f"trainer.callbacks=[{{_target_:callbacks.KillAfterStep,step:{step}}}]"

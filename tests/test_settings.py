@@ -1,0 +1,143 @@
+"""Typed settings and cell identity: a mistyped command is refused in one sentence before anything is built (and
+writes no record), an override nothing reads is an error, a knob added at its neutral default keeps old cells
+whole, and records of the previous schema are still found and read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class
+
+from lilyexp.compose import CONF_DIR, group_options, load_option
+from lilyexp.errors import ConfigError
+from lilyexp.records import RunContext, read_record
+from lilyexp.run import execute
+from lilyexp.settings import IDENTITY_VERSION, cell_identity, check_settings, default_of, kind_of
+
+from conftest import REPO, compose_run, run_cli
+
+SNAPSHOT = Path(__file__).with_name("data") / "schema_defaults.json"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["task=glue", "task.name=rte"], "task.name is fixed by the task= choice.*task.subset"),
+    (["trainer.lr=abc"], "trainer.lr: 'abc' is not a valid value"),
+    (["seed=abc"], "seed: 'abc' is not a valid value"),
+    (["trainer.max_steps=2.5"], "trainer.max_steps: 2.5 is not a valid value"),
+    (["method=lily", "method.ne_1=2.5"], "method.ne_1: 2.5 is not a valid value"),
+    (["+method.anything=1"], "unknown setting method.anything .*settings there are: .*alpha"),
+    (["+trainer.lrr=1"], "unknown setting trainer.lrr"),
+    (["method=lily", "method.router=everywhere"], "method.router must be one of layer, A, group"),
+    (["trainer.scheduler=wavy"], "trainer.scheduler must be one of"),
+    (["backbone=tiny_llama", "trainer.head_lr=0.1"], "trainer.head_lr is set, but backbone 'tiny_llama' has no task head"),
+])
+def test_a_mistyped_command_is_one_sentence_before_anything_and_writes_no_record(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message) as info:
+        execute(compose_run(overrides, tmp_path), overrides)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,fragment", [(["trainer.lr=abc"], "trainer.lr"),
+                                               (["task.data_dir=/data"], "task.data_dir")])
+def test_the_cli_says_it_without_a_traceback(overrides, fragment, tmp_path):
+    """An override of a key the task does not have (task.data_dir on commonsense_synthetic) is Hydra's refusal."""
+    result = run_cli(overrides, tmp_path)
+    assert result.returncode != 0 and fragment in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_every_group_option_declares_a_schema_that_accepts_it():
+    for group in ("backbone", "task", "method", "trainer"):
+        for option in group_options(group):
+            node = load_option(group, option)
+            schema = get_class(node._schema_)
+            fields = {f.name for f in dataclasses.fields(schema)}
+            keys = {k for k in node if not (k.startswith("_") and k.endswith("_"))}
+            assert keys <= fields, f"{group}/{option}: {sorted(keys - fields)} not in {schema.__name__}"
+
+
+def test_every_knob_of_every_composition_checks():
+    for backbone in ("tiny_llama", "tiny_roberta", "tiny_vit", "tiny_vim", "tiny_sdxl"):
+        for method in group_options("method"):
+            check_settings(compose_run([f"backbone={backbone}", f"method={method}"]))
+
+
+def identity_of(overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+    return cell_identity(OmegaConf.to_container(compose_run(overrides), resolve=True))
+
+
+def test_identity_holds_the_choices_seed_and_the_knobs_off_their_defaults():
+    identity = identity_of(["backbone=tiny_llama", "method=lily"])
+    assert identity["backbone"] == "tiny_llama" and identity["method"] == "lily" and identity["seed"] == 0
+    assert "method.r" not in identity and "trainer.lr" not in identity  # at their schema defaults
+    assert identity_of(["backbone=tiny_llama", "method=lily", "method.r=8"])["method.r"] == 8
+    bookkeeping = identity_of(["backbone=tiny_llama", "method=lily", "trainer.checkpoint_every=7",
+                               "trainer.resume=true", "group=elsewhere", "paths.results_dir=/x"])
+    assert bookkeeping == identity
+
+
+def test_where_the_weights_come_from_is_not_part_of_the_cell():
+    hub = identity_of(["backbone=llama3"])
+    local = identity_of(["backbone=llama3", "backbone.load.name_or_path=/models/llama3"])
+    fp32 = identity_of(["backbone=llama3", "backbone.load.dtype=float32"])
+    assert hub == local and hub != fp32
+
+
+def test_a_knob_added_later_at_its_neutral_default_keeps_old_cells_whole():
+    from omegaconf import OmegaConf
+    config = OmegaConf.to_container(compose_run(["backbone=tiny_llama", "method=lily"]), resolve=True)
+    older = json.loads(json.dumps(config))
+    del older["method"]["mask_padding"], older["trainer"]["gradient_checkpointing"]  # keys an older version lacked
+    assert cell_identity(older) == cell_identity(config)
+
+
+def schema_defaults() -> dict:
+    """Every schema's knob defaults, by schema class."""
+    out = {}
+    for group in ("backbone", "task", "method", "trainer"):
+        for option in group_options(group):
+            schema = get_class(load_option(group, option)._schema_)
+            out[f"{schema.__module__}.{schema.__qualname__}"] = {
+                f.name: default_of(f) for f in dataclasses.fields(schema) if kind_of(f) == "knob"}
+    return json.loads(json.dumps(out, default=str, sort_keys=True))
+
+
+def test_schema_defaults_only_change_with_a_new_identity_version():
+    """A knob's default decides whether it is part of a cell's identity: changing one silently would file new
+    runs under old cells. Change a default only with a new IDENTITY_VERSION and a refreshed snapshot
+    (LILYEXP_REFRESH_SNAPSHOT=1 pytest tests/test_settings.py); a new knob is added to the snapshot the same way."""
+    current = {"version": IDENTITY_VERSION, "defaults": schema_defaults()}
+    import os
+    if os.environ.get("LILYEXP_REFRESH_SNAPSHOT") == "1":
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    saved = json.loads(SNAPSHOT.read_text())
+    changed = [f"{schema}.{knob}" for schema, knobs in current["defaults"].items()
+               for knob, value in knobs.items() if knob in saved["defaults"].get(schema, {})
+               and saved["defaults"][schema][knob] != value]
+    assert not changed or saved["version"] != IDENTITY_VERSION, f"defaults changed without a new version: {changed}"
+    added = [f"{schema}.{knob}" for schema, knobs in current["defaults"].items() for knob in knobs
+             if knob not in saved["defaults"].get(schema, {})]
+    assert not added, f"new knobs {added}: check their defaults are neutral, then refresh the snapshot"
+
+
+def test_a_record_of_the_previous_schema_is_found_under_its_old_name_and_read(tmp_path):
+    """The committed demo records predate the current schema and naming; the demo command still finds them."""
+    source = REPO / "results" / "runs" / "demo" / "smollm2-commonsense_synthetic-lora-seed0-25969514.json"
+    (tmp_path / "results" / "demo").mkdir(parents=True)
+    shutil.copy(source, tmp_path / "results" / "demo" / source.name)
+    cfg = compose_run(["experiment=demo", "method=lora", "method.r=8", "method.alpha=16"], tmp_path)
+    run = RunContext.create(cfg, [])
+    assert run.record_path.name != source.name
+    found = run.finished_record()
+    assert found is not None and Path(found["_path"]).name == source.name and run.record_path.name == source.name
+    record = read_record(run.record_path)
+    assert record["schema"] == 2 and record["metrics"]["selection"]["rule"] == "val_selected"
+    assert record["metrics"]["last"] == record["metrics"]["history"][-1]
+    assert record["config"]["task"]["subset"] is None and "eval_sets" not in record["config"]["task"]
