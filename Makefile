@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m lilyexp.run experiment=demo method=lora method.r=8 method.alpha=16
 	$(BIN)/python -m lilyexp.run experiment=demo method=lily method.r=32 method.ne_1=6 method.ne_2=6
-	$(BIN)/python scripts/summarize.py results/runs/demo --out results/demo.md
+	$(BIN)/python -m lilyexp.tables demo
+	@cat results/tables/demo.md
 
 # Real CPU-scale GLUE replication (MiniLM, Lily vs LoRA, 3 seeds; about an hour on 2 cores). Finished cells are kept.
 glue-cpu: venv

@@ -37,6 +37,18 @@ def expected_ok(cfg: DictConfig) -> bool:
     return modality_ok and method_ok and family_ok and cfg.task.recipe is not None
 
 
+def each_option_once() -> list[tuple[str, str, str]]:
+    """Every backbone, task and method at least once, each with the others' first options (the fast tier)."""
+    combos = [(b, "commonsense_synthetic", "lora") for b in BACKBONES] + [("tiny_llama", t, "lora") for t in TASKS]
+    return sorted(set(combos + [("tiny_llama", "commonsense_synthetic", m) for m in METHODS]))
+
+
+@pytest.mark.parametrize("backbone,task,method", each_option_once())
+def test_each_option_composes_and_is_checked(backbone, task, method):
+    test_every_combination_composes_and_is_checked(backbone, task, method)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,task,method", list(itertools.product(BACKBONES, TASKS, METHODS)))
 def test_every_combination_composes_and_is_checked(backbone, task, method):
     cfg = compose_run([f"backbone={backbone}", f"task={task}", f"method={method}"])
@@ -87,6 +99,7 @@ def bind(node: DictConfig) -> None:
     signature.bind_partial(**kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,task,method", [(b, "commonsense_synthetic", m) for b in BACKBONES for m in METHODS])
 def test_target_nodes_bind_to_their_signatures(backbone, task, method):
     cfg = compose_run([f"backbone={backbone}", f"task={task}", f"method={method}"])

@@ -18,6 +18,8 @@ CELL = ["backbone=tiny_llama", "trainer.max_steps=3", "task.n_train=120", "task.
         "task.cutoff_len=64", "task.train_on_inputs=true", "task.generation.max_new_tokens=4",
         "method.dropout=0.0", "trainer.eval_every=3"]
 
+pytestmark = pytest.mark.slow  # real CLI subprocesses
+
 
 def launch(tmp_path, processes: int, batch_size: int) -> list[dict]:
     out = tmp_path / f"p{processes}"

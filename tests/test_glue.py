@@ -122,6 +122,7 @@ def test_missing_or_bad_glue_input_is_a_clear_error(glue_dir, tmp_path):
         GlueTask("stsb", data_dir=str(tmp_path / "bad"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,metric", [("cola", "matthews_correlation"), ("rte", "accuracy"), ("stsb", "pearson")])
 def test_two_epoch_runs_keep_best_and_last(name, metric, glue_dir, tmp_path):
     cfg = compose_run(["backbone=tiny_roberta", "task=glue", f"task.subset={name}", f"task.data_dir={glue_dir}",

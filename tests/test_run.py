@@ -17,6 +17,7 @@ from callbacks import kill_after
 from conftest import compose_run, run_cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_falcon_mamba"])
 def test_two_step_smoke_run_writes_a_complete_record(backbone, tiny_run, tmp_path):
     cfg = compose_run([f"backbone={backbone}", "trainer.max_steps=2", "trainer.eval_before_training=true",
@@ -38,6 +39,7 @@ def test_two_step_smoke_run_writes_a_complete_record(backbone, tiny_run, tmp_pat
     assert len(predictions) == 16  # 8 sets × n_eval=2
 
 
+@pytest.mark.slow
 def test_finished_record_is_kept_unless_overwrite(tiny_run, tmp_path):
     cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=1", *tiny_run], tmp_path)
     path = execute(cfg)
@@ -48,6 +50,7 @@ def test_finished_record_is_kept_unless_overwrite(tiny_run, tmp_path):
     assert path.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_run, tmp_path):
     common = ["backbone=tiny_llama", "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_every=3",
               "method.dropout=0.1", *tiny_run]
@@ -67,6 +70,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_run, tmp_path):
     assert steps("resumed") == steps("straight")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_a_failed_record(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(causal_lm, "language_model_loss", lambda model, batch: model(**batch).loss * float("nan"))
     cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=3", *tiny_run], tmp_path)
@@ -105,6 +109,7 @@ def test_unreachable_hub_is_one_sentence_naming_the_id(tmp_path):
         execute(cfg)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     result = run_cli(["backbone=tiny_llama", "trainer.max_steps=0"], tmp_path)
     assert result.returncode == 2
@@ -112,6 +117,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sweep_with_hydras_basic_launcher(tiny_run, tmp_path):
     result = run_cli(["-m", "backbone=tiny_llama", "method=lily,lora", "seed=0,1", "trainer.max_steps=1",
                       f"hydra.sweep.dir={tmp_path}/sweep", *tiny_run], tmp_path)
@@ -121,6 +127,7 @@ def test_sweep_with_hydras_basic_launcher(tiny_run, tmp_path):
     assert result.stdout.count("record: ") == 4
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -134,6 +141,7 @@ def test_wandb_logger_runs_offline(tiny_run, tmp_path, monkeypatch):
     assert runs, "wandb wrote no offline run"
 
 
+@pytest.mark.slow
 def test_without_a_validation_split_the_last_weights_are_kept(tiny_run, tmp_path):
     cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=2", *tiny_run, "task.val_size=0"], tmp_path)
     record = json.loads(execute(cfg).read_text())
@@ -148,6 +156,7 @@ def test_falcon_mamba_delta_plus_in_is_refused_with_the_reason(no_model_loading,
         execute(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generation,expected", [({"num_beams": 2, "batch_size": 1}, (2, 1)),
                                                  ({"num_beams": 1, "batch_size": 8}, (1, 8))])
 def test_beam_and_batched_greedy_generation_are_recorded(generation, expected, tiny_run, tmp_path):

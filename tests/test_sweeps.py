@@ -15,6 +15,8 @@ from lilyexp.run import execute
 TINY = ["backbone=tiny_llama", "trainer.max_steps=1", "task.n_train=120", "task.n_eval=2", "task.val_size=8",
         "task.cutoff_len=512", "task.generation.max_new_tokens=4", "trainer.batch_size=4"]
 
+pytestmark = pytest.mark.slow  # real CLI subprocesses
+
 
 def records(tmp_path) -> dict[float, dict]:
     out = {}

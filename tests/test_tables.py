@@ -11,6 +11,7 @@ import statistics
 import subprocess
 
 import pytest
+import yaml
 
 from lilyexp.records import run_metrics
 from lilyexp.tables.__main__ import render
@@ -153,7 +154,7 @@ def latex_document(body: str) -> str:
     return "\\documentclass{article}\n\\begin{document}\n" + body + "\\end{document}\n"
 
 
-def test_latex_is_well_formed_and_compiles_when_a_tex_engine_is_installed(tmp_path):
+def test_latex_is_well_formed(tmp_path):
     records = write(tmp_path, [record("lily", "mrpc", s, v) for s, v in ((0, 0.9), (1, 0.8))])
     tex = latex(build(SPEC, records, "best_epoch"))
     body = tex.split("\\begin{tabular}")[1].split("\\end{tabular}")[0]
@@ -161,10 +162,13 @@ def test_latex_is_well_formed_and_compiles_when_a_tex_engine_is_installed(tmp_pa
     data_lines = [line for line in body.split("\n")[1:] if line.endswith("\\\\")]
     assert all(line.count(" & ") == len(columns) - 1 for line in data_lines)
     assert tex.count("{") == tex.count("}") and "±" not in tex and "_" not in tex.replace("\\_", "")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no TeX engine (pdflatex) installed")
+def test_latex_compiles(tmp_path):
+    records = write(tmp_path, [record("lily", "mrpc", s, v) for s, v in ((0, 0.9), (1, 0.8))])
     engine = shutil.which("pdflatex")
-    if engine is None:  # the structural checks above are what CI without TeX verifies
-        return
-    (tmp_path / "t.tex").write_text(latex_document(tex))
+    (tmp_path / "t.tex").write_text(latex_document(latex(build(SPEC, records, "best_epoch"))))
     result = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
@@ -187,13 +191,20 @@ def test_every_packaged_table_renders_from_no_records(name, tmp_path):
     assert (tmp_path / "tables" / f"{name}.tex").exists() and (tmp_path / "tables" / f"{name}.csv").exists()
 
 
-def test_table2_paper_numbers_match_the_shared_provenance_file():
-    """The packaged numbers are the recovered ones (spot checks against shared/paper/table02.yaml)."""
+def test_table2_paper_numbers_are_the_recovered_ones(shared_data):
+    """Every packaged Table 2 number and provenance equals the project's recovered table (../shared/paper)."""
+    recovered = {row["method"]: row for row in yaml.safe_load((shared_data.parent / "paper" / "table02.yaml")
+                                                              .read_text())["rows"]}
     spec = load_spec("table2")
-    rows = {r["label"]: r["paper"] for r in spec["rows"]}
-    assert rows["LoRA"]["values"]["Avg"] == 80.8 and rows["LoRA"]["provenance"] == "primary"
-    assert rows["Lily"]["values"]["BoolQ"] == 72.9 and rows["Lily"]["provenance"] == "secondary"
-    assert rows["MiLoRA"]["values"]["ARC-c"] == 75.5
+    checked = 0
+    for row in spec["rows"]:
+        paper = row.get("paper") or {}
+        for label, value in paper.get("values", {}).items():
+            assert recovered[row["label"]][label] == value, (row["label"], label)
+            checked += 1
+    assert checked >= 40
+    marks = {row["label"]: row["paper"]["provenance"] for row in spec["rows"] if row.get("paper")}
+    assert marks["Lily"] == "secondary" and {marks[m] for m in ("LoRA", "PiSSA", "MiLoRA", "ChatGPT")} == {"primary"}
 
 
 def cells_and_commands():

@@ -153,6 +153,7 @@ def test_official_dt_adapter_gradient_leaves_the_adapter_term_out_upstream():
     assert not torch.allclose(grads[True]["upstream"], grads[False]["upstream"])  # upstream sees W_dt only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment,extra", [("table5/lily_l", []), ("table5/lily_s", []), ("table5/lora", []),
                                               ("table5/full", []), ("table5/linear_probe", [])])
 def test_two_step_vtab_run_on_tiny_vim(experiment, extra, vtab_dir, tmp_path):  # noqa: F811

@@ -113,6 +113,11 @@ def test_adaptformer_counts_and_starts_as_the_identity():
     block.norm2.register_forward_pre_hook(lambda m, args: seen.__setitem__("norm2_in", args[0]))
     block.drop_path2.register_forward_hook(lambda m, args, out: seen.__setitem__("branch", out))
     adapted(x)
+    # the adapter reads the MLP branch's input (before norm2) and is added after the branch's drop-path
+    branch_input, adapted_branch = seen["norm2_in"], seen["branch"]  # .forward: no hooks
+    mlp_branch = block.drop_path2.forward(block.ls2(block.mlp(block.norm2.forward(branch_input))))
+    torch.testing.assert_close(adapted_branch, mlp_branch + block.adaptformer(branch_input))
+    assert not torch.allclose(adapted_branch, mlp_branch)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in adapted.named_parameters() if "adaptformer" in n or n.startswith("head")}
 
@@ -127,6 +132,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["paper", "honest"])
 @pytest.mark.parametrize("experiment", sorted(METHODS))
 def test_two_step_run_per_method_and_protocol(experiment, protocol, vtab_dir, tmp_path):

@@ -115,6 +115,8 @@ def upgrade_metrics_v1(metrics: dict, record: dict) -> dict:
         return metrics
     history = metrics.get("history", [])
     rule = next((key for key in ("best_epoch", "test_selected", "val_selected") if key in metrics), None)
+    if rule is None and record.get("main_metric"):  # the first classification records (GLUE) named it in text
+        rule = "best_epoch"
     if rule is not None:  # classification: the rule was a key holding the selected numbers
         metric, mode = record.get("main_metric"), "max"
     else:  # causal LM: "best" restored the lowest validation loss, "last" kept the last weights

@@ -115,8 +115,9 @@ def check_values(values: dict, schema: type, path: str) -> None:
     if unknown:
         raise ConfigError(f"unknown setting {where}{unknown[0]} (nothing reads it); the settings there are: "
                           f"{', '.join(sorted(fields))}.")
+    typed = {k: v for k, v in data.items() if kind_of(fields[k]) != "plumbing"}  # plumbing is untyped (Any)
     try:
-        OmegaConf.merge(OmegaConf.structured(schema), data)
+        OmegaConf.merge(structured(schema), typed)
     except (ValidationError, ConfigKeyError) as exc:
         key = getattr(exc, "full_key", "") or ""
         value = OmegaConf.select(OmegaConf.create(data), key) if key else None
@@ -126,6 +127,12 @@ def check_values(values: dict, schema: type, path: str) -> None:
         choices = fields[name].metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{where}{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+
+
+@functools.lru_cache(maxsize=None)
+def structured(schema: type) -> DictConfig:
+    """The schema as an OmegaConf structured config (built once; merging into it leaves it unchanged)."""
+    return OmegaConf.structured(schema)
 
 
 def override_key(override: str) -> str:

@@ -1,6 +1,7 @@
 """Render tables from the records that exist: ``python -m lilyexp.tables [table ...] [--results DIR] [--out DIR]``.
 
-Writes ``<out>/<table>.md``, ``.tex`` and ``.csv``; with no table named, every table. Runs nothing.
+Writes ``<out>/<table>.md``, ``.tex`` and ``.csv``; with no table named, every table. ``--group <name>`` renders a
+summary of any record group instead (one row per cell). Runs nothing.
 """
 
 from __future__ import annotations
@@ -8,12 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lilyexp.tables.build import build, load_spec, read_records, spec_names
+from lilyexp.tables.build import build, group_spec, load_spec, read_records, spec_names
 from lilyexp.tables.render import csv_text, latex, markdown
 
 
-def render(name: str, results_dir: Path, out_dir: Path) -> Path:
-    spec = load_spec(name)
+def render(name: str, results_dir: Path, out_dir: Path, spec: dict | None = None) -> Path:
+    spec = spec or load_spec(name)
     records = read_records(results_dir, spec["groups"])
     tables = [build(spec, records, selection) for selection in spec.get("selections", ["best_epoch"])]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("tables", nargs="*", help=f"default: all ({', '.join(spec_names())})")
     parser.add_argument("--results", type=Path, default=Path("results/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/tables"))
+    parser.add_argument("--group", help="summarise the records of this group (results/runs/<group>) instead")
     args = parser.parse_args(argv)
+    if args.group:
+        spec = group_spec(args.group, read_records(args.results, [args.group]))
+        print(Path(render(spec["name"], args.results, args.out, spec)).read_text())
+        return
     for name in args.tables or spec_names():
         print(f"rendered {render(name, args.results, args.out)}")
 

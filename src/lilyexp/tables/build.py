@@ -27,6 +27,8 @@ SELECTIONS = {
     "last_epoch": (None, "last", "the last evaluation (no selection)"),
     "val_selected": ("val_selected", "final", SELECTION_RULES["val_selected"]),
     "test_selected": ("test_selected", "final", SELECTION_RULES["test_selected"]),
+    "last": ("last", "final", SELECTION_RULES["last"]),
+    "initial": (None, "initial", "the untuned model, tested before training"),  # a row may read it (demo)
 }
 PROVENANCE_MARKS = {"primary": "", "secondary": "†", "repo-derived": "‡", "reference": "§", "not recovered": ""}
 
@@ -66,7 +68,12 @@ def same(value: Any, wanted: Any) -> bool:
 
 
 def matches(record: dict, where: dict) -> bool:
-    return all(same(lookup(record["config"], key), wanted) for key, wanted in (where or {}).items())
+    """``where`` maps config keys to wanted values; ``cell`` (a group summary's rows) is an identity minus seed."""
+    where = dict(where or {})
+    cell = where.pop("cell", None)
+    if cell is not None and {k: v for k, v in (record.get("identity") or {}).items() if k != "seed"} != cell:
+        return False
+    return all(same(lookup(record["config"], key), wanted) for key, wanted in where.items())
 
 
 def read_records(results_dir: Path, groups: list[str]) -> list[dict]:
@@ -149,10 +156,14 @@ def choose(records: list[dict], rule: dict, selection: str, metric: str, scale: 
 
 
 def build_cell(records: list[dict], row: dict, column: dict, selection: str, scale: float) -> Cell:
+    """One cell; a row may read another part of the records than the table's selection (``row.selection``)."""
+    selection = row.get("selection", selection)
     mine = [r for r in records if matches(r, row.get("where")) and matches(r, column.get("where"))]
     rule = row.get("choose")
     cell = choose(mine, rule, selection, column["metric"], scale) if rule else \
         aggregate(mine, selection, column["metric"], scale)
+    if selection == "initial":  # the untuned model trains nothing
+        cell.params = [0] * len(cell.params)
     if cell.mean is None and row.get("command"):
         cell.command = row["command"].format(**column.get("vars", {}))
     return cell
@@ -186,3 +197,23 @@ def build(spec: dict, records: list[dict], selection: str) -> Table:
                     cells[column["label"]] = build_cell(records, row, column, selection, scale)
         rows.append({"row": row, "cells": cells})
     return Table(spec, selection, rows)
+
+
+def group_spec(group: str, records: list[dict]) -> dict:
+    """A table of any record group (``python -m lilyexp.tables --group <group>``): one row per cell (the method
+    and the knobs that tell the group's cells apart), one column per number of their ``final`` metrics, seeds
+    aggregated as in every table, under each selection rule the records used."""
+    finished = [r for r in records if r.get("status") == "finished" and r.get("identity")]
+    cells = {json.dumps({k: v for k, v in r["identity"].items() if k != "seed"}, sort_keys=True, default=str)
+             for r in finished}
+    identities = [json.loads(c) for c in sorted(cells)]
+    varying = {k for i in identities for k in i if any(j.get(k) != i.get(k) for j in identities)}
+    rows = [{"label": " ".join(str(v) if k in ("backbone", "task", "method") else f"{k.split('.')[-1]}={v}"
+                               for k, v in sorted(i.items()) if (k in varying or k == "method") and v is not None),
+             "where": {"cell": i}} for i in identities]
+    metrics = sorted({m for r in finished for m, v in r["metrics"].get("final", {}).items()
+                      if isinstance(v, (int, float))})
+    rules = sorted({r["metrics"]["selection"]["rule"] for r in finished})
+    return {"name": f"group_{group}", "title": f"Records of group '{group}' (final metrics ×100, mean ± std over seeds)",
+            "groups": [group], "selections": rules or ["best_epoch"], "digits": 2,
+            "columns": [{"label": m, "metric": m} for m in metrics], "rows": rows}

@@ -1,0 +1,103 @@
+"""Checks and helpers the runner uses to turn a composed config into objects, before any model is loaded.
+
+A backbone yaml declares the modalities it `provides`, per method family its `adapter_targets`, and the
+`bypassed_modules` an adapter cannot reach (with the reason); a task
+yaml declares the `modality` it needs and its `recipe` (training loop); a method yaml may name its `family`
+and the `modalities` it supports. Everything here reads those fields; nothing branches on component names.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import dataclasses
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lilyexp.errors import ConfigError
+
+CONF_DIR = Path(str(resources.files("lilyexp.conf")))  # the repo's conf/, shipped as package data
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def load_option(group: str, option: str) -> DictConfig:
+    """A group option's yaml with the configs it extends (its defaults list: ``name`` in the same group or
+    ``/group/name@_here_``) merged under it, as Hydra composes them; no interpolation is resolved."""
+    node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    merged = OmegaConf.create()
+    for parent in node.pop("defaults", []):
+        if parent == "_self_":
+            continue
+        name = parent.split("@")[0]
+        parent_group, parent_option = name[1:].rsplit("/", 1) if name.startswith("/") else (group, name)
+        merged = OmegaConf.merge(merged, load_option(parent_group, parent_option))
+    return OmegaConf.merge(merged, node)
+
+
+def subset_choices(task: str) -> str:
+    """``${subsets:<task>}`` in a yaml: every subset the task's schema allows, comma-separated (a sweep over all
+    VTAB-1K tasks names them in one place: the task module)."""
+    schema = get_class(load_option("task", task)._schema_)
+    subset = {item.name: item for item in dataclasses.fields(schema)}["subset"]
+    return ",".join(subset.metadata["choices"])
+
+
+OmegaConf.register_new_resolver("subsets", subset_choices, replace=True)
+
+
+def backbones_providing(modality: str) -> list[str]:
+    return [name for name in group_options("backbone")
+            if modality in load_option("backbone", name).get("provides", [])]
+
+
+def check_combination(cfg: DictConfig) -> None:
+    """Refuse a backbone × task × method combination that cannot run, in one sentence naming both sides."""
+    backbone, task, method = cfg.backbone, cfg.task, cfg.method
+    provides = list(backbone.provides)
+    if task.modality not in provides:
+        raise ConfigError(
+            f"task '{task.name}' needs a backbone that provides '{task.modality}', but backbone "
+            f"'{backbone.name}' provides {provides}; choose one of: {', '.join(backbones_providing(task.modality))}.")
+    supported = method.get("modalities")
+    if supported is not None and task.modality not in supported:
+        raise ConfigError(f"method '{method.name}' supports {list(supported)}, not task '{task.name}' "
+                          f"('{task.modality}').")
+    family = method.get("family")
+    if family is not None and family not in backbone.get("adapter_targets", {}):
+        raise ConfigError(
+            f"method '{method.name}' adapts the backbone's '{family}' targets, but backbone '{backbone.name}' "
+            f"declares none; add backbone.adapter_targets.{family}=[module names].")
+    bypassed = backbone.get("bypassed_modules") or {}
+    for target in method.get("target_modules") or []:
+        if target in bypassed:
+            raise ConfigError(f"backbone '{backbone.name}' cannot adapt '{target}': {bypassed[target]}")
+    if cfg.trainer.get("head_lr") is not None and not backbone.get("head_modules"):
+        raise ConfigError(f"trainer.head_lr is set, but backbone '{backbone.name}' has no task head "
+                          f"(backbone.head_modules is empty); leave trainer.head_lr unset.")
+    if task.get("recipe") is None:
+        raise ConfigError(f"task '{task.name}' has no training loop in this version of lilyexp yet.")
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` of a node (without its ``_schema_`` key, which only lilyexp reads) that
+    surfaces our ConfigError instead of Hydra's wrapper."""
+    if OmegaConf.is_dict(node) and "_schema_" in node:
+        node = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_schema_"}
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, (ConfigError, ValueError)):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, ValueError):  # a library's own validation of a setting (e.g. peft configs)
+            raise ConfigError(f"{OmegaConf.select(node, '_target_') or 'config'}: {cause}") from None
+        raise

@@ -1,0 +1,20 @@
+"""Adaptation methods: each yaml in conf/method builds one of these objects before the model is loaded
+(so bad settings fail early); the runner then calls ``apply(model)``. Every method yaml declares its schema, a
+subclass of :class:`MethodSettings`."""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lilyexp.settings import meta, plumbing
+
+
+@dataclass
+class MethodSettings:
+    """What every method yaml declares: its name, the backbone targets it adapts (``family``, a key of the
+    backbone's ``adapter_targets``; None = no targets), the task modalities it supports (None = all) and the
+    ``adapter`` node that builds the method object."""
+
+    name: str = meta("")
+    family: Optional[str] = meta(None)
+    modalities: Optional[list] = meta(None)
+    adapter: Any = plumbing()

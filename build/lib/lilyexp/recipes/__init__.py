@@ -1,0 +1,1 @@
+"""Training loops, one per paradigm (causal-LM SFT here; classification and diffusion reuse :mod:`.core`)."""

@@ -1,0 +1,145 @@
+"""Causal-LM supervised fine-tuning with generation-based evaluation (the commonsense paradigm of the official
+commonsense-reasoning/finetune_*.py and evaluate_*.py): LLM-Adapters tokenisation (cutoff, EOS appended, loss on
+the whole prompt unless ``train_on_inputs=False``), left padding to a multiple of 8, validation loss for checkpoint
+selection, then batched generation with a KV cache and the task's answer extraction. The record states the
+generation settings that ran. The task supplies the texts, prompts and scoring
+(:class:`lilyexp.contracts.InstructionTask`); nothing here knows a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from lilyexp.errors import ConfigError
+from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, selected_evaluation
+from lilyexp.recipes.loop import fit
+from lilyexp.records import run_metrics
+
+IGNORE_INDEX = -100
+
+
+def tokenize_for_training(tokenizer: Any, task: Any, example: dict) -> dict[str, list[int]]:
+    ids = tokenizer(task.train_text(example), truncation=True, max_length=task.cutoff_len)["input_ids"]
+    if ids[-1] != tokenizer.eos_token_id and len(ids) < task.cutoff_len:
+        ids = ids + [tokenizer.eos_token_id]
+    labels = list(ids)
+    if not task.train_on_inputs:
+        prompt = tokenizer(task.train_prompt(example), truncation=True, max_length=task.cutoff_len)["input_ids"]
+        labels[:len(prompt)] = [IGNORE_INDEX] * len(prompt)
+    return {"input_ids": ids, "labels": labels}
+
+
+def supervised(features) -> list[dict[str, list[int]]]:
+    """Features with at least one label; with ``train_on_inputs=False`` a prompt longer than the cutoff leaves
+    none, and its loss would be 0/0."""
+    return [f for f in features if any(label != IGNORE_INDEX for label in f["labels"])]
+
+
+def left_pad(features: list[dict[str, list[int]]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Pad on the left (as the official collator with padding_side='left' does), labels with -100."""
+    longest = max(len(f["input_ids"]) for f in features)
+    width = -(-longest // multiple) * multiple
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for feature in features:
+        pad = width - len(feature["input_ids"])
+        batch["input_ids"].append([pad_id] * pad + feature["input_ids"])
+        batch["attention_mask"].append([0] * pad + [1] * len(feature["input_ids"]))
+        batch["labels"].append([IGNORE_INDEX] * pad + feature["labels"])
+    return {key: torch.tensor(value) for key, value in batch.items()}
+
+
+def language_model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, batch_size: int, device) -> dict:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in left_pad(chunk, pad_id).items()}
+        total += language_model_loss(model, batch).float().item() * len(chunk)
+        count += len(chunk)
+    return {"val/loss": total / max(count, 1)}
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], settings: dict, device) -> list[str]:
+    """Decoded prompt + generation per prompt (left padding, KV cache, beam search or greedy)."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], device) -> tuple[dict, list[dict]]:
+    """The task's score on one test set and one prediction line per example."""
+    batch_size, lines = task.generation["batch_size"], []
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"eval {name}", leave=False):
+        chunk = examples[start:start + batch_size]
+        decoded = generate(model, tokenizer, [task.prompt(e) for e in chunk], task.generation, device)
+        for offset, (example, text) in enumerate(zip(chunk, decoded)):
+            response, prediction = task.extract(name, text)
+            lines.append({"id": start + offset, "eval_set": name, "generation": response, "prediction": prediction,
+                          "answer": example["answer"], "correct": task.is_correct(prediction, example["answer"])})
+    score = task.score(name, [line["prediction"] for line in lines], [line["answer"] for line in lines])
+    return score, lines
+
+
+def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predictions_path: Path | None,
+                        device) -> dict:
+    """The task's score per test set and their mean; one JSON line per example goes to ``predictions_path``."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    metrics, lines = {}, []
+    for name, examples in task.eval_sets.items():
+        score, answered = answer_test_set(model, tokenizer, task, name, examples, device)
+        metrics.update(score)
+        lines += answered
+    metrics["test/accuracy/avg"] = sum(metrics.values()) / max(len(metrics), 1)
+    if predictions_path is not None:
+        predictions_path.parent.mkdir(parents=True, exist_ok=True)
+        predictions_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return metrics
+
+
+def run(inputs: RecipeInputs) -> Outcome:
+    tokenizer, task, trainer = inputs.processor, inputs.task, inputs.trainer
+    accelerator = Accelerator(mixed_precision=trainer.mixed_precision)
+    train_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.train)
+    val_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.validation)
+    if not train_features:
+        raise ConfigError(f"no training example keeps an answer token within task.cutoff_len={task.cutoff_len} "
+                          f"tokens; raise task.cutoff_len.")
+    pad_id, eval_bs = tokenizer.pad_token_id, trainer.eval_batch_size or trainer.batch_size
+    main = accelerator.is_main_process
+
+    def test(model: torch.nn.Module, tag: str) -> dict:
+        path = inputs.run.work_dir / f"{tag}.jsonl" if main else None
+        return generation_accuracy(accelerator.unwrap_model(model), tokenizer, task, path, accelerator.device)
+
+    def validate(model: torch.nn.Module) -> dict:
+        if not val_features:  # no held-out split: nothing to select on, the last weights are kept
+            return {}
+        return validation_loss(model, val_features, pad_id, eval_bs, accelerator.device)
+
+    objective = Objective(
+        plan_size=len(train_features), collate=lambda indices: left_pad([train_features[i] for i in indices], pad_id),
+        compute_loss=language_model_loss, validate=validate, select_metric="val/loss", select_mode="min",
+        before_training=lambda model: test(model, "predictions_initial"))
+    result = fit(inputs, objective, accelerator)
+    chosen, rule = selected_evaluation(result, trainer, "val_selected")
+    final = {**test(inputs.model, "predictions"), **{k: v for k, v in chosen.items() if k != "step"}}
+    metrics = run_metrics(final=final, rule=rule, metric="val/loss", mode="min", best=chosen,
+                          history=result.history, initial=result.initial)
+    sizes = {"train": len(train_features), "train_dropped_no_labels": len(task.train) - len(train_features),
+             "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
+    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": sizes,
+             "steps": result.steps, "resumed_from_step": result.resumed_from}
+    return Outcome(metrics, extra)

@@ -1,0 +1,80 @@
+"""Classification fine-tuning shared by GLUE (text; the official natural-language-understanding code) and VTAB-1K
+(images; the official visual-adaptation-benchmark code): the shared training loop (AdamW with separate head and
+backbone learning rates, the trainer's schedule), evaluation every ``task.eval_every_epochs`` epochs on the task's
+selection split, and, where the task has one, a single final test of the selected model. The record's selection
+rule is the task's: the best epoch for GLUE, test-selected or val-selected for VTAB.
+
+The task supplies ``prepare`` (features of a split), ``collate`` (a batch), ``logits`` and ``score``
+(:class:`lilyexp.contracts.ClassificationTask`); the loss is cross-entropy, or MSE for a single regression output
+(STS-B), as transformers' heads compute it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, StepPlan, TrainerConfig, selected_evaluation
+from lilyexp.recipes.loop import fit
+from lilyexp.records import run_metrics
+
+
+def classification_loss(task: Any, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    logits = task.logits(model, batch)
+    if task.is_regression:
+        return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
+    return F.cross_entropy(logits, batch["labels"])
+
+
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, processor: Any, task: Any, features: list, batch_size: int, device,
+                   split: str) -> dict:
+    model.eval()
+    predictions, references = [], []
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in task.collate(processor, features[start:start + batch_size]).items()}
+        logits = task.logits(model, batch)
+        predictions += (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).tolist()
+        references += batch["labels"].tolist()
+    return task.score(split, predictions, references)
+
+
+def with_epoch_evaluation(trainer: TrainerConfig, task: Any, train_size: int, world: int) -> TrainerConfig:
+    """Evaluate every ``task.eval_every_epochs`` epochs unless the trainer names a step interval."""
+    if trainer.eval_every is not None:
+        return trainer
+    epoch = StepPlan(train_size, trainer.batch_size, trainer.grad_accum, 0, world, 0, trainer.drop_last).steps_per_epoch
+    return dataclasses.replace(trainer, eval_every=epoch * task.eval_every_epochs)
+
+
+def run(inputs: RecipeInputs) -> Outcome:
+    task, processor = inputs.task, inputs.processor
+    accelerator = Accelerator(mixed_precision=inputs.trainer.mixed_precision)
+    train = task.prepare(processor, task.train)
+    selection = task.prepare(processor, task.validation)
+    eval_bs = task.eval_batch_size or inputs.trainer.eval_batch_size or inputs.trainer.batch_size
+    inputs = dataclasses.replace(inputs, trainer=with_epoch_evaluation(inputs.trainer, task, len(train),
+                                                                        accelerator.num_processes))
+
+    def evaluate(model: torch.nn.Module, features: list, split: str) -> dict:
+        return evaluate_split(model, processor, task, features, eval_bs, accelerator.device, split)
+
+    objective = Objective(
+        plan_size=len(train), collate=lambda indices: task.collate(processor, [train[i] for i in indices]),
+        compute_loss=lambda model, batch: classification_loss(task, model, batch),
+        validate=lambda model: evaluate(model, selection, task.selection_split),
+        select_metric=task.main_metric, select_mode="max")
+    result = fit(inputs, objective, accelerator)
+    chosen, rule = selected_evaluation(result, inputs.trainer, task.selection_rule)
+    final = {k: v for k, v in chosen.items() if k != "step"}
+    if task.final is not None:  # the selected weights (fit restored them), tested once
+        final.update(evaluate(accelerator.unwrap_model(inputs.model), task.prepare(processor, task.final), "test"))
+    metrics = run_metrics(final=final, rule=rule, metric=task.main_metric, mode="max", best=chosen,
+                          history=result.history)
+    extra = {"data": {"train": len(train), "selection": len(selection),
+                      "final": None if task.final is None else len(task.final)},
+             "steps": result.steps, "resumed_from_step": result.resumed_from, "splits": task.splits}
+    return Outcome(metrics, extra)

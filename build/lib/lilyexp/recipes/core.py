@@ -1,0 +1,207 @@
+"""What every paradigm's training loop shares: the trainer settings, what a recipe receives and returns, a
+deterministic step plan (so a resumed run sees exactly the batches an uninterrupted one would), the optimizer
+(separate head and backbone learning rates) and the schedules. The loop itself is :mod:`lilyexp.recipes.loop`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from transformers import SchedulerType, get_scheduler
+
+from lilyexp.errors import ConfigError
+from lilyexp.records import RunContext, in_head
+from lilyexp.settings import bookkeeping, knob
+
+SCHEDULERS = tuple(kind.value for kind in SchedulerType) + ("timm_cosine_epochs",)
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of one training run; every field is a Hydra override (``trainer.<name>=...``)."""
+
+    epochs: int = knob(1)
+    max_steps: Optional[int] = knob(None, help="optimizer steps; overrides epochs when set")
+    batch_size: int = knob(8, help="micro-batch per process")
+    grad_accum: int = knob(1)
+    eval_batch_size: Optional[int] = knob(None)
+    drop_last: bool = knob(False)
+    lr: float = knob(3e-4)
+    head_lr: Optional[float] = knob(None, help="learning rate of the task head (backbone.head_modules); None = lr")
+    weight_decay: float = knob(0.0)
+    scheduler: str = knob("linear", choices=SCHEDULERS,
+                          help="a transformers.get_scheduler name, or timm_cosine_epochs (the VTAB code's)")
+    warmup_steps: int = knob(0)
+    warmup_ratio: float = knob(0.0)
+    max_grad_norm: Optional[float] = knob(1.0)
+    mixed_precision: str = knob("no", choices=("no", "fp16", "bf16"))
+    eval_every: Optional[int] = knob(None, help="optimizer steps between validations; None = every epoch")
+    select: str = knob("best", choices=("best", "last"),
+                       help="best: restore the best validation checkpoint before testing; last: keep the last")
+    eval_before_training: bool = knob(False, help="also test the untuned model (metrics.initial)")
+    gradient_checkpointing: bool = knob(False)
+    checkpoint_every: int = bookkeeping(100)
+    resume: bool = bookkeeping(False)
+    log_every: int = bookkeeping(1)
+    callbacks: list = bookkeeping([])  # objects with on_step_end(loop, step) (``_target_`` nodes), e.g. captures
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+        positive.update({k: v for k, v in {"max_steps": self.max_steps, "eval_every": self.eval_every,
+                                           "eval_batch_size": self.eval_batch_size}.items() if v is not None})
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"trainer.{name} must be positive, got {value}.")
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ConfigError(f"learning rates must be positive, got lr={self.lr}, head_lr={self.head_lr}.")
+        if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
+            raise ConfigError("trainer.warmup_ratio must be in [0, 1) and trainer.warmup_steps non-negative.")
+
+
+@dataclass
+class StepPlan:
+    """Which examples each optimizer step uses: a seeded permutation per epoch, cut into micro-batches of
+    ``batch_size × world`` examples, grouped ``grad_accum`` at a time (the last group of an epoch may be short)."""
+
+    num_examples: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    world: int = 1
+    rank: int = 0
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        per_micro = self.batch_size * self.world
+        micro = self.num_examples // per_micro if self.drop_last else math.ceil(self.num_examples / per_micro)
+        if micro == 0:
+            raise ConfigError(f"{self.num_examples} training examples cannot fill one batch of {per_micro}.")
+        self.micro_per_epoch = micro
+        self.steps_per_epoch = math.ceil(micro / self.grad_accum)
+
+    def group(self, step: int) -> list[list[int]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        per_micro = self.batch_size * self.world
+        first = within * self.grad_accum
+        last = min(first + self.grad_accum, self.micro_per_epoch)
+        groups = []
+        for micro in range(first, last):
+            chunk = order[micro * per_micro:(micro + 1) * per_micro].tolist()
+            groups.append(chunk[self.rank::self.world])
+        return groups
+
+
+@dataclass
+class RecipeInputs:
+    """What the runner hands a recipe (``recipe(inputs) -> Outcome``)."""
+
+    model: torch.nn.Module
+    processor: Any  # the backbone's tokenizer, or None where the task builds its own transform
+    task: Any  # the task object (a protocol per paradigm: lilyexp.contracts)
+    trainer: TrainerConfig
+    run: RunContext
+    logger: Any
+    seed: int
+    head_modules: list[str]
+
+
+@dataclass
+class Objective:
+    """What a paradigm trains and selects on: the examples (by index), the loss, and the validation that picks
+    the checkpoint (``select_metric``, higher or lower is better by ``select_mode``)."""
+
+    plan_size: int
+    collate: Callable[[list[int]], dict]
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
+    validate: Callable[[torch.nn.Module], dict]
+    select_metric: str
+    select_mode: str
+    before_training: Callable[[torch.nn.Module], dict] | None = None  # tests the untuned model
+
+
+@dataclass
+class Outcome:
+    """What a recipe returns: the record's ``metrics`` (built by ``records.run_metrics``) and extra top-level
+    record keys."""
+
+    metrics: dict
+    extra: dict
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    initial: dict | None = None
+    steps: int = 0
+    resumed_from: int | None = None
+
+
+def selected_evaluation(result: FitResult, trainer: TrainerConfig, rule: str) -> tuple[dict, str]:
+    """The evaluation of the weights the loop kept, and the record's selection rule: the best evaluation under
+    the task's ``rule``, or the last one (``trainer.select=last``)."""
+    if trainer.select == "best" and result.best:
+        return result.best, rule
+    return (result.history[-1] if result.history else {}), "last"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors by (deduplicated) name: a shared A or B appears once. Copied contiguous: safetensors
+    refuses strided tensors, such as SVD-initialised factors."""
+    return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise ConfigError(f"checkpoint does not match the model: unknown tensors {missing[:3]}.")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+# timm's CosineLRScheduler as the official VTAB code configures it (visual-adaptation-benchmark/vit/main.py).
+TIMM_LR_MIN, TIMM_WARMUP_LR_INIT = 1e-5, 1e-6
+
+
+def timm_cosine_epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int) -> float:
+    """The learning rate of a (0-based) epoch under timm ``CosineLRScheduler(t_initial=epochs, warmup_t,
+    lr_min=1e-5, warmup_lr_init=1e-6)`` stepped with ``scheduler.step(ep)`` after each epoch: epochs 0 and 1 both
+    run at lr(t=0), epoch k >= 1 at lr(t=k-1); the cosine counts from t=0 (warmup_prefix False)."""
+    t = max(epoch - 1, 0)
+    if t < warmup_epochs:
+        return TIMM_WARMUP_LR_INIT + t * (base_lr - TIMM_WARMUP_LR_INIT) / warmup_epochs
+    return TIMM_LR_MIN + 0.5 * (base_lr - TIMM_LR_MIN) * (1 + math.cos(math.pi * t / epochs))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig, warmup_steps: int, total: int,
+                    steps_per_epoch: int):
+    if trainer.scheduler != "timm_cosine_epochs":
+        return get_scheduler(trainer.scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
+    epochs = math.ceil(total / steps_per_epoch)
+    warmup_epochs = round(trainer.warmup_ratio * epochs)
+    factors = []
+    for group in optimizer.param_groups:  # the head may run at its own learning rate
+        base = group["lr"]
+        factors.append(lambda step, base=base: timm_cosine_epoch_lr(step // steps_per_epoch, base, epochs,
+                                                                    warmup_epochs) / base)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig, head_modules: list[str]) -> torch.optim.Optimizer:
+    head, body = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if in_head(name, head_modules) else body).append(param)
+    groups = [{"params": body, "lr": trainer.lr}]
+    if head:
+        groups.append({"params": head, "lr": trainer.head_lr or trainer.lr})
+    if not body and not head:
+        raise ConfigError("the method left no trainable parameter.")
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=trainer.weight_decay)

@@ -1,0 +1,252 @@
+"""The training loop every paradigm runs (one loop, named steps): resume or start, train a step (micro-batches
+with gradient accumulation under ``accelerate``), log, validate and keep the best weights, checkpoint, tell the
+callbacks; then restore the selected weights. Checkpoints are atomic and hold everything a resumed run needs to
+equal an uninterrupted one (trainable and best tensors, optimizer, scheduler, RNG states, the data position);
+a non-finite loss stops the run naming the step."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lilyexp.errors import ConfigError, TrainingDiverged
+from lilyexp.recipes.core import (FitResult, Objective, RecipeInputs, StepPlan, build_optimizer, build_scheduler,
+                                  load_trainable_state, trainable_state)
+from lilyexp.records import RunContext
+
+
+class Callback:
+    """Hooks into the loop (``trainer.callbacks``: ``_target_`` nodes); both are no-ops by default."""
+
+    def on_step_end(self, loop: "TrainingLoop", step: int) -> None:
+        """After optimizer step ``step`` (1-based) and its logging, validation and checkpoint."""
+
+    def on_train_end(self, loop: "TrainingLoop") -> None:
+        """After the last step, before the selected weights are restored."""
+
+
+class Checkpointer:
+    """Atomic checkpoints in ``<work_dir>/checkpoint``: trainable and best-so-far tensors, optimizer,
+    scheduler, RNG states and the loop's bookkeeping. A new one is written beside the old, then swapped."""
+
+    def __init__(self, run: RunContext):
+        self.dir = run.work_dir / "checkpoint"
+
+    def save(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
+        tmp = self.dir.with_name("checkpoint.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        if best_state is not None:
+            save_file(best_state, tmp / "best.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        old = self.dir.with_name("checkpoint.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            self.dir.rename(old)
+        tmp.rename(self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        for candidate in (self.dir, self.dir.with_name("checkpoint.old")):
+            if (candidate / "state.json").exists():
+                return candidate
+        return None
+
+    def load(self, model, optimizer, scheduler) -> tuple[dict, dict | None]:
+        path = self.latest()
+        try:
+            load_trainable_state(model, load_file(path / "trainable.safetensors"))
+            extra = torch.load(path / "optimizer.pt", weights_only=False)
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"checkpoint {path} is corrupt or incomplete ({exc}); delete it to start over.") from None
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        set_rng_state(extra["rng"])
+        best = path / "best.safetensors"
+        return state, (load_file(best) if best.exists() else None)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StepLog:
+    """Per-step scalars as JSON lines; on resume, lines past the checkpoint are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, logger: Any):
+        self.path, self.logger = path, logger
+
+    def truncate_after(self, step: int) -> None:
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.logger.log_metrics(metrics, step)
+
+
+def check_every_parameter_got_a_gradient(model: torch.nn.Module) -> None:
+    """After the first backward: a trainable tensor without a gradient never took part in the forward, e.g. an
+    adapter on a module whose weight the backbone reads directly (Falcon-Mamba's dt_proj, whose weight transformers' mixer reads directly)."""
+    dead = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if dead:
+        raise ConfigError(f"{len(dead)} trainable tensors received no gradient in the first step, so they never "
+                          f"run (e.g. {', '.join(dead[:3])}); the backbone bypasses those modules: adapt others.")
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+class TrainingLoop:
+    """One training run of ``inputs.model`` on ``objective``; :meth:`run` leaves the model holding the selected
+    weights (best or last, per ``trainer.select``)."""
+
+    def __init__(self, inputs: RecipeInputs, objective: Objective, accelerator: Accelerator | None = None):
+        trainer = inputs.trainer
+        self.inputs, self.objective, self.trainer = inputs, objective, trainer
+        self.accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision)
+        self.plan = StepPlan(objective.plan_size, trainer.batch_size, trainer.grad_accum, inputs.seed,
+                             self.accelerator.num_processes, self.accelerator.process_index, trainer.drop_last)
+        self.total = trainer.max_steps or trainer.epochs * self.plan.steps_per_epoch
+        self.eval_every = trainer.eval_every or self.plan.steps_per_epoch
+        self.model, self.optimizer, self.scheduler = self.prepare(inputs.model)
+        self.main = self.accelerator.is_main_process
+        self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
+        self.result, self.best_state, self.start = FitResult(), None, 0
+
+    def prepare(self, model: torch.nn.Module):
+        if self.trainer.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        optimizer = build_optimizer(model, self.trainer, self.inputs.head_modules)
+        warmup = self.trainer.warmup_steps or math.ceil(self.trainer.warmup_ratio * self.total)
+        scheduler = build_scheduler(optimizer, self.trainer, warmup, self.total, self.plan.steps_per_epoch)
+        # The scheduler stays ours: accelerate's wrapper steps it once per process per call under DDP (it
+        # assumes per-process schedules), while ours counts optimizer steps of the global batch.
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        return model, optimizer, scheduler
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def run(self) -> FitResult:
+        self.resume_or_start()
+        progress = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc="train",
+                        disable=not self.main)
+        for step in progress:
+            loss = self.train_step(step)
+            done = step + 1
+            self.log_step(done, loss, progress)
+            if done % self.eval_every == 0 or done == self.total:
+                self.validate(done)
+            if done % self.trainer.checkpoint_every == 0 or done == self.total:
+                self.checkpoint(done)
+            for callback in self.trainer.callbacks:
+                callback.on_step_end(self, done)
+        for callback in self.trainer.callbacks:
+            callback.on_train_end(self)
+        self.result.steps = self.total
+        if self.trainer.select == "best" and self.best_state is not None:
+            load_trainable_state(self.unwrapped, self.best_state)
+        return self.result
+
+    def resume_or_start(self) -> None:
+        if self.trainer.resume and self.checkpointer.latest() is not None:
+            state, self.best_state = self.checkpointer.load(self.unwrapped, self.optimizer, self.scheduler)
+            self.start = state["step"]
+            self.result = FitResult(state["history"], state["best"], state["initial"], self.start,
+                                    resumed_from=self.start)
+            self.log.truncate_after(self.start)
+            return
+        if self.main and self.inputs.run.steps_path.exists():
+            self.inputs.run.steps_path.unlink()
+        if self.objective.before_training is not None and self.trainer.eval_before_training:
+            self.result.initial = self.objective.before_training(self.model)
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step over its micro-batches; the loss is summed on the device and read once."""
+        self.model.train()
+        group = self.plan.group(step)
+        step_loss = torch.zeros((), device=self.accelerator.device)
+        for i, indices in enumerate(group):
+            batch = {k: v.to(self.accelerator.device) for k, v in self.objective.collate(indices).items()}
+            sync = nullcontext() if i == len(group) - 1 else self.accelerator.no_sync(self.model)
+            with sync, self.accelerator.autocast():
+                loss = self.objective.compute_loss(self.model, batch) / len(group)
+                self.accelerator.backward(loss)
+            step_loss += loss.detach().float()
+            if step == self.start and i == 0:
+                check_every_parameter_got_a_gradient(self.model)
+        if self.accelerator.num_processes > 1:  # every process logs the global batch's loss, as one process would
+            step_loss = self.accelerator.reduce(step_loss, "mean")
+        value = step_loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the training loss became {value} at step {step + 1}; "
+                                   f"lower trainer.lr or check the data.")
+        if self.trainer.max_grad_norm:
+            self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                             self.trainer.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def log_step(self, done: int, loss: float, progress: Any) -> None:
+        if self.main and (done % self.trainer.log_every == 0 or done == self.total):
+            self.log.write(done, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                                  "train/epoch": done / self.plan.steps_per_epoch})
+            progress.set_postfix(loss=f"{loss:.4f}")
+
+    def validate(self, done: int) -> None:
+        metrics = self.objective.validate(self.model)
+        if metrics:
+            self.result.history.append({"step": done, **metrics})
+            if self.main:
+                self.log.write(done, metrics)
+        metric, mode = self.objective.select_metric, self.objective.select_mode
+        if metric in metrics and is_better(metrics[metric], self.result.best.get(metric), mode):
+            self.result.best = {"step": done, **metrics}
+            self.best_state = trainable_state(self.unwrapped)
+
+    def checkpoint(self, done: int) -> None:
+        state = {"step": done, "history": self.result.history, "best": self.result.best,
+                 "initial": self.result.initial}
+        if self.main:
+            self.checkpointer.save(self.unwrapped, self.optimizer, self.scheduler, state, self.best_state)
+        self.accelerator.wait_for_everyone()
+
+
+def fit(inputs: RecipeInputs, objective: Objective, accelerator: Accelerator | None = None) -> FitResult:
+    """Train ``inputs.model`` in place on ``objective``; on return it holds the selected weights."""
+    return TrainingLoop(inputs, objective, accelerator).run()

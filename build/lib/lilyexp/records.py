@@ -1,0 +1,288 @@
+"""The one JSON record each finished (or failed) run writes, its schema, and a run's identity on disk.
+
+Record schema, version 2 (``schema``), the same for every paradigm:
+
+* ``run_name``, ``status`` (``finished`` | ``failed``), ``identity`` (what makes the run a cell:
+  :func:`lilyexp.settings.cell_identity`), ``config`` (resolved), ``overrides`` (the command line's);
+* ``metrics``:
+    - ``final``: the numbers the run reports, i.e. the selected model's evaluation (and its test, when the task
+      tests the selected model once);
+    - ``selection``: ``{"rule", "metric", "mode", "step"}``: how ``final`` was chosen; ``rule`` is one of
+      :data:`SELECTION_RULES`;
+    - ``best``: the evaluation at the selected step (``{"step", metrics...}``), ``last``: the last evaluation,
+      ``history``: every evaluation, ``initial``: the untuned model, when it was tested;
+* ``params`` (``trainable``, ``total``, ``adapter``, ``head``), ``env`` (git sha, package versions, device),
+  ``timing`` (``wall_s``, ``peak_mem_bytes``), and what the recipe adds (``data`` sizes, ``steps``, ...);
+* a failed record has ``error``, ``error_type`` and, for unexpected errors, ``traceback``.
+
+Version-1 records (lilyexp 0.1) are read through :func:`upgrade`, so old results still render.
+
+A run's name is ``<backbone>-<task>[-<subset>]-<method>-seed<k>-<hash of its identity>``; a rerun of the same cell
+finds its checkpoints and its finished record, also one written under another name by an older version.
+Records are written atomically: a temp file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lilyexp.errors import ConfigError
+from lilyexp.settings import cell_identity, identity_hash
+
+SCHEMA_VERSION = 2
+# How a record's ``final`` numbers were chosen (metrics.selection.rule): the one vocabulary of the project.
+SELECTION_RULES = {
+    "best_epoch": "best evaluation on the validation split, which is also the split reported (the paper's GLUE rule)",
+    "val_selected": "checkpoint selected on a validation split, then tested once",
+    "test_selected": "best of the periodic test evaluations (selection on the test split, the paper's VTAB rule)",
+    "last": "the last weights, no selection",
+}
+PACKAGES = ("lilyexp", "torch", "transformers", "peft", "accelerate", "hydra-core", "datasets", "timm", "diffusers")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either nothing or the whole file (mode from the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def run_metrics(*, final: dict, rule: str, metric: str, mode: str, best: dict, history: list[dict],
+                initial: dict | None = None) -> dict:
+    """The ``metrics`` of a record (schema 2): every recipe builds it here, so the keys mean the same."""
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"unknown selection rule '{rule}'; one of {sorted(SELECTION_RULES)}")
+    metrics = {"final": final, "selection": {"rule": rule, "metric": metric, "mode": mode, "step": best.get("step")},
+               "best": best, "last": history[-1] if history else {}, "history": history}
+    if initial is not None:
+        metrics["initial"] = initial
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ reading records
+
+V1_TASK_KNOBS = ("val_size", "cutoff_len", "train_on_inputs", "ignore_case", "align_eval_prompt", "generation")
+
+
+def upgrade_config_v1(config: dict) -> dict:
+    """Version-1 configs named the subset ``task_name`` (GLUE, VTAB) or ``eval_sets`` (commonsense) and kept the
+    commonsense knobs inside ``task.load``."""
+    task = dict(config.get("task") or {})
+    for old in ("task_name", "eval_sets"):
+        if old in task:
+            task["subset"] = task.pop(old)
+    load = task.get("load") or {}
+    for key in V1_TASK_KNOBS:
+        if key in load and key not in task:
+            task[key] = load[key]
+    trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k != "kill_at_step"}
+    trainer.setdefault("_schema_", trainer.get("_target_"))
+    return {**config, "task": task, "trainer": trainer}
+
+
+def upgrade_metrics_v1(metrics: dict, record: dict) -> dict:
+    if not metrics or isinstance(metrics.get("selection"), dict):
+        return metrics
+    history = metrics.get("history", [])
+    rule = next((key for key in ("best_epoch", "test_selected", "val_selected") if key in metrics), None)
+    if rule is not None:  # classification: the rule was a key holding the selected numbers
+        metric, mode = record.get("main_metric"), "max"
+    else:  # causal LM: "best" restored the lowest validation loss, "last" kept the last weights
+        rule = "val_selected" if metrics.get("selection") == "best" and metrics.get("best") else "last"
+        metric, mode = "val/loss", "min"
+    return run_metrics(final=metrics.get("final", {}), rule=rule, metric=metric, mode=mode,
+                       best=metrics.get("best", {}), history=history, initial=metrics.get("initial"))
+
+
+def upgrade(record: dict) -> dict:
+    """A record in the current schema (version-1 records are converted; nothing is written)."""
+    if record.get("schema", 1) >= SCHEMA_VERSION:
+        return record
+    config = upgrade_config_v1(record.get("config", {}))
+    upgraded = {**record, "schema": SCHEMA_VERSION, "config": config,
+                "metrics": upgrade_metrics_v1(record.get("metrics", {}), record)}
+    upgraded["identity"] = cell_identity(config)
+    return upgraded
+
+
+def read_record(path: Path) -> dict | None:
+    """The record at ``path`` in the current schema, with its ``_path``; ``None`` for an unreadable file."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {**upgrade(record), "_path": str(path)} if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+def run_name(cfg: DictConfig, identity: dict) -> str:
+    subset = cfg.task.get("subset")
+    task = f"{cfg.task.name}-{subset}" if isinstance(subset, str) else cfg.task.name
+    return f"{cfg.backbone.name}-{task}-{cfg.method.name}-seed{cfg.seed}-{identity_hash(identity)}"
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun / accelerate launch set RANK), or a plain process. Read from the
+    environment, because creating accelerate's state here, before the recipe's Accelerator, would fix it too early."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def in_head(parameter_name: str, head_modules: list[str] | set[str]) -> bool:
+    """Whether a parameter belongs to the task head (a module named in ``backbone.head_modules``)."""
+    return bool(set(head_modules) & set(parameter_name.split(".")))
+
+
+def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> dict[str, int]:
+    """Unique parameter counts: shared tensors (Lily's A and B) are counted once."""
+    counts = {"total": 0, "trainable": 0, "head": 0}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        counts["total"] += param.numel()
+        if param.requires_grad:
+            counts["trainable"] += param.numel()
+            if in_head(name, head_modules):
+                counts["head"] += param.numel()
+    counts["adapter"] = counts["trainable"] - counts["head"]
+    return counts
+
+
+def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {"git_sha": git_sha(), "packages": versions, "python": platform.python_version(), "device": device,
+            "torch_threads": torch.get_num_threads(), "hostname": platform.node()}
+
+
+def peak_memory() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated()), "peak_mem_kind": "cuda_max_allocated"}
+    return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_mem_kind": "cpu_max_rss"}
+
+
+@dataclass
+class RunContext:
+    """Where one run keeps its checkpoints, per-step log and record."""
+
+    name: str
+    record_path: Path
+    work_dir: Path
+    config: dict
+    overrides: list[str]
+    identity: dict
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def create(cls, cfg: DictConfig, overrides: list[str]) -> "RunContext":
+        config = OmegaConf.to_container(cfg, resolve=True)
+        identity = cell_identity(config)
+        name = run_name(cfg, identity)
+        record_path = Path(cfg.paths.results_dir) / cfg.group / f"{name}.json"
+        work_dir = Path(cfg.paths.checkpoint_dir) / cfg.group / name
+        return cls(name, record_path, work_dir, config, overrides, identity)
+
+    @property
+    def steps_path(self) -> Path:
+        return self.work_dir / "steps.jsonl"
+
+    def side_file(self, suffix: str) -> Path:
+        """A file that sits beside the record: ``<record stem>.<suffix>``."""
+        return self.record_path.with_name(f"{self.record_path.stem}.{suffix}")
+
+    def finished_record(self) -> dict | None:
+        """The finished record of this cell: the one at ``record_path``, or one of the same identity written
+        under another name (an older version's hash, another path to the same data); ``record_path`` then points
+        at it."""
+        if self.record_path.exists():
+            record = read_record(self.record_path)
+            return record if record and record.get("status") == "finished" else None
+        prefix = f"{self.config['backbone']['name']}-{self.config['task']['name']}"
+        for path in sorted(self.record_path.parent.glob(f"{prefix}*.json")):
+            record = read_record(path)
+            if record and record.get("status") == "finished" and record.get("identity") == self.identity:
+                self.record_path = path
+                return record
+        return None
+
+    def write_failure(self, exc: BaseException, params: dict) -> Path:
+        """A failed record with the reason. If a finished record exists (an ``overwrite`` rerun failed), it is
+        kept and the failure goes to the work directory instead."""
+        failure = {"error": str(exc), "error_type": type(exc).__name__}
+        if not isinstance(exc, ConfigError):
+            failure["traceback"] = traceback.format_exc(limit=-8)
+        target = self.work_dir / "failed_record.json" if self.finished_record() is not None else None
+        return self.write_record(status="failed", metrics={}, params=params, extra=failure, path=target)
+
+    def write_record(self, *, status: str, metrics: dict, params: dict, extra: dict | None = None,
+                     path: Path | None = None) -> Path:
+        for side in sorted(self.work_dir.glob("*.jsonl")) if path is None else []:  # per-step log, predictions
+            target = self.side_file(side.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(side, target)
+        record = {
+            "schema": SCHEMA_VERSION,
+            "run_name": self.name,
+            "status": status,
+            "identity": self.identity,
+            "config": self.config,
+            "overrides": self.overrides,
+            "metrics": metrics,
+            "params": params,
+            "env": environment(),
+            "timing": {"wall_s": round(time.time() - self.started, 3), **peak_memory()},
+            **(extra or {}),
+        }
+        path = path or self.record_path
+        atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+        return path

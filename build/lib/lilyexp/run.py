@@ -1,0 +1,113 @@
+"""Entry point: ``python -m lilyexp.run backbone=<b> task=<t> method=<m> [overrides]``.
+
+Composes the config tree (the registry), checks every setting's name and type and the combination before
+anything is built (a mistyped command writes no record), builds the trainer, task and method objects before any
+model loads, trains with the task's recipe, and writes one JSON record; the last output line is
+``record: <path>``. A run that fails after the checks writes a failed record with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lilyexp.compose import CONF_DIR, build, check_combination
+from lilyexp.errors import ConfigError, TrainingDiverged
+from lilyexp.loggers import NullLogger
+from lilyexp.recipes.core import RecipeInputs
+from lilyexp.records import RunContext, count_parameters, is_main_process
+from lilyexp.settings import check_settings
+
+log = logging.getLogger("lilyexp")
+
+
+def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    """Run one cell; return its record path (an existing finished record is kept unless ``overwrite``). A
+    mistyped command raises ConfigError before anything is written; any later failure writes a failed record
+    with the reason (a finished record is never replaced by one) and re-raises."""
+    check_settings(cfg, overrides)
+    check_combination(cfg)
+    run = RunContext.create(cfg, list(overrides or []))
+    if run.finished_record() is not None and not cfg.overwrite:
+        log.info("finished record exists, skipping (overwrite=true reruns): %s", run.record_path)
+        return run.record_path
+    params: dict = {}
+    try:
+        return train_and_record(cfg, run, params)
+    except Exception as exc:
+        path = run.write_failure(exc, params)
+        log.error("run failed (%s); record: %s", one_line(exc), path)
+        if isinstance(exc, TrainingDiverged):
+            raise TrainingDiverged(f"{exc}\nrecord: {path}") from None
+        raise
+
+
+def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
+    trainer, task = build(cfg.trainer), build(cfg.task.load)
+    method, recipe = build(cfg.method.adapter), build(cfg.task.recipe)
+    logger = build(cfg.logger) if is_main_process() else NullLogger()  # one wandb run per cell
+    for part in ("backbone.load", "task.load", "method.adapter", "task.recipe"):
+        log.info("%s: %s", part, OmegaConf.select(cfg, f"{part}._target_"))
+    set_seed(cfg.seed)
+    backbone = build(cfg.backbone.load, **task.model_kwargs)
+    model = method.apply(backbone.model)
+    head_modules = list(cfg.backbone.head_modules)
+    params.update(count_parameters(model, head_modules))
+    summary = method.summary(model)
+    log.info("parameters: %s %s", params, summary or "")
+    logger.start(run.name, run.config)
+    inputs = RecipeInputs(model=model, processor=backbone.processor, task=task, trainer=trainer, run=run,
+                          logger=logger, seed=cfg.seed, head_modules=head_modules)
+    try:
+        outcome = recipe(inputs)
+    except Exception:
+        logger.finish({"status": "failed"})
+        raise
+    logger.finish(outcome.metrics["final"])
+    if not is_main_process():  # under `accelerate launch` / torchrun, one process writes the record
+        return run.record_path
+    extra = {"adapter_summary": summary} if summary is not None else {}
+    return run.write_record(status="finished", metrics=outcome.metrics, params=params,
+                            extra={**extra, **outcome.extra})
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class CellFailed(RuntimeError):
+    """Raised inside a sweep, so Hydra's launcher records the failure and goes on with the other cells."""
+
+
+def hydra_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="run")
+def main(cfg: DictConfig) -> None:
+    try:
+        path = execute(cfg, hydra_overrides())
+    except Exception as exc:
+        if in_sweep():  # sys.exit would end the whole sweep; Hydra reports this after the other cells ran
+            raise CellFailed(one_line(exc)) from None
+        if not isinstance(exc, (ConfigError, TrainingDiverged)):
+            raise  # a bug: the traceback is wanted (the failed record holds it too)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    print(f"record: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

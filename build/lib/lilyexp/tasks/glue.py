@@ -1,0 +1,167 @@
+"""GLUE as the Lily NLU code runs it (natural-language-understanding/glue.py, run.sh): the hub's ``nyu-mll/glue`` or a local folder of the
+classic GLUE TSVs (``glue_data/<TASK>/{train,dev}.tsv``), both read into the same columns and labels; metrics
+from the package's ``evaluate`` GLUE module (offline). The number the paper reports is the best epoch on the
+validation split."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lilyexp.errors import ConfigError
+from lilyexp.settings import knob
+from lilyexp.tasks import TaskSettings
+
+METRIC_MODULE = str(Path(__file__).with_name("glue_metric.py"))
+
+
+@dataclass(frozen=True)
+class GlueSubset:
+    """Where a GLUE subset's fields are, on the hub and in the classic TSV files."""
+
+    hub_fields: tuple[str, ...]  # text columns on the hub
+    folder: str  # glue_data/<folder>
+    tsv_fields: tuple[int, ...]  # text column indices in the TSV
+    tsv_label: int  # label column index (-1 = last)
+    header: bool = True
+    num_labels: int = 2
+    main_metric: str = "accuracy"
+    label_names: tuple[str, ...] = ()  # TSV string labels in hub id order
+    dev_file: str = "dev.tsv"
+    hub_validation: str = "validation"
+
+
+SUBSETS = {
+    "cola": GlueSubset(("sentence",), "CoLA", (3,), 1, header=False, main_metric="matthews_correlation"),
+    "sst2": GlueSubset(("sentence",), "SST-2", (0,), 1),
+    "mrpc": GlueSubset(("sentence1", "sentence2"), "MRPC", (3, 4), 0),
+    "stsb": GlueSubset(("sentence1", "sentence2"), "STS-B", (7, 8), 9, num_labels=1, main_metric="pearson"),
+    "qnli": GlueSubset(("question", "sentence"), "QNLI", (1, 2), 3, label_names=("entailment", "not_entailment")),
+    "rte": GlueSubset(("sentence1", "sentence2"), "RTE", (1, 2), 3, label_names=("entailment", "not_entailment")),
+    "qqp": GlueSubset(("question1", "question2"), "QQP", (3, 4), 5),
+    "mnli": GlueSubset(("premise", "hypothesis"), "MNLI", (8, 9), -1, num_labels=3,
+                       label_names=("entailment", "neutral", "contradiction"), dev_file="dev_matched.tsv",
+                       hub_validation="validation_matched"),
+}
+
+
+@dataclass
+class GlueSettings(TaskSettings):
+    """task=glue: one GLUE subset from the hub or a local folder of the classic TSVs."""
+
+    subset: str = knob("cola", choices=tuple(SUBSETS), help="the GLUE task")
+    data_dir: Optional[str] = knob(None, help="a glue_data/ folder (<TASK>/train.tsv, dev.tsv); None = the hub")
+    max_length: int = knob(512)
+    subsample_seed: int = knob(0, help="seed of the train_limit subsample (the same for every run)")
+
+
+def example(texts: list[str], label: Any, subset: GlueSubset) -> dict:
+    if subset.num_labels == 1:
+        label = float(label)
+    elif subset.label_names:
+        label = subset.label_names.index(label) if isinstance(label, str) and not label.isdigit() else int(label)
+    else:
+        label = int(label)
+    return {"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None, "label": label}
+
+
+def read_tsv(path: Path, subset: GlueSubset) -> list[dict]:
+    """GLUE TSVs: tab-separated with quoting off (fields hold unbalanced quotes), MRPC's UTF-8 BOM, CoLA's
+    missing header, STS-B's 10 columns, string labels for QNLI/RTE/MNLI."""
+    if not path.exists():
+        raise ConfigError(f"GLUE file missing: {path} (classic layout glue_data/<TASK>/train.tsv, dev.tsv).")
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = [row for row in (rows[1:] if subset.header else rows) if row]
+    try:
+        return [example([row[i] for i in subset.tsv_fields], row[subset.tsv_label], subset) for row in rows]
+    except (IndexError, ValueError) as exc:
+        raise ConfigError(f"{path} does not have the {subset.folder} GLUE layout ({exc}).") from None
+
+
+def from_hub_rows(rows, subset: GlueSubset) -> list[dict]:
+    return [example([row[f] for f in subset.hub_fields], row["label"], subset) for row in rows]
+
+
+def load_hub(name: str, subset: GlueSubset) -> tuple[list[dict], list[dict]]:
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset("nyu-mll/glue", name)
+    except (OSError, ConnectionError, ValueError) as exc:
+        raise ConfigError(f"could not load GLUE '{name}' from the hub (nyu-mll/glue: {type(exc).__name__}); set "
+                          f"task.data_dir to a local glue_data folder of the classic TSVs.") from None
+    return from_hub_rows(data["train"], subset), from_hub_rows(data[subset.hub_validation], subset)
+
+
+class GlueTask:
+    """One GLUE subset: training and validation examples ({text_a, text_b, label}), metric, label count."""
+
+    def __init__(self, subset: str, data_dir: str | None = None, max_length: int = 512,
+                 train_limit: int | None = None, eval_limit: int | None = None, subsample_seed: int = 0):
+        """``train_limit`` keeps a random subsample of that size, drawn with ``subsample_seed`` (fixed across
+        runs, so every method and seed trains on the same examples); ``eval_limit`` keeps the first examples."""
+        if subset not in SUBSETS:
+            raise ConfigError(f"unknown GLUE task '{subset}'; one of {sorted(SUBSETS)}.")
+        for key, value in {"max_length": max_length, "train_limit": train_limit, "eval_limit": eval_limit}.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"task.{key} must be positive, got {value}.")
+        self.name, self.subset, self.max_length = subset, SUBSETS[subset], max_length
+        if data_dir is None:
+            train, validation = load_hub(subset, self.subset)
+        else:
+            folder = Path(data_dir).expanduser() / self.subset.folder
+            if not folder.parent.is_dir():
+                raise ConfigError(f"task.data_dir '{folder.parent}' does not exist.")
+            train, validation = read_tsv(folder / "train.tsv", self.subset), read_tsv(folder / self.subset.dev_file,
+                                                                                      self.subset)
+        if train_limit is not None and train_limit < len(train):
+            train = random.Random(subsample_seed).sample(train, train_limit)
+        self.train, self.validation = train, validation[:eval_limit]
+        self.model_kwargs = {"num_labels": self.subset.num_labels}
+
+    @property
+    def is_regression(self) -> bool:
+        return self.subset.num_labels == 1
+
+    @property
+    def main_metric(self) -> str:
+        return f"val/{self.subset.main_metric}"
+
+    @functools.cached_property
+    def metric(self):
+        import evaluate
+
+        return evaluate.load(METRIC_MODULE, self.name)
+
+    def score(self, split: str, predictions: list, references: list) -> dict[str, float]:
+        scores = self.metric.compute(predictions=predictions, references=references)
+        return {f"{split}/{k}": v for k, v in scores.items()}
+
+    # What the shared classification loop (recipes/classify.py) asks of a task.
+    final = None             # GLUE reports the validation split itself: no separate final test
+    splits = {"train": "train", "selection": "validation", "final": None}
+    selection_rule = "best_epoch"
+    selection_split = "val"
+    eval_every_epochs = 1
+    eval_batch_size = None   # the official GLUE code evaluates at the training batch size
+
+    def prepare(self, tokenizer: Any, examples: list[dict]) -> list[dict]:
+        """Single-sentence or sentence-pair tokenisation up to ``max_length`` (padding comes per batch)."""
+        return [{**tokenizer(e["text_a"], e["text_b"], truncation=True, max_length=self.max_length),
+                 "labels": e["label"]} for e in examples]
+
+    def collate(self, tokenizer: Any, features: list[dict]) -> dict:
+        labels = torch.tensor([f["labels"] for f in features], dtype=torch.float if self.is_regression else torch.long)
+        batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt")
+        return {**batch, "labels": labels}
+
+    @staticmethod
+    def logits(model: Any, batch: dict) -> torch.Tensor:
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits

@@ -1,0 +1,65 @@
+"""lilyexp installs as a plain package: a wheel carries the config tree, the table specs and the data manifests,
+and a tiny cell runs from another working directory with no source checkout on the path. The upstream internals
+lilyexp subclasses are named here, so an upgrade past the pinned bounds fails loudly instead of subtly."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("lilyexp-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lilyexp/conf/run.yaml" in names and "lilyexp/conf/experiment/table2/lily.yaml" in names
+    assert "lilyexp/tables/specs/table2.yaml" in names and "lilyexp/manifests/llm_adapters.json" in names
+    target = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                                str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run([sys.executable, "-c", "import lilyexp; print(lilyexp.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(target)), where.stdout + where.stderr  # not the checkout
+    result = subprocess.run([sys.executable, "-m", "lilyexp.run", "backbone=tiny_llama", "debug=smoke"], cwd=elsewhere,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(next((elsewhere / "results" / "runs").rglob("*.json")).read_text())
+    assert record["status"] == "finished"
+
+
+# The upstream internals lilyexp builds on; pyproject.toml bounds peft and transformers so these keep existing.
+UPSTREAM_INTERNALS = [
+    ("peft.tuners.lily.layer", "Linear"),           # LilyVariantLinear subclasses it
+    ("peft.tuners.lily.model", "LilyModel"),        # LilyVariantModel subclasses it (_post_injection_hook)
+    ("peft.tuners.tuners_utils", "BaseTunerLayer"),  # sliced and parallel Lily layers
+    ("peft.tuners.lora", "LoraLayer"),              # MiLoRA re-initialises its factors
+    ("peft.utils.other", "transpose"),
+    ("transformers.models.mamba.modeling_mamba", "mamba_selective_scan"),  # Vim's scan
+    ("transformers.models.mamba.modeling_mamba", "causal_conv1d_fn"),
+]
+
+
+@pytest.mark.parametrize("module,name", UPSTREAM_INTERNALS)
+def test_the_upstream_internals_lilyexp_subclasses_exist(module, name):
+    assert hasattr(importlib.import_module(module), name), f"{module}.{name} is gone: check the pinned bounds"
+
+
+def test_lily_model_still_has_the_hooks_lilyexp_overrides():
+    from peft.tuners.lily.model import LilyModel
+    assert callable(getattr(LilyModel, "_post_injection_hook", None))
+    assert callable(getattr(LilyModel, "_create_and_replace", None))

@@ -1,0 +1,124 @@
+"""Every command README.md shows runs as written: the smoke ones (tiny backbones, ``debug=smoke``, the table
+renderer, the budget helper) run for real; paper-scale ones are composed exactly as the CLI would compose them
+(the first value of every sweep), their settings and combination checked; make targets exist (``make -n``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from lilyexp.compose import check_combination
+from lilyexp.settings import check_settings
+
+from conftest import REPO, compose_run
+
+README = (REPO / "README.md").read_text()
+ENV_PREFIX = re.compile(r"^(\w+=\S+\s+)+")
+
+
+COMMAND_START = re.compile(r"^(\w+=\S+\s+)*(python -m |make |accelerate launch )")
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of every ```bash block (continuation lines joined, comments dropped) and of every inline
+    code span that starts like one."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].split(" # ")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += [span for span in re.findall(r"`([^`]+)`", prose) if COMMAND_START.match(span)]
+    return list(dict.fromkeys(commands))
+
+
+COMMANDS = shell_commands(README)
+
+
+def lilyexp_run_arguments(command: str) -> list[str] | None:
+    """The arguments after ``-m lilyexp.run`` (also under accelerate launch / torchrun), or None."""
+    words = shlex.split(ENV_PREFIX.sub("", command))
+    for i in range(len(words) - 1):
+        if words[i] == "-m" and words[i + 1] == "lilyexp.run":
+            return words[i + 2:]
+    return None
+
+
+def first_of_each_sweep(arguments: list[str]) -> list[str]:
+    parsed = OverridesParser.create().parse_overrides([a for a in arguments if a != "-m" and "=" in a])
+    out = []
+    for override in parsed:
+        key = override.get_key_element()
+        if key.startswith("hydra"):
+            continue
+        value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() \
+            else override.get_value_element_as_str()
+        out.append(f"{key}={value}")
+    return out
+
+
+def runs_here(arguments: list[str]) -> bool:
+    return any(a.startswith("backbone=tiny_") for a in arguments) and "debug=smoke" in arguments
+
+
+def test_readme_shows_the_two_setup_commands_and_this_test_covers_its_commands():
+    assert "make demo" in COMMANDS and "make test" in COMMANDS
+    assert len(COMMANDS) >= 15
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if lilyexp_run_arguments(c) is not None
+                                     and not runs_here(lilyexp_run_arguments(c))])
+def test_paper_scale_commands_compose_to_valid_cells(command):
+    overrides = first_of_each_sweep(lilyexp_run_arguments(command))
+    cfg = compose_run(overrides)
+    check_settings(cfg, overrides)
+    check_combination(cfg)
+
+
+def run(command: list[str], tmp_path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def split_env(command: str) -> tuple[dict, list[str]]:
+    """``A=1 B=2 python ...`` -> ({A: 1, B: 2}, [python, ...])."""
+    words = shlex.split(command)
+    env = {}
+    while words and re.match(r"^\w+=", words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return env, words
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in COMMANDS if lilyexp_run_arguments(c) is not None
+                                     and runs_here(lilyexp_run_arguments(c))])
+def test_smoke_commands_run(command, tmp_path):
+    env, words = split_env(command)
+    paths = [f"paths.results_dir={tmp_path}/results", f"paths.checkpoint_dir={tmp_path}/checkpoints",
+             f"hydra.run.dir={tmp_path}/hydra", f"hydra.sweep.dir={tmp_path}/sweep"]
+    result = run([sys.executable, *words[1:], *paths], tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "results").rglob("*.json")), "the command wrote no record"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m lilyexp.tables")
+                                     or c.startswith("python -m lilyexp.budget")])
+def test_table_and_budget_commands_run(command, tmp_path):
+    words = shlex.split(command)
+    extra = ["--out", str(tmp_path)] if "lilyexp.tables" in command else []
+    result = run([sys.executable, *words[1:], *extra], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("make ")])
+def test_make_targets_exist(command, tmp_path):
+    result = run(["make", "-n", *shlex.split(command)[1:]], tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
