@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,11 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
+    source = tmp_path / "source"  # a copy of the tracked files: building leaves the checkout untouched
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "results", "checkpoints", "outputs",
+                                                                 "multirun", "build", "*.egg-info", "__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=600)
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("lilyexp-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

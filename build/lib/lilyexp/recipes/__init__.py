@@ -1,1 +1,0 @@
-"""Training loops, one per paradigm (causal-LM SFT here; classification and diffusion reuse :mod:`.core`)."""

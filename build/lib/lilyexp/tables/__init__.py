@@ -1,1 +1,0 @@
-"""Paper tables (Markdown, LaTeX, CSV) from run records, beside the paper's numbers (``python -m lilyexp.tables``)."""
