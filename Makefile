@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lilyexp-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
+.PHONY: venv demo test test-fast dreambooth dreambooth-cpu fig2 bench glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
 
 venv: $(STAMP)
 
@@ -64,6 +64,21 @@ endef
 
 $(PAPER_TABLES): table%: venv
 	$(call run_table,$@,$(call experiments_of,$@))
+
+# DreamBooth on SDXL (paper Fig. 2, GPU-sized): train_lily.sh's subjects x Lily and LoRA, then the metrics table.
+dreambooth: venv
+	$(call run_table,dreambooth,$(call experiments_of,dreambooth))
+
+# The DreamBooth machinery on 2 CPU cores: random-init tiny SDXL on the real photos of one subject, Lily and LoRA,
+# random metric models (about 10 minutes). Renders results/tables/dreambooth_cpu.md and its Fig. 2 panel.
+dreambooth-cpu: venv
+	-$(call run_table,dreambooth_cpu,$(call experiments_of,dreambooth_cpu))
+	$(BIN)/python -m lilyexp.figures fig2 --group dreambooth_cpu --results $(RESULTS)
+
+# Paper figures from the records (issue cells first where the figure needs runs).
+fig2: venv
+	-$(MAKE) dreambooth
+	$(BIN)/python -m lilyexp.figures fig2 --results $(RESULTS)
 
 # Render every table (paper tables and the CPU replications) from the records that exist; runs nothing.
 tables: venv

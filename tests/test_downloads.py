@@ -280,3 +280,14 @@ def test_the_mission_command_downloads_its_test_sets(server, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("record: ")
     assert (tmp_path / "cache" / LLM.owner / LLM.name / LLM.commit / BOOLQ).is_file()
+
+
+def test_a_dreambooth_subject_comes_from_the_pinned_commit_without_a_data_dir(server, monkeypatch):
+    from lilyexp.tasks.dreambooth import dataset_root, prepare_instance_data
+
+    monkeypatch.setenv("LILYEXP_GITHUB_RAW", server.url)
+    root = dataset_root(None, "duck_toy")
+    assert (root / "prompts_and_classes.txt").is_file() and len(list((root / "duck_toy").glob("*.jpg"))) == 4
+    assert prepare_instance_data(root, "duck_toy", resolution=32, vae_scale_factor=2).prompt == "a photo of duck_toy"
+    with pytest.raises(ConfigError, match="'teddy' is not in google/dreambooth; known: .*wolf_plushie"):
+        dataset_root(None, "teddy")

@@ -22,7 +22,7 @@ from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel  # noqa: E4
 from lilyexp.recipes.diffusion_steps import (add_time_ids, by_prompt, cache_latents, encode_prompts,  # noqa: E402
                                              sample_images, sample_seed, training_loss)
 from lilyexp.tasks import dreambooth as db  # noqa: E402
-from lilyexp.tasks.dreambooth_grid import abbreviate, make_grid, save_grid  # noqa: E402
+from lilyexp.figures.grid import abbreviate, make_grid, save_grid  # noqa: E402
 from lilyexp.tasks.dreambooth_metrics import (load_dino, mean_matched_cosine, mean_pairwise_cosine,  # noqa: E402
                                               score_subject, tiny_clip, tiny_dino)
 

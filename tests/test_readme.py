@@ -64,6 +64,24 @@ def first_of_each_sweep(arguments: list[str]) -> list[str]:
     return out
 
 
+def pinned_files_served(request, tmp_path) -> dict:
+    """A loopback stand-in for raw.githubusercontent.com serving the shared DreamBooth copies, for commands that
+    download their data; the environment that points lilyexp at it."""
+    from lilyexp import downloads
+    from loopback import Loopback
+
+    shared = request.getfixturevalue("shared_data") / "dreambooth"
+    repo = downloads.load_manifest("dreambooth")
+    server = Loopback(tmp_path / "served")
+    server.put(repo, "dataset/prompts_and_classes.txt", shared / "prompts_and_classes.txt")
+    for image in (shared / "duck_toy").glob("*.jpg"):
+        server.put(repo, f"dataset/duck_toy/{image.name}", image)
+    server.thread.start()
+    server.timer.start()
+    request.addfinalizer(server.stop)
+    return {"LILYEXP_GITHUB_RAW": server.url, "LILYEXP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0"}
+
+
 def runs_here(arguments: list[str]) -> bool:
     return any(a.startswith("backbone=tiny_") for a in arguments) and "debug=smoke" in arguments
 
@@ -100,8 +118,10 @@ def split_env(command: str) -> tuple[dict, list[str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c in COMMANDS if lilyexp_run_arguments(c) is not None
                                      and runs_here(lilyexp_run_arguments(c))])
-def test_smoke_commands_run(command, tmp_path):
+def test_smoke_commands_run(command, tmp_path, request):
     env, words = split_env(command)
+    if "task=dreambooth" in words and not any(w.startswith("task.data_dir=") for w in words):
+        env.update(pinned_files_served(request, tmp_path))  # the command downloads its subject
     paths = [f"paths.results_dir={tmp_path}/results", f"paths.checkpoint_dir={tmp_path}/checkpoints",
              f"hydra.run.dir={tmp_path}/hydra", f"hydra.sweep.dir={tmp_path}/sweep"]
     result = run([sys.executable, *words[1:], *paths], tmp_path, env=env)
@@ -109,11 +129,12 @@ def test_smoke_commands_run(command, tmp_path):
     assert list((tmp_path / "results").rglob("*.json")), "the command wrote no record"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m lilyexp.tables")
-                                     or c.startswith("python -m lilyexp.budget")])
-def test_table_and_budget_commands_run(command, tmp_path):
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m lilyexp.tables",
+                                                                          "python -m lilyexp.figures",
+                                                                          "python -m lilyexp.budget"))])
+def test_table_figure_and_budget_commands_run(command, tmp_path):
     words = shlex.split(command)
-    extra = ["--out", str(tmp_path)] if "lilyexp.tables" in command else []
+    extra = ["--out", str(tmp_path)] if "lilyexp.tables" in command or "lilyexp.figures" in command else []
     result = run([sys.executable, *words[1:], *extra], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -29,5 +29,6 @@ class BackboneSettings:
     adapter_targets: dict = meta({})  # per method family, the module names it adapts
     bypassed_modules: dict = meta({})  # module name -> why an adapter on it would never run
     token_scale: int = meta(1)  # tokens per BPE token of its tokenizer (byte-level tiny backbones: 4)
+    latent_scale: Optional[int] = meta(None)  # pixels per latent of an image generator's VAE (SDXL: 8)
     architecture: Any = plumbing()  # shapes only, for parameter accounting on the meta device
     load: Any = plumbing()

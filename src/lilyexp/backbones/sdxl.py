@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lilyexp.backbones import Backbone
 from lilyexp.backbones.location import torch_dtype, unavailable
 from lilyexp.errors import ConfigError
 
@@ -119,10 +120,19 @@ class SDXLParts:
     tokenizer_2: Any
     noise_scheduler: Any
     sample_scheduler: Any
+    sample_vae: nn.Module | None = None  # decodes samples when not ``vae`` (infer_lily.py: the base model's own)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to_device(self, device: torch.device | str) -> "SDXLParts":
+        """Move the frozen parts (VAEs, text encoders) to ``device``; the UNet moves with the training loop."""
+        for name in ("vae", "text_encoder", "text_encoder_2", "sample_vae"):
+            module = getattr(self, name)
+            if module is not None:
+                module.to(device)
+        return self
 
     @property
     def text_encoders(self) -> tuple[nn.Module, nn.Module]:
@@ -199,7 +209,7 @@ def tiny_unet_config() -> dict[str, Any]:
 
     from lilyexp.compose import CONF_DIR
 
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / "tiny_sdxl.yaml").load.config)
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / "tiny_sdxl.yaml").load.unet_config)
 
 
 def clip_like_tokenizer(pad_token: str = "<|endoftext|>", max_length: int = CLIP_MAX_LENGTH):
@@ -259,3 +269,27 @@ def tiny_pipeline(seed: int = 0, unet_config: dict[str, Any] | None = None) -> S
     sampler = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     return SDXLParts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
                      diffusers.DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG), sampler)
+
+
+SAMPLE_VAES = ("base", "training")
+
+
+def load(name_or_path: str = SDXL_BASE, vae_name_or_path: str | None = SDXL_VAE, dtype: str = "float16",
+         vae_dtype: str = "float32", variant: str | None = None, sample_vae: str = "base") -> Backbone:
+    """The ``sdxl`` backbone: the UNet is the model a method adapts; the other parts travel as its processor.
+    ``sample_vae`` (the task's): ``base`` decodes samples with the base model's own VAE, as infer_lily.py does,
+    ``training`` with the fp16-fix VAE training used."""
+    if sample_vae not in SAMPLE_VAES:
+        raise ConfigError(f"sample_vae must be one of {SAMPLE_VAES}, got '{sample_vae}'.")
+    parts = load_pipeline(name_or_path, vae_name_or_path, dtype, vae_dtype, variant)
+    if sample_vae == "base" and vae_name_or_path is not None:
+        parts.sample_vae = load_vae(name_or_path, "vae", vae_dtype, BASE_SWITCH)
+    return Backbone(parts.unet, parts)
+
+
+def tiny(seed: int = 0, unet_config: dict[str, Any] | None = None, sample_vae: str = "base") -> Backbone:
+    """The ``tiny_sdxl`` backbone: :func:`tiny_pipeline` (its one VAE serves both roles)."""
+    if sample_vae not in SAMPLE_VAES:
+        raise ConfigError(f"sample_vae must be one of {SAMPLE_VAES}, got '{sample_vae}'.")
+    parts = tiny_pipeline(seed, unet_config)
+    return Backbone(parts.unet, parts)

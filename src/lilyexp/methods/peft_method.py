@@ -22,13 +22,14 @@ class LoraSettings(MethodSettings):
     alpha: float = knob(64)
     dropout: float = knob(0.05)
     target_modules: Optional[list] = knob(None, help="None: the backbone's adapter_targets.lora")
+    init: Any = knob(True, help="peft's init_lora_weights: true (kaiming A, zero B), gaussian, pissa, ...")
 
 
 @dataclass
 class PissaSettings(LoraSettings):
     """method=pissa: LoRA initialised from the principal singular components (peft's init_lora_weights)."""
 
-    init: str = knob("pissa", help="pissa (full SVD) or pissa_niter_<K> (randomised SVD, K iterations)")
+    init: Any = knob("pissa", help="pissa (full SVD) or pissa_niter_<K> (randomised SVD, K iterations)")
 
 
 @dataclass

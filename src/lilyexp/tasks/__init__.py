@@ -17,12 +17,3 @@ class TaskSettings:
     load: Any = plumbing()
     train_limit: Optional[int] = knob(None, help="keep this many training examples")
     eval_limit: Optional[int] = knob(None, help="keep this many examples per evaluation split")
-
-
-@dataclass
-class DreamboothSettings(TaskSettings):
-    """DreamBooth (paper Fig. 2): one subject of the DreamBooth dataset."""
-
-    subset: str = knob("wolf_plushie", help="the subject (a folder of the DreamBooth dataset)")
-    data_dir: Optional[str] = knob(None)
-    resolution: int = knob(1024)

@@ -16,14 +16,19 @@ Prompt styles:
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from typing import Any, Optional
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lilyexp.errors import ConfigError
+from lilyexp.settings import knob
+from lilyexp.tasks import TaskSettings
 
 PROMPT_STYLES = ("official", "dreambooth")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -222,3 +227,118 @@ def prepare_instance_data(data_root: str | Path, subject: str, resolution: int =
     images = read_subject_images(Path(data_root) / subject)
     generator = torch.Generator().manual_seed(seed)
     return InstanceData(subject, prompt, [preprocess(image, resolution, generator, center_crop) for image in images])
+
+
+# ------------------------------------------------------------------------------------------------ the task
+
+CFG_ROUTINGS = ("joint", "per_half")
+
+
+@dataclass
+class SamplingSettings:
+    """How images are generated after training (infer_lily.py: 50 steps, guidance 5.0; seeded here)."""
+
+    images_per_prompt: int = 4
+    steps: int = 50
+    guidance: float = 5.0
+    prompts_per_batch: int = 1  # >1: prompts batched, each pooled over its own rows (as at one per call)
+    cfg_routing: str = "joint"  # joint: Lily pools a prompt's unconditional and conditional rows (official)
+
+
+@dataclass
+class MetricSettings:
+    """The metric models: hub ids or local paths; ``random`` builds tiny random-init ones (tests, CPU demo)."""
+
+    dino: str = "facebook/dino-vits16"
+    clip: str = "openai/clip-vit-large-patch14"
+
+
+@dataclass
+class DreamboothSettings(TaskSettings):
+    """task=dreambooth: one subject of the DreamBooth dataset (paper Fig. 2)."""
+
+    subset: str = knob("wolf_plushie", help="the subject (a folder of the DreamBooth dataset)")
+    data_dir: Optional[str] = knob(None, help="the dataset/ folder; None = the pinned google/dreambooth files")
+    resolution: int = knob(1024)
+    prompt_style: str = knob("official", choices=PROMPT_STYLES)
+    token: str = knob("sks", help="the rare token of prompt_style=dreambooth")
+    center_crop: bool = knob(False)
+    sample_vae: str = knob("base", choices=("base", "training"), help="base: decode samples with the base VAE")
+    sampling: SamplingSettings = field(default_factory=SamplingSettings, metadata={"kind": "knob"})
+    metrics: MetricSettings = field(default_factory=MetricSettings, metadata={"kind": "knob"})
+
+
+DREAMBOOTH_SOURCE = "google/dreambooth"
+
+
+def dataset_root(data_dir: str | None, subject: str) -> Path:
+    """``data_dir`` (the dataset/ folder: subject folders beside prompts_and_classes.txt), or the subject and the
+    prompt table of google/dreambooth at the commit the manifest pins (downloaded once, hash-checked, cached)."""
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"task.data_dir '{root}' does not exist.")
+        return root
+    from lilyexp.downloads import fetch_file, fetch_folder, load_manifest
+
+    repo = load_manifest("dreambooth")
+    hint = "set task.data_dir to a DreamBooth dataset/ folder (subject folders and prompts_and_classes.txt)"
+    if not repo.under(f"dataset/{subject}"):
+        raise ConfigError(f"subject '{subject}' is not in {DREAMBOOTH_SOURCE}; known: "
+                          f"{', '.join(sorted({p.split('/')[1] for p in repo.under('dataset') if p.count('/') == 2}))}.")
+    fetch_file(repo, f"dataset/{TABLE_FILE}", hint=hint)
+    return fetch_folder(repo, f"dataset/{subject}", hint=hint).parent
+
+
+class DreamBoothTask:
+    """One subject: the instance images and prompt for training, the prompts to sample after training, the real
+    photos the metrics compare against, and the metrics (:mod:`lilyexp.tasks.dreambooth_metrics`)."""
+
+    def __init__(self, subset: str, data_dir: str | None = None, *, resolution: int = 1024, vae_scale_factor: int = 8,
+                 prompt_style: str = "official", token: str = "sks", center_crop: bool = False, seed: int = 0,
+                 train_limit: int | None = None, eval_limit: int | None = None, sample_vae: str = "base",
+                 sampling: dict | None = None, metrics: dict | None = None):
+        root = dataset_root(data_dir, subset)
+        self.instance = prepare_instance_data(root, subset, resolution, vae_scale_factor, seed, prompt_style, token,
+                                              center_crop)
+        self.instance.examples = self.instance.examples[:train_limit]
+        table = read_prompt_table(root / TABLE_FILE)
+        self.prompts = evaluation_prompts(subset, table, prompt_style, token)[:eval_limit]
+        self.real_images = read_subject_images(root / subset)
+        self.sampling = SamplingSettings(**(sampling or {}))
+        self.metric_models = MetricSettings(**(metrics or {}))
+        check_sampling(self.sampling)
+        self.subject, self.resolution = subset, resolution
+        self.model_kwargs = {"sample_vae": sample_vae}
+
+    def score(self, split: str, predictions: list, references: list) -> dict[str, float]:
+        """DINO, CLIP-I and CLIP-T of generated images (``predictions``: (prompt, image) pairs) against the real
+        photos (``references``), averaged over every generated image."""
+        return self.evaluate(split, predictions, references)[0]
+
+    def evaluate(self, split: str, predictions: list, references: list) -> tuple[dict[str, float], list[dict]]:
+        """The averages (``<split>/dino``, ``/clip_i``, ``/clip_t``) and the per-prompt values."""
+        from lilyexp.tasks.dreambooth_metrics import score_subject
+
+        generated: dict[str, list] = {}
+        for prompt, image in predictions:
+            generated.setdefault(prompt, []).append(image)
+        scores = score_subject(generated, references, *self.embedders).as_dict()
+        averages = {f"{split}/{name}": value for name, value in scores.items() if isinstance(value, float)}
+        return averages, scores["per_prompt"]
+
+    @functools.cached_property
+    def embedders(self) -> tuple[Any, Any]:
+        """(DINO, CLIP) embedders, loaded on first use (after training)."""
+        from lilyexp.tasks import dreambooth_metrics as m
+
+        dino = m.tiny_dino() if self.metric_models.dino == "random" else m.load_dino(self.metric_models.dino)
+        clip = m.tiny_clip() if self.metric_models.clip == "random" else m.load_clip(self.metric_models.clip)
+        return dino, clip
+
+
+def check_sampling(sampling: SamplingSettings) -> None:
+    if min(sampling.images_per_prompt, sampling.steps, sampling.prompts_per_batch) < 1:
+        raise ConfigError("task.sampling needs images_per_prompt, steps and prompts_per_batch of at least 1.")
+    if sampling.cfg_routing not in CFG_ROUTINGS:
+        raise ConfigError(f"task.sampling.cfg_routing must be one of {CFG_ROUTINGS}, got '{sampling.cfg_routing}'.")

@@ -1,0 +1,73 @@
+"""Paper Fig. 2 (subject-driven generation on SDXL, Lily vs LoRA), from DreamBooth run records: per subject, the
+reference photo, then a row of Lily's and of LoRA's samples for the same prompts and seeds
+(``fig2_<subject>.png``/``.pdf``), and the quantitative metrics the paper did not report (DINO, CLIP-I, CLIP-T,
+``fig2.csv``). The images are the PNGs each run saved beside its record (``<record stem>.images/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from lilyexp.figures import Rendered, write_csv
+from lilyexp.figures.grid import make_grid, save_grid
+from lilyexp.tables.build import newest_per_seed, read_records
+
+GROUP = "dreambooth"
+METHODS = {"Lily": "lily", "LoRA": "lora"}
+# The subjects train_lily.sh trained (the default group's sweep); another group shows the subjects it has.
+SUBJECTS = ("bear_plushie", "grey_sloth_plushie", "monster_toy", "rc_car", "red_cartoon", "robot_toy", "wolf_plushie")
+PROMPTS_SHOWN = 6
+
+
+def newest(records: list[dict]) -> dict[tuple[str, str], dict]:
+    """(subject, method name) -> the newest finished record of seed 0 (or the lowest seed)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        if record.get("status") == "finished" and record.get("dreambooth"):
+            cells.setdefault((record["config"]["task"]["subset"], record["config"]["method"]["name"]), []).append(record)
+    return {key: newest_per_seed(group)[0] for key, group in cells.items()}
+
+
+def first_images(record: dict, prompts: list[str]) -> list[Image.Image]:
+    folder = Path(record["_path"]).parent
+    by_prompt = {s["prompt"]: folder / s["path"] for s in record["dreambooth"]["samples"] if s["index"] == 0}
+    return [Image.open(by_prompt[prompt]).convert("RGB") for prompt in prompts]
+
+
+def subject_grid(subject: str, runs: dict[str, dict], out: Path) -> Path:
+    """The Fig. 2 panel of one subject: the prompts every method sampled, in the order they were sampled."""
+    orders = [[s["prompt"] for s in run["dreambooth"]["samples"] if s["index"] == 0] for run in runs.values()]
+    prompts = [p for p in orders[0] if all(p in order for order in orders)][:PROMPTS_SHOWN]
+    reference_run = next(iter(runs.values()))
+    reference = Image.open(Path(reference_run["_path"]).with_suffix(".images") / "reference.png")
+    grid = make_grid(reference, {label: first_images(run, prompts) for label, run in runs.items()}, prompts,
+                     cell=192)
+    path = save_grid(grid, out)
+    grid.save(out.with_suffix(".pdf"))
+    return path
+
+
+def metric_rows(subject: str, runs: dict[str, dict]) -> list[dict]:
+    return [{"subject": subject, "method": label, "adapter_params": run["params"].get("adapter"),
+             "dino": run["metrics"]["final"].get("test/dino"), "clip_i": run["metrics"]["final"].get("test/clip_i"),
+             "clip_t": run["metrics"]["final"].get("test/clip_t"), "record": Path(run["_path"]).name}
+            for label, run in runs.items()]
+
+
+def render(results_dir: Path, out_dir: Path, group: str | None = None) -> Rendered:
+    group = group or GROUP
+    cells = newest(read_records(Path(results_dir), [group]))
+    subjects = SUBJECTS if group == GROUP else sorted({subject for subject, _ in cells})
+    rendered, rows = Rendered(), []
+    prefix = "fig2" if group == GROUP else f"fig2_{group}"
+    for subject in subjects:
+        runs = {label: cells[(subject, name)] for label, name in METHODS.items() if (subject, name) in cells}
+        rendered.missing += [f"python -m lilyexp.run -m experiment={group}/{name} task.subset={subject}"
+                             for label, name in METHODS.items() if label not in runs]
+        if len(runs) == len(METHODS):
+            rendered.files.append(subject_grid(subject, runs, Path(out_dir) / f"{prefix}_{subject}.png"))
+        rows += metric_rows(subject, runs)
+    if rows:
+        rendered.files.append(write_csv(rows, Path(out_dir) / f"{prefix}.csv"))
+    return rendered
