@@ -23,3 +23,19 @@ class KillAfterStep(Callback):
 def kill_after(step: int) -> str:
     """The override that installs the callback."""
     return f"trainer.callbacks=[{{_target_:callbacks.KillAfterStep,step:{step}}}]"
+
+
+class HoldMemory(Callback):
+    """Hold ``megabytes`` of memory from optimizer step ``step`` to the end of training (a run with a large
+    footprint, for per-run peak-memory tests)."""
+
+    def __init__(self, megabytes: int, step: int = 1):
+        self.megabytes, self.step, self.held = megabytes, step, None
+
+    def on_step_end(self, loop, step: int) -> None:
+        if step == self.step:
+            self.held = bytearray(self.megabytes * 2**20)
+            self.held[::4096] = b"\x01" * len(self.held[::4096])  # touch every page so it is resident
+
+    def on_train_end(self, loop) -> None:
+        self.held = None

@@ -149,69 +149,6 @@ def test_live_adapters_pass_the_gradient_check():
     check_every_parameter_got_a_gradient(model)
 
 
-@pytest.mark.parametrize("method,keeps_base", [("lora", True), ("milora", False), ("lily", True)])
-def test_save_and_load_round_trip_for_every_method(method, keeps_base, tmp_path):
-    extra = TINY_OVERRIDES[method]
-    cfg = compose_run(["backbone=tiny_llama", f"method={method}", "method.r=4", "method.dropout=0.0", *extra])
-    cfg.method.target_modules = ["q_proj", "v_proj"]
-    adapter = instantiate(cfg.method.adapter)
-    model = adapter.apply(tiny_llama())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
-    adapter.save(model, tmp_path / "adapter")
-    assert list((tmp_path / "adapter").glob("*.safetensors"))
-    x = torch.randint(0, 100, (2, 6))
-    reloaded = adapter.load(tiny_llama() if keeps_base else residual_base(model), tmp_path / "adapter")
-    torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
-
-
-def residual_base(model):
-    """The base a MiLoRA adapter is relative to: the residual weights its initialisation left."""
-    fresh = tiny_llama()
-    fresh.load_state_dict({k.replace("base_model.model.", "").replace(".base_layer", ""): v
-                           for k, v in model.state_dict().items() if "lora_" not in k})
-    return fresh
-
-
-def test_corrupt_adapter_files_are_a_clear_error(tmp_path):
-    adapter = PeftMethod(LoraConfig(r=2, target_modules=["q_proj"]))
-    adapter.save(adapter.apply(tiny_llama()), tmp_path)
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="cannot load the adapter"):
-        adapter.load(tiny_llama(), tmp_path)
-
-
-def test_milora_exports_a_plain_lora_against_the_original_weights(tmp_path):
-    """peft's PiSSA conversion (path_initial_model_for_weight_conversion) works for MiLoRA too."""
-    from peft import PeftModel
-    model = MiLoRAMethod(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])).apply(tiny_llama())
-    model.save_pretrained(tmp_path / "initial")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
-    converted = PeftModel.from_pretrained(tiny_llama(), tmp_path / "converted")  # the untouched base weights
-    x = torch.randint(0, 100, (2, 6))
-    torch.testing.assert_close(converted(input_ids=x).logits, model(input_ids=x).logits, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("method", [FullFineTune(), LinearProbe(["lm_head"])])
-def test_baselines_save_and_load_what_they_train(method, tmp_path):
-    model = method.apply(tiny_llama())
-    with torch.no_grad():
-        model.lm_head.weight.add_(1.0)
-    method.save(model, tmp_path)
-    reloaded = method.load(tiny_llama(), tmp_path)
-    x = torch.randint(0, 100, (2, 6))
-    torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
-    (tmp_path / "trained_weights.safetensors").write_bytes(b"broken")
-    with pytest.raises(ConfigError, match="cannot read"):
-        method.load(tiny_llama(), tmp_path)
-
-
 def test_svd_initialised_factors_checkpoint_as_contiguous_tensors(tmp_path):
     """safetensors refuses strided tensors; MiLoRA's (and PiSSA's) SVD factors come back column-major."""
     from safetensors.torch import save_file

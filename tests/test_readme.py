@@ -143,3 +143,21 @@ def test_table_figure_and_budget_commands_run(command, tmp_path):
 def test_make_targets_exist(command, tmp_path):
     result = run(["make", "-n", *shlex.split(command)[1:]], tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("block", re.findall(r"```python\n(.*?)```", README, flags=re.S))
+def test_python_snippets_run_on_a_real_export(block, tmp_path):
+    """The snippets name ``base_model`` and ``adapter_dir``: here a tiny LLaMA and a LoRA export of it."""
+    import copy
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_run(["backbone=tiny_llama", "method=lora", "method.r=4"])
+    base = instantiate(cfg.backbone.load).model
+    node = OmegaConf.to_container(cfg.method.adapter, resolve=True)
+    method = instantiate(node)
+    method.export(method.apply(copy.deepcopy(base)), tmp_path / "adapter", node)
+    namespace = {"base_model": base, "adapter_dir": str(tmp_path / "adapter")}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own snippet
+    assert namespace["model"] is not None

@@ -90,7 +90,8 @@ def no_model_loading(monkeypatch):
 
 @pytest.mark.parametrize("overrides,message", [
     (["method.r=-4"], "rank r must be a positive integer"),
-    (["trainer.max_steps=0"], "trainer.max_steps must be positive"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 evaluates a saved adapter: set method.load_from"),
+    (["trainer.max_steps=-1"], "trainer.max_steps must be 0"),
     (["trainer.lr=-1"], "learning rates must be positive"),
     (["task=commonsense", "task.data_dir=/does/not/exist"], "does not exist"),
     (["backbone=tiny_roberta"], "needs a backbone that provides 'causal-lm'"),
@@ -113,7 +114,8 @@ def test_unreachable_hub_is_one_sentence_naming_the_id(tmp_path):
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     result = run_cli(["backbone=tiny_llama", "trainer.max_steps=0"], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: trainer.max_steps must be positive, got 0."
+    assert result.stderr.strip().splitlines()[-1] == ("error: trainer.max_steps=0 evaluates a saved adapter: set "
+                                                     "method.load_from=<adapter folder>.")
     assert "Traceback" not in result.stderr
 
 

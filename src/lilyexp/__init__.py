@@ -2,3 +2,11 @@
 arXiv 2407.09946) and the LoRA, PiSSA and MiLoRA baselines."""
 
 __version__ = "0.1.0"
+
+
+def load_adapter(model, directory):
+    """``model`` adapted with an adapter lilyexp exported (``<run>/adapter``), whichever method trained it; peft-
+    format exports load in plain peft too (``peft.PeftModel.from_pretrained``). See lilyexp.methods.export."""
+    from lilyexp.methods.export import load_adapter as load
+
+    return load(model, directory)

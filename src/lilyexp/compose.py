@@ -81,6 +81,7 @@ def check_combination(cfg: DictConfig) -> None:
     if cfg.trainer.get("head_lr") is not None and not backbone.get("head_modules"):
         raise ConfigError(f"trainer.head_lr is set, but backbone '{backbone.name}' has no task head "
                           f"(backbone.head_modules is empty); leave trainer.head_lr unset.")
+    check_evaluation_only(cfg)
     if task.get("recipe") is None:
         raise ConfigError(f"task '{task.name}' has no training loop in this version of lilyexp yet.")
 
@@ -101,3 +102,17 @@ def build(node: Any, **kwargs: Any) -> Any:
         if isinstance(cause, ValueError):  # a library's own validation of a setting (e.g. peft configs)
             raise ConfigError(f"{OmegaConf.select(node, '_target_') or 'config'}: {cause}") from None
         raise
+
+
+def check_evaluation_only(cfg: DictConfig) -> None:
+    """``method.load_from`` evaluates an exported adapter: it goes with ``trainer.max_steps=0``, and the folder
+    must hold one."""
+    load_from, steps = cfg.method.get("load_from"), cfg.trainer.get("max_steps")
+    if load_from is None and steps == 0:
+        raise ConfigError("trainer.max_steps=0 evaluates a saved adapter: set method.load_from=<adapter folder>.")
+    if load_from is None:
+        return
+    if steps != 0:
+        raise ConfigError(f"method.load_from evaluates the adapter in {load_from}: add trainer.max_steps=0.")
+    if not (Path(load_from).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError(f"method.load_from={load_from} holds no exported adapter (adapter_config.json).")

@@ -24,8 +24,10 @@ Records are written atomically: a temp file in the same folder, then a rename.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import platform
 import resource
 import shutil
@@ -207,10 +209,35 @@ def environment() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "hostname": platform.node()}
 
 
-def peak_memory() -> dict[str, Any]:
-    if torch.cuda.is_available():
-        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated()), "peak_mem_kind": "cuda_max_allocated"}
-    return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_mem_kind": "cpu_max_rss"}
+CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+class MemoryMeter:
+    """The peak memory of one run, not of the process (a sweep runs cells in one process): CUDA's peak statistics
+    are reset when the run starts; on CPU the process's peak resident set (Linux VmHWM) is reset through
+    /proc/self/clear_refs. Where neither is possible the process's lifetime peak is reported, and named so."""
+
+    def __init__(self) -> None:
+        self.kind = "cuda_max_allocated" if torch.cuda.is_available() else self.reset_cpu_peak()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    @staticmethod
+    def reset_cpu_peak() -> str:
+        try:
+            CLEAR_REFS.write_text("5")
+            return "cpu_peak_rss"
+        except OSError:
+            return "cpu_lifetime_max_rss"
+
+    def peak(self) -> dict[str, Any]:
+        if self.kind == "cuda_max_allocated":
+            value = int(torch.cuda.max_memory_allocated())
+        elif self.kind == "cpu_peak_rss":
+            value = int(re.search(r"VmHWM:\s+(\d+) kB", STATUS.read_text()).group(1)) * 1024
+        else:
+            value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_mem_bytes": value, "peak_mem_kind": self.kind}
 
 
 @dataclass
@@ -224,6 +251,7 @@ class RunContext:
     overrides: list[str]
     identity: dict
     started: float = field(default_factory=time.time)
+    memory: MemoryMeter = field(default_factory=MemoryMeter)
 
     @classmethod
     def create(cls, cfg: DictConfig, overrides: list[str]) -> "RunContext":
@@ -233,6 +261,12 @@ class RunContext:
         record_path = Path(cfg.paths.results_dir) / cfg.group / f"{name}.json"
         work_dir = Path(cfg.paths.checkpoint_dir) / cfg.group / name
         return cls(name, record_path, work_dir, config, overrides, identity)
+
+    @property
+    def wandb_id(self) -> str:
+        """A stable wandb run id for this cell in this group: a resumed or requeued run continues its wandb run."""
+        group = self.record_path.parent.name
+        return hashlib.sha1(f"{group}/{self.name}".encode()).hexdigest()[:16]
 
     @property
     def steps_path(self) -> Path:
@@ -272,6 +306,8 @@ class RunContext:
             target = self.side_file(side.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(side, target)
+        extra = dict(extra or {})
+        timing = {"wall_s": round(time.time() - self.started, 3), **self.memory.peak(), **extra.pop("timing", {})}
         record = {
             "schema": SCHEMA_VERSION,
             "run_name": self.name,
@@ -282,8 +318,8 @@ class RunContext:
             "metrics": metrics,
             "params": params,
             "env": environment(),
-            "timing": {"wall_s": round(time.time() - self.started, 3), **peak_memory()},
-            **(extra or {}),
+            "timing": timing,
+            **extra,
         }
         path = path or self.record_path
         atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")

@@ -2,8 +2,10 @@
 
 Composes the config tree (the registry), checks every setting's name and type and the combination before
 anything is built (a mistyped command writes no record), builds the trainer, task and method objects before any
-model loads, trains with the task's recipe, and writes one JSON record; the last output line is
-``record: <path>``. A run that fails after the checks writes a failed record with the reason.
+model loads, trains with the task's recipe (or, with ``method.load_from``, evaluates an exported adapter),
+exports the selected adapter to ``<checkpoints>/<group>/<run>/adapter``, and writes one JSON record; a short
+summary ends with ``record: <path>``. A run that fails after the checks writes a failed record with the reason.
+The Hydra entry point returns the run's objective (``objective``, default: its selection metric) for sweepers.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from lilyexp.compose import CONF_DIR, build, check_combination
 from lilyexp.errors import ConfigError, TrainingDiverged
 from lilyexp.loggers import NullLogger
+from lilyexp.methods.export import load_adapter
 from lilyexp.recipes.core import RecipeInputs
-from lilyexp.records import RunContext, count_parameters, is_main_process
+from lilyexp.recipes.loop import Checkpointer
+from lilyexp.records import RunContext, count_parameters, is_main_process, read_record
 from lilyexp.settings import check_settings
 
 log = logging.getLogger("lilyexp")
@@ -57,25 +61,61 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
         log.info("%s: %s", part, OmegaConf.select(cfg, f"{part}._target_"))
     set_seed(cfg.seed)
     backbone = build(cfg.backbone.load, **task.model_kwargs)
-    model = method.apply(backbone.model)
+    load_from = cfg.method.get("load_from")
+    model = load_adapter(backbone.model, load_from) if load_from else method.apply(backbone.model)
     head_modules = list(cfg.backbone.head_modules)
     params.update(count_parameters(model, head_modules))
-    summary = method.summary(model)
+    summary = method.summary(model) if not load_from else None
     log.info("parameters: %s %s", params, summary or "")
-    logger.start(run.name, run.config)
+    logger.start(run.name, {**run.config, "params": params}, run_id=run.wandb_id)
     inputs = RecipeInputs(model=model, processor=backbone.processor, task=task, trainer=trainer, run=run,
                           logger=logger, seed=cfg.seed, head_modules=head_modules)
     try:
         outcome = recipe(inputs)
     except Exception:
-        logger.finish({"status": "failed"})
+        logger.finish({"status": "failed"}, failed=True)
         raise
-    logger.finish(outcome.metrics["final"])
+    logger.finish({**outcome.metrics["final"], **{f"params/{k}": v for k, v in params.items()}})
     if not is_main_process():  # under `accelerate launch` / torchrun, one process writes the record
         return run.record_path
     extra = {"adapter_summary": summary} if summary is not None else {}
-    return run.write_record(status="finished", metrics=outcome.metrics, params=params,
+    if not load_from:
+        extra["adapter"] = export_adapter(method, model, run, OmegaConf.to_container(cfg.method.adapter, resolve=True))
+    path = run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**extra, **outcome.extra})
+    if not trainer.keep_checkpoint:  # the export holds the selected weights; the optimizer state can be large
+        Checkpointer(run).discard()
+    return path
+
+
+def export_adapter(method, model, run: RunContext, node: dict) -> dict:
+    """The selected adapter in peft's layout, under the run's checkpoint folder; the record names it."""
+    directory = run.work_dir / "adapter"
+    method.export(model, directory, node)
+    return {"path": str(directory), "load": "lilyexp.load_adapter(model, path)"}
+
+
+def print_summary(path: Path) -> None:
+    """What the run reports, in a few lines before ``record: <path>``."""
+    record = read_record(path) or {}
+    metrics, timing, params = record.get("metrics", {}), record.get("timing", {}), record.get("params", {})
+    selection = metrics.get("selection", {})
+    numbers = ", ".join(f"{k} {v:.4g}" for k, v in metrics.get("final", {}).items() if isinstance(v, (int, float)))
+    lines = [f"final ({selection.get('rule')}, selected on {selection.get('metric')}): {numbers}",
+             f"parameters: {params.get('trainable', 0):,} trainable, {params.get('adapter', 0):,} adapter",
+             f"wall {timing.get('wall_s', 0):.1f} s, {timing.get('step_s', 0):.3f} s a training step, peak memory "
+             f"{timing.get('peak_mem_bytes', 0) / 2**20:.0f} MiB ({timing.get('peak_mem_kind')})"]
+    if record.get("adapter"):
+        lines.append(f"adapter: {record['adapter']['path']}")
+    print("\n".join(lines), flush=True)
+
+
+def objective_of(cfg: DictConfig, path: Path) -> float | None:
+    """The number a Hydra sweeper optimises: ``final[objective]`` (default: the selection metric)."""
+    metrics = (read_record(path) or {}).get("metrics", {})
+    key = cfg.get("objective") or metrics.get("selection", {}).get("metric")
+    value = metrics.get("final", {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def one_line(exc: BaseException) -> str:
@@ -96,7 +136,7 @@ def in_sweep() -> bool:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="run")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     try:
         path = execute(cfg, hydra_overrides())
     except Exception as exc:
@@ -106,7 +146,9 @@ def main(cfg: DictConfig) -> None:
             raise  # a bug: the traceback is wanted (the failed record holds it too)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    print_summary(path)
     print(f"record: {path}", flush=True)
+    return objective_of(cfg, path)
 
 
 if __name__ == "__main__":

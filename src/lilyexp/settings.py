@@ -75,6 +75,7 @@ class RunSettings:
     setting: Optional[str] = knob(None, help="a label naming a variant of a cell (e.g. matched_lr)")
     group: str = bookkeeping("adhoc")
     overwrite: bool = bookkeeping(False)
+    objective: Optional[str] = bookkeeping(None)  # the final metric the entry point returns (sweepers); None: selection
     lookup: Any = plumbing()  # free values experiment files interpolate into knobs (e.g. s per GLUE task)
 
 
@@ -164,7 +165,7 @@ def option_schema(group: str, option: str) -> type | None:
 
 
 def canonical(key: str, value: Any) -> Any:
-    if isinstance(value, str) and key.endswith("data_dir"):
+    if isinstance(value, str) and key.endswith(("data_dir", "load_from")):
         return os.path.realpath(os.path.expanduser(value))
     return value
 

@@ -5,7 +5,7 @@ subclass of :class:`MethodSettings`."""
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from lilyexp.settings import meta, plumbing
+from lilyexp.settings import knob, meta, plumbing
 
 
 @dataclass
@@ -18,3 +18,4 @@ class MethodSettings:
     family: Optional[str] = meta(None)
     modalities: Optional[list] = meta(None)
     adapter: Any = plumbing()
+    load_from: Optional[str] = knob(None, help="an exported adapter to evaluate (with trainer.max_steps=0)")

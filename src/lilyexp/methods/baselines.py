@@ -9,34 +9,33 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lilyexp.errors import ConfigError
+from lilyexp.methods.export import WEIGHTS_FILE, write_lilyexp_config
 from lilyexp.recipes.core import load_trainable_state, trainable_state
 from lilyexp.records import in_head
 
-WEIGHTS = "trained_weights.safetensors"
-
-
 class SavesTrainedWeights:
-    """Save and load what the method trains (all weights, or the head) as one safetensors file."""
+    """Export and load what the method trains (all weights, the head, an AdaptFormer's bottlenecks) in lilyexp's
+    format: the trained tensors and the method's config node (see lilyexp.methods.export)."""
 
     @staticmethod
     def summary(model: torch.nn.Module) -> None:
         return None
 
-    @staticmethod
-    def save(model: torch.nn.Module, directory: str | Path) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        save_file(trainable_state(model), Path(directory) / WEIGHTS)
+    def export(self, model: torch.nn.Module, directory: str | Path, node: dict) -> None:
+        write_lilyexp_config(directory, type(self).__name__, node)
+        save_file(trainable_state(model), Path(directory) / WEIGHTS_FILE)
 
     def load(self, model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
         model = self.apply(model)
+        path = Path(directory) / WEIGHTS_FILE
         try:
-            state = load_file(Path(directory) / WEIGHTS)
+            state = load_file(path)
         except (OSError, SafetensorError) as exc:
-            raise ConfigError(f"cannot read {Path(directory) / WEIGHTS}: {exc}") from None
+            raise ConfigError(f"cannot read {path}: {exc}") from None
         try:
             load_trainable_state(model, state)
         except RuntimeError as exc:  # a shape mismatch
-            raise ConfigError(f"{Path(directory) / WEIGHTS} does not match the model: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{path} does not match the model: {str(exc).splitlines()[0]}") from None
         return model
 
 

@@ -20,7 +20,6 @@ documents for custom tuners: instantiated directly on the model (``LilyVariantMo
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +30,6 @@ from peft import LilyConfig
 from peft.tuners.lily.layer import Linear as UpstreamLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.tuners.lily.model import LilyModel
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lilyexp.errors import ConfigError
@@ -365,57 +362,18 @@ class LilyVariantModel(LilyModel):
         """What was built, per (target, shape) group: layers, stride, number of A's and B's, rank, routers."""
         return [asdict(group) for group in self.groups]
 
-    def save_pretrained(self, directory: str | Path, adapter_name: str = "default") -> None:
-        """peft's layout: ``adapter_config.json`` + ``adapter_model.safetensors``; a shared A, B or router is
-        stored once, under the first layer that holds it, with the other names listed as aliases."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors, aliases, seen = {}, {}, {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            if f".{adapter_name}." not in f"{name}." or "lily_" not in name:
-                continue
-            key = name.replace(f".{adapter_name}.", ".")
-            if id(param) in seen:
-                aliases[key] = seen[id(param)]
-            else:
-                seen[id(param)] = key
-                tensors[key] = param.detach().cpu().contiguous()
-        save_file(tensors, directory / "adapter_model.safetensors", metadata={"aliases": json.dumps(aliases)})
-        config = self.peft_config[adapter_name].to_dict()
-        config["lilyexp_tuner"] = f"{type(self).__module__}.{type(self).__name__}"
-        (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
+    def save_pretrained(self, directory: str | Path) -> None:
+        """lilyexp's adapter format (shared tensors once, the head included): :mod:`lilyexp.methods.lily_io`."""
+        from lilyexp.methods.lily_io import export_lilyexp
+
+        export_lilyexp(self, directory)
 
     @classmethod
     def load_pretrained(cls, model: nn.Module, directory: str | Path) -> "LilyVariantModel":
-        """Adapt ``model`` with the saved config and load the saved weights; mismatches are a clear error."""
-        directory = Path(directory)
-        try:
-            raw = json.loads((directory / "adapter_config.json").read_text())
-            tensors = load_file(directory / "adapter_model.safetensors")
-            with safe_open(directory / "adapter_model.safetensors", "pt") as handle:
-                aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-        except (OSError, ValueError, SafetensorError) as exc:
-            raise ConfigError(f"cannot read the Lily adapter in {directory}: {exc}") from None
-        fields = LilyVariantConfig.__dataclass_fields__
-        config = LilyVariantConfig(**{k: v for k, v in raw.items() if k in fields and fields[k].init})
-        tuner = cls(model, config)
-        tuner.load_adapter_tensors({**tensors, **{alias: tensors[key] for alias, key in aliases.items()}})
-        return tuner
+        """Adapt ``model`` with a saved Lily; a corrupt or mismatched one is a clear error."""
+        from lilyexp.methods.export import load_adapter
 
-    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
-        expected = {name.replace(f".{adapter_name}.", "."): param
-                    for name, param in self.model.named_parameters(remove_duplicate=False)
-                    if "lily_" in name and f".{adapter_name}." in f"{name}."}
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ConfigError(f"the saved Lily adapter does not match the model: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}.")
-        with torch.no_grad():
-            for key, param in expected.items():
-                if tensors[key].shape != param.shape:
-                    raise ConfigError(f"the saved Lily tensor '{key}' has shape {tuple(tensors[key].shape)}, "
-                                      f"the model expects {tuple(param.shape)}.")
-                param.copy_(tensors[key])
+        return load_adapter(model, directory)
 
 
 def upcast_half_adapters(model: nn.Module) -> None:
@@ -446,12 +404,17 @@ class LilyMethod:
         return model.summary()
 
     @staticmethod
-    def save(model: LilyVariantModel, directory: str | Path) -> None:
-        model.save_pretrained(directory)
+    def export(model: LilyVariantModel, directory: str | Path, node: dict | None = None) -> None:
+        """peft's format when upstream Lily computes this variant, else lilyexp's (:mod:`lilyexp.methods.lily_io`)."""
+        from lilyexp.methods.lily_io import export
 
-    @staticmethod
-    def load(model: nn.Module, directory: str | Path) -> LilyVariantModel:
-        return LilyVariantModel.load_pretrained(model, directory)
+        export(model, directory)
+
+    def load(self, model: nn.Module, directory: str | Path) -> LilyVariantModel:
+        """Adapt ``model`` with this config and load a lilyexp-format export's tensors."""
+        from lilyexp.methods.lily_io import load_tensors
+
+        return load_tensors(self.apply(model), directory)
 
 
 @dataclass

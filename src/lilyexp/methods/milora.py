@@ -39,10 +39,11 @@ def milora_init(layer: LoraLayer, adapter: str) -> None:
 class MiLoRAMethod(PeftMethod):
     """A peft LoRA config (``init_lora_weights=True``) re-initialised from the minor singular components."""
 
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        peft_model = super().apply(model)
+    def initialise(self, peft_model: torch.nn.Module) -> None:
         adapter = peft_model.active_adapter
         for module in peft_model.modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
                 milora_init(module, adapter)
-        return peft_model
+
+    def residual_init(self) -> bool:
+        return True  # the minor components were removed from W

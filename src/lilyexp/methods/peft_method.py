@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from lilyexp.errors import ConfigError
 from lilyexp.methods import MethodSettings
+from lilyexp.methods.export import load_peft
 from lilyexp.settings import knob
 
 
@@ -50,27 +55,49 @@ class PeftMethod:
         if not getattr(config, "target_modules", True):
             raise ConfigError("the method has no target modules; set method.target_modules.")
         self.config = config
+        self.initial: dict[str, torch.Tensor] | None = None  # a residual-initialised adapter's starting point
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         try:
-            return get_peft_model(model, self.config)
+            peft_model = get_peft_model(model, self.config)
         except ValueError as exc:  # e.g. a target module name the backbone does not have
             raise ConfigError(f"peft could not adapt the backbone: {exc}") from None
+        self.initialise(peft_model)
+        return self.remember_initial(peft_model)
+
+    def initialise(self, peft_model: PeftModel) -> None:
+        """Re-initialise the adapter peft built (a subclass's hook: MiLoRA); peft's own init is kept here."""
+
+    def residual_init(self) -> bool:
+        """Whether the adapter starts from a part of W removed from the base (PiSSA), so that its export must be
+        converted to apply to the original weights."""
+        return str(getattr(self.config, "init_lora_weights", "")).lower().startswith("pissa")
+
+    def remember_initial(self, peft_model: PeftModel) -> PeftModel:
+        if self.residual_init():
+            self.initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        return peft_model
 
     @staticmethod
     def summary(model: torch.nn.Module) -> None:
         return None
 
-    @staticmethod
-    def save(model: PeftModel, directory: str | Path) -> None:
-        """peft's ``save_pretrained`` (safetensors)."""
-        model.save_pretrained(str(directory), safe_serialization=True)
+    def export(self, model: PeftModel, directory: str | Path, node: dict) -> None:
+        """peft's ``save_pretrained`` (safetensors, the task head via modules_to_save); a residual-initialised
+        adapter as the rank-2r LoRA on the original weights that peft's conversion makes."""
+        if self.initial is None:
+            model.save_pretrained(str(directory), safe_serialization=True)
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            initial = Path(scratch) / "initial"
+            config = copy.deepcopy(model.peft_config[model.active_adapter])
+            config.init_lora_weights = True  # loading the starting point must not decompose W again
+            config.save_pretrained(str(initial))
+            save_file(self.initial, initial / "adapter_model.safetensors")
+            model.save_pretrained(str(directory), safe_serialization=True,
+                                  path_initial_model_for_weight_conversion=str(initial))
 
     @staticmethod
     def load(model: torch.nn.Module, directory: str | Path) -> PeftModel:
         """Adapt ``model`` with a saved adapter; a corrupt or mismatched one is a clear error."""
-        try:
-            return PeftModel.from_pretrained(model, str(directory))
-        except Exception as exc:  # peft raises OSError, ValueError, RuntimeError or safetensors errors here
-            raise ConfigError(f"cannot load the adapter in {directory}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        return load_peft(model, directory)

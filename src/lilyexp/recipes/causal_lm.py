@@ -61,7 +61,7 @@ def language_model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, batch_size: int, device) -> dict:
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(features), batch_size):
+    for start in tqdm(range(0, len(features), batch_size), desc="eval val/loss", leave=False):
         chunk = features[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_pad(chunk, pad_id).items()}
         total += language_model_loss(model, batch).float().item() * len(chunk)
@@ -112,7 +112,8 @@ def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predi
 def run(inputs: RecipeInputs) -> Outcome:
     tokenizer, task, trainer = inputs.processor, inputs.task, inputs.trainer
     accelerator = Accelerator(mixed_precision=trainer.mixed_precision)
-    train_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.train)
+    train_features = supervised(tokenize_for_training(tokenizer, task, e)
+                                for e in tqdm(task.train, desc="tokenise", leave=False))
     val_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.validation)
     if not train_features:
         raise ConfigError(f"no training example keeps an answer token within task.cutoff_len={task.cutoff_len} "
@@ -141,5 +142,5 @@ def run(inputs: RecipeInputs) -> Outcome:
     sizes = {"train": len(train_features), "train_dropped_no_labels": len(task.train) - len(train_features),
              "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
     extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": sizes,
-             "steps": result.steps, "resumed_from_step": result.resumed_from}
+             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing()}
     return Outcome(metrics, extra)

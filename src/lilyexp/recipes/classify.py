@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, StepPlan, TrainerConfig, selected_evaluation
 from lilyexp.recipes.loop import fit
@@ -34,7 +35,7 @@ def evaluate_split(model: torch.nn.Module, processor: Any, task: Any, features: 
                    split: str) -> dict:
     model.eval()
     predictions, references = [], []
-    for start in range(0, len(features), batch_size):
+    for start in tqdm(range(0, len(features), batch_size), desc=f"eval {split}", leave=False):
         batch = {k: v.to(device) for k, v in task.collate(processor, features[start:start + batch_size]).items()}
         logits = task.logits(model, batch)
         predictions += (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).tolist()
@@ -76,5 +77,5 @@ def run(inputs: RecipeInputs) -> Outcome:
                           history=result.history)
     extra = {"data": {"train": len(train), "selection": len(selection),
                       "final": None if task.final is None else len(task.final)},
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "splits": task.splits}
+             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "splits": task.splits}
     return Outcome(metrics, extra)

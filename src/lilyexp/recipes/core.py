@@ -46,12 +46,16 @@ class TrainerConfig:
     resume: bool = bookkeeping(False)
     log_every: int = bookkeeping(1)
     callbacks: list = bookkeeping([])  # objects with on_step_end(loop, step) (``_target_`` nodes), e.g. captures
+    keep_checkpoint: bool = bookkeeping(False)  # keep the resume checkpoint (optimizer state) after a finished run
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
-        positive.update({k: v for k, v in {"max_steps": self.max_steps, "eval_every": self.eval_every,
+        positive.update({k: v for k, v in {"eval_every": self.eval_every,
                                            "eval_batch_size": self.eval_batch_size}.items() if v is not None})
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"trainer.max_steps must be 0 (evaluate a saved adapter) or positive, got "
+                              f"{self.max_steps}.")
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"trainer.{name} must be positive, got {value}.")
@@ -139,12 +143,21 @@ class FitResult:
     initial: dict | None = None
     steps: int = 0
     resumed_from: int | None = None
+    step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time, evaluation excluded
+
+    def timing(self) -> dict:
+        """The record's training-time figures: time per optimizer step (median; evaluation excluded) and their sum."""
+        if not self.step_seconds:
+            return {}
+        ordered = sorted(self.step_seconds)
+        return {"step_s": ordered[len(ordered) // 2], "train_s": sum(self.step_seconds),
+                "timed_steps": len(ordered)}
 
 
 def selected_evaluation(result: FitResult, trainer: TrainerConfig, rule: str) -> tuple[dict, str]:
     """The evaluation of the weights the loop kept, and the record's selection rule: the best evaluation under
     the task's ``rule``, or the last one (``trainer.select=last``)."""
-    if trainer.select == "best" and result.best:
+    if trainer.select == "best" and result.best and trainer.max_steps != 0:
         return result.best, rule
     return (result.history[-1] if result.history else {}), "last"
 

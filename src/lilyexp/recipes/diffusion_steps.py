@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from lilyexp.backbones.sdxl import SDXLParts, require_diffusers
 from lilyexp.errors import ConfigError
@@ -186,7 +187,7 @@ def sample_images(parts: SDXLParts, unet: nn.Module, prompts: Sequence[str], ima
         raise ConfigError("sampling needs images_per_prompt >= 1 and steps >= 1.")
     pipe = parts.pipeline(unet=bare_unet(unet), vae=vae)
     samples = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="sample", leave=False):
         for index in range(images_per_prompt):
             image_seed = sample_seed(seed, prompt, index)
             generator = torch.Generator(device="cpu").manual_seed(image_seed)

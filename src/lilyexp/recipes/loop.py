@@ -7,9 +7,11 @@ a non-finite loss stops the run naming the step."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from lilyexp.errors import ConfigError, TrainingDiverged
 from lilyexp.recipes.core import (FitResult, Objective, RecipeInputs, StepPlan, build_optimizer, build_scheduler,
                                   load_trainable_state, trainable_state)
 from lilyexp.records import RunContext
+
+log = logging.getLogger("lilyexp")
 
 
 class Callback:
@@ -59,6 +63,11 @@ class Checkpointer:
             self.dir.rename(old)
         tmp.rename(self.dir)
         shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Delete the resume checkpoints (optimizer state included) of a finished run."""
+        for candidate in (self.dir, self.dir.with_name("checkpoint.old"), self.dir.with_name("checkpoint.tmp")):
+            shutil.rmtree(candidate, ignore_errors=True)
 
     def latest(self) -> Path | None:
         for candidate in (self.dir, self.dir.with_name("checkpoint.old")):
@@ -137,9 +146,12 @@ class TrainingLoop:
         self.accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision)
         self.plan = StepPlan(objective.plan_size, trainer.batch_size, trainer.grad_accum, inputs.seed,
                              self.accelerator.num_processes, self.accelerator.process_index, trainer.drop_last)
-        self.total = trainer.max_steps or trainer.epochs * self.plan.steps_per_epoch
+        self.total = trainer.max_steps if trainer.max_steps is not None else trainer.epochs * self.plan.steps_per_epoch
         self.eval_every = trainer.eval_every or self.plan.steps_per_epoch
-        self.model, self.optimizer, self.scheduler = self.prepare(inputs.model)
+        if self.total:
+            self.model, self.optimizer, self.scheduler = self.prepare(inputs.model)
+        else:  # trainer.max_steps=0: evaluate a loaded adapter, nothing trains
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(inputs.model), None, None
         self.main = self.accelerator.is_main_process
         self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
         self.result, self.best_state, self.start = FitResult(), None, 0
@@ -161,11 +173,16 @@ class TrainingLoop:
         return self.accelerator.unwrap_model(self.model)
 
     def run(self) -> FitResult:
+        if self.total == 0:
+            self.validate(0)
+            return self.result
         self.resume_or_start()
         progress = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc="train",
                         disable=not self.main)
         for step in progress:
+            started = time.perf_counter()
             loss = self.train_step(step)
+            self.result.step_seconds.append(time.perf_counter() - started)
             done = step + 1
             self.log_step(done, loss, progress)
             if done % self.eval_every == 0 or done == self.total:
@@ -234,6 +251,8 @@ class TrainingLoop:
             self.result.history.append({"step": done, **metrics})
             if self.main:
                 self.log.write(done, metrics)
+                log.info("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                         if isinstance(v, (int, float))))
         metric, mode = self.objective.select_metric, self.objective.select_mode
         if metric in metrics and is_better(metrics[metric], self.result.best.get(metric), mode):
             self.result.best = {"step": done, **metrics}

@@ -1,0 +1,151 @@
+"""What a run leaves behind: every method's export loads back with ``lilyexp.load_adapter`` and reproduces the
+trained model's outputs; LoRA, PiSSA, MiLoRA and the Lily variants upstream peft computes load with
+``peft.PeftModel.from_pretrained`` (PiSSA/MiLoRA on the ORIGINAL base weights); upstream peft refuses every other
+Lily export instead of loading it untrained."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
+
+import lilyexp
+from lilyexp.errors import ConfigError
+
+from conftest import compose_run
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=4, num_attention_heads=4,
+                                                        num_key_value_heads=2))
+
+
+def tiny_roberta() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(RobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        num_labels=3))
+
+
+def trained(method, base: torch.nn.Module) -> torch.nn.Module:
+    """The method applied and its trainable tensors moved off their initial values (a stand-in for training)."""
+    model = method.apply(base)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def method_and_node(backbone: str, method: str, *overrides: str):
+    cfg = compose_run([f"backbone={backbone}", f"method={method}", *overrides])
+    node = OmegaConf.to_container(cfg.method.adapter, resolve=True)
+    return instantiate(node), node
+
+
+CAUSAL = {"lora": ["method.r=4"], "pissa": ["method.r=4", "method.dropout=0.0"],
+          "milora": ["method.r=4", "method.dropout=0.0"], "lily": ["method.r=4", "method.ne_1=2", "method.ne_2=3"]}
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL))
+def test_peft_expressible_exports_load_in_plain_peft_with_the_trained_outputs(name, tmp_path):
+    method, node = method_and_node("tiny_llama", name, "method.dropout=0.0", *CAUSAL[name])
+    model = trained(method, tiny_llama())
+    method.export(model, tmp_path / "adapter", node)
+    x = torch.randint(0, 100, (2, 7))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter")).eval()  # the ORIGINAL weights
+    tolerance = 1e-4 if name in ("pissa", "milora") else 1e-5  # the residual route adds rounding
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=tolerance, rtol=0)
+    torch.testing.assert_close(lilyexp.load_adapter(tiny_llama(), tmp_path / "adapter").eval()(input_ids=x).logits,
+                               model(input_ids=x).logits, atol=tolerance, rtol=0)
+
+
+def test_a_classifier_heads_upstream_lily_export_carries_its_head(tmp_path):
+    method, node = method_and_node("tiny_roberta", "lily", "method.r=4", "method.ne_1=2", "method.s=0.1")
+    model = trained(method, tiny_roberta())
+    method.export(model, tmp_path / "adapter", node)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LILY"
+    x = torch.randint(0, 100, (3, 9))
+    loaded = PeftModel.from_pretrained(tiny_roberta(), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+VARIANTS = {  # Lily variants upstream peft does not compute, on the backbones the paper uses them with
+    "router per A": ("tiny_llama", ["method.router=A", "method.ne_1=2"], "causal"),
+    "no router": ("tiny_llama", ["method.use_router=false", "method.ne_1=2"], "causal"),
+    "ViT k/v slices + parallel MLP": ("tiny_vit", [
+        "method.ne_1=2", "method.target_modules=[qkv,mlp]", "method.parallel=[mlp]",
+        "+method.slices.qkv={parts:[q,k,v],adapt:[k,v]}", "+method.per_target.mlp={r:8,activation:relu}"], "image"),
+    "Vim Lily-L": ("tiny_vim", [
+        "method.r=8", "method.ne_1=2", "method.router=group", "method.pooling=token",
+        "+method.per_target.dt_proj={r:4,num_B:1,use_router:false}",
+        "+method.per_target.dt_proj_b={r:4,num_B:1,use_router:false}"], "image"),
+}
+
+
+def base_of(kind: str, backbone: str) -> torch.nn.Module:
+    if kind == "causal":
+        return tiny_llama()
+    cfg = compose_run([f"backbone={backbone}"])
+    torch.manual_seed(0)
+    return instantiate(cfg.backbone.load, num_classes=4).model
+
+
+def inputs_of(kind: str) -> dict:
+    generator = torch.Generator().manual_seed(2)
+    if kind == "causal":
+        return {"input_ids": torch.randint(0, 100, (2, 7), generator=generator)}
+    return {"x": torch.rand(2, 3, 32, 32, generator=generator)}
+
+
+def outputs(model, kind: str, inputs: dict) -> torch.Tensor:
+    return model(**inputs).logits if kind == "causal" else model(inputs["x"])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_lily_variants_are_refused_by_peft_and_loaded_by_lilyexp(variant, tmp_path):
+    backbone, overrides, kind = VARIANTS[variant]
+    method, node = method_and_node(backbone, "lily", "method.dropout=0.0", *overrides)
+    model = trained(method, base_of(kind, backbone))
+    method.export(model, tmp_path / "adapter", node)
+    with pytest.raises(Exception, match="lilyexp.load_adapter"):
+        PeftModel.from_pretrained(base_of(kind, backbone), str(tmp_path / "adapter"))
+    loaded = lilyexp.load_adapter(base_of(kind, backbone), tmp_path / "adapter").eval()
+    x = inputs_of(kind)
+    torch.testing.assert_close(outputs(loaded, kind, x), outputs(model, kind, x), atol=1e-6, rtol=0)
+    shared = [p for n, p in loaded.named_parameters(remove_duplicate=False) if "lily_B" in n]
+    assert len({id(p) for p in shared}) < len(shared)  # B experts still shared after loading
+
+
+BASELINES = {"full": ("tiny_vit", []), "linear_probe": ("tiny_vit", []), "adaptformer": ("tiny_vit", []),
+             "lora": ("tiny_vit", ["method.r=4"])}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_every_other_method_round_trips_through_load_adapter(name, tmp_path):
+    backbone, overrides = BASELINES[name]
+    method, node = method_and_node(backbone, name, *overrides)
+    model = trained(method, base_of("image", backbone))
+    method.export(model, tmp_path / "adapter", node)
+    loaded = lilyexp.load_adapter(base_of("image", backbone), tmp_path / "adapter").eval()
+    x = inputs_of("image")
+    torch.testing.assert_close(outputs(loaded, "image", x), outputs(model, "image", x), atol=1e-6, rtol=0)
+
+
+def test_a_corrupt_or_foreign_directory_is_one_sentence(tmp_path):
+    method, node = method_and_node("tiny_llama", "lily", "method.ne_1=2", "method.router=A")
+    method.export(trained(method, tiny_llama()), tmp_path / "adapter", node)
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot read the Lily adapter"):
+        lilyexp.load_adapter(tiny_llama(), tmp_path / "adapter")
+    with pytest.raises(ConfigError, match="not a readable adapter config"):
+        lilyexp.load_adapter(tiny_llama(), tmp_path / "nothing")
