@@ -39,3 +39,26 @@ class HoldMemory(Callback):
 
     def on_train_end(self, loop) -> None:
         self.held = None
+
+
+class SignalAtStep(Callback):
+    """Send this process ``signal`` (SIGINT = Ctrl-C, SIGTERM = what SLURM sends before a kill) after ``step``."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM"):
+        self.step, self.signal = step, signal
+
+    def on_step_end(self, loop, step: int) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class SleepAtStep(Callback):
+    """Sleep ``seconds`` after ``step`` (a long-running cell, for lock tests)."""
+
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
+
+    def on_step_end(self, loop, step: int) -> None:
+        if step == self.step:
+            import time
+            time.sleep(self.seconds)

@@ -15,9 +15,9 @@ from collections import Counter
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_class, instantiate
 
-from lilyexp.backbones.hf import pretrained_config
+
+from lilyexp.backbones import skeleton
 from lilyexp.compose import CONF_DIR
 from lilyexp.errors import ConfigError
 
@@ -46,21 +46,6 @@ def lily_count(shapes: Counter, r: int, ne_1: int, ne_2: int) -> int:
         num_a = math.ceil(layers / (layers // ne_1))
         total += num_a * fan_in * r + ne_2 * r * fan_out + layers * r * ne_2
     return total
-
-
-def meta_model(backbone) -> torch.nn.Module:
-    """The backbone without weights: its `architecture` node, a pretrained backbone's own config, or its
-    random-init `load` node."""
-    load = backbone.load
-    if "architecture" in backbone:
-        config = instantiate(backbone.architecture)
-    elif "name_or_path" in load:
-        config = pretrained_config(**{k: v for k, v in load.items() if not k.startswith("_")})
-    else:
-        with torch.device("meta"):
-            return instantiate(load).model
-    with torch.device("meta"):
-        return get_class(load.auto_class).from_config(config)
 
 
 def within_budget(lora_shapes: Counter, lily_shapes: Counter, lora_r: int, top: int) -> list[dict]:
@@ -99,7 +84,7 @@ def main(argv: list[str]) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="run", overrides=[f"backbone={args.get('backbone', 'smollm2')}"])
     lora_r, top = int(args.get("lora_r", 8)), int(args.get("top", 15))
-    model = meta_model(cfg.backbone)
+    model = skeleton(cfg.backbone)
     lora_shapes = target_shapes(model, list(cfg.backbone.adapter_targets.lora))
     lily_shapes = target_shapes(model, list(cfg.backbone.adapter_targets.lily))
     print(f"{cfg.backbone.name}: LoRA r={lora_r} on {list(cfg.backbone.adapter_targets.lora)} = "

@@ -82,6 +82,10 @@ def check_combination(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.head_lr is set, but backbone '{backbone.name}' has no task head "
                           f"(backbone.head_modules is empty); leave trainer.head_lr unset.")
     check_evaluation_only(cfg)
+    size, wanted = backbone.get("image_size"), task.get("image_size")
+    if size is not None and wanted is not None and size != wanted:
+        raise ConfigError(f"backbone '{backbone.name}' takes {size}x{size} images, but task.image_size={wanted}; "
+                          f"drop the override (the task follows the backbone).")
     if task.get("recipe") is None:
         raise ConfigError(f"task '{task.name}' has no training loop in this version of lilyexp yet.")
 

@@ -54,6 +54,7 @@ class ClassificationTask(Task, Protocol):
     eval_every_epochs: int
     eval_batch_size: int | None
     is_regression: bool
+    num_classes: int  # 1 for a regression head
     main_metric: str
 
     def prepare(self, processor: Any, examples: list) -> list: ...

@@ -11,3 +11,15 @@ class BackboneUnavailable(ConfigError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
+
+
+class CellBusy(ConfigError):
+    """Another process is running the same cell (it holds the cell's lock)."""
+
+
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM stopped training; ``step`` is the last completed optimizer step, checkpointed."""
+
+    def __init__(self, signal_name: str, step: int, record: object = None):
+        super().__init__(f"{signal_name} after step {step}")
+        self.signal_name, self.step, self.record = signal_name, step, record

@@ -24,6 +24,8 @@ Records are written atomically: a temp file in the same folder, then a rename.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -38,12 +40,12 @@ import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lilyexp.errors import ConfigError
+from lilyexp.errors import CellBusy, ConfigError, RunInterrupted
 from lilyexp.settings import cell_identity, identity_hash
 
 SCHEMA_VERSION = 2
@@ -149,6 +151,15 @@ def read_record(path: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- identity
+
+PATH_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+def check_path_part(what: str, value: str) -> None:
+    """Names that become folder or file names stay inside their folder (no ``..``, no separators)."""
+    if not PATH_PART.match(value) or ".." in value:
+        raise ConfigError(f"{what} '{value}' cannot be a file name: use letters, digits and _ . = + - only.")
+
 
 def run_name(cfg: DictConfig, identity: dict) -> str:
     subset = cfg.task.get("subset")
@@ -258,6 +269,8 @@ class RunContext:
         config = OmegaConf.to_container(cfg, resolve=True)
         identity = cell_identity(config)
         name = run_name(cfg, identity)
+        check_path_part("group", str(cfg.group))
+        check_path_part("the run name", name)
         record_path = Path(cfg.paths.results_dir) / cfg.group / f"{name}.json"
         work_dir = Path(cfg.paths.checkpoint_dir) / cfg.group / name
         return cls(name, record_path, work_dir, config, overrides, identity)
@@ -276,6 +289,41 @@ class RunContext:
         """A file that sits beside the record: ``<record stem>.<suffix>``."""
         return self.record_path.with_name(f"{self.record_path.stem}.{suffix}")
 
+    def check_writable(self) -> None:
+        """Before any model loads: the record and checkpoint folders exist and take a file (a read-only or full
+        disk found after training would lose the run)."""
+        for folder in (self.record_path.parent, self.work_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as probe:
+                    probe.write(b"lilyexp")
+                    probe.flush()
+                    os.fsync(probe.fileno())
+            except OSError as exc:
+                raise ConfigError(f"cannot write to {folder} ({exc.strerror or exc}); point paths.results_dir or "
+                                  f"paths.checkpoint_dir at a writable folder with free space.") from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An advisory lock on the cell while it runs (``.<run name>.lock`` beside the record): a second run of
+        the same cell says which process holds it and leaves every file alone."""
+        path = self.record_path.parent / f".{self.name}.lock"
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise CellBusy(f"cell {self.name} is running in {holder}; wait for it to finish or stop it.") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {platform.node()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def finished_record(self) -> dict | None:
         """The finished record of this cell: the one at ``record_path``, or one of the same identity written
         under another name (an older version's hash, another path to the same data); ``record_path`` then points
@@ -290,6 +338,14 @@ class RunContext:
                 self.record_path = path
                 return record
         return None
+
+    def write_interrupted(self, exc: RunInterrupted, params: dict) -> Path:
+        """An ``interrupted`` record (SIGINT/SIGTERM): the step reached and how to continue; a finished record of
+        the cell is never replaced by one."""
+        note = {"interrupted": {"signal": exc.signal_name, "after_step": exc.step,
+                                "resume": "the same command with trainer.resume=true"}}
+        target = self.work_dir / "interrupted_record.json" if self.finished_record() is not None else None
+        return self.write_record(status="interrupted", metrics={}, params=params, extra=note, path=target)
 
     def write_failure(self, exc: BaseException, params: dict) -> Path:
         """A failed record with the reason. If a finished record exists (an ``overwrite`` rerun failed), it is

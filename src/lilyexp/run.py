@@ -10,6 +10,7 @@ The Hydra entry point returns the run's objective (``objective``, default: its s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lilyexp.backbones import skeleton
 from lilyexp.compose import CONF_DIR, build, check_combination
-from lilyexp.errors import ConfigError, TrainingDiverged
+from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
 from lilyexp.loggers import NullLogger
 from lilyexp.methods.export import load_adapter
 from lilyexp.recipes.core import RecipeInputs
@@ -39,12 +41,21 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     check_settings(cfg, overrides)
     check_combination(cfg)
     run = RunContext.create(cfg, list(overrides or []))
-    if run.finished_record() is not None and not cfg.overwrite:
-        log.info("finished record exists, skipping (overwrite=true reruns): %s", run.record_path)
-        return run.record_path
+    run.check_writable()
+    with run.lock() if is_main_process() else contextlib.nullcontext():
+        if run.finished_record() is not None and not cfg.overwrite:
+            log.info("finished record exists, skipping (overwrite=true reruns): %s", run.record_path)
+            return run.record_path
+        return run_and_record(cfg, run)
+
+
+def run_and_record(cfg: DictConfig, run: RunContext) -> Path:
     params: dict = {}
     try:
         return train_and_record(cfg, run, params)
+    except RunInterrupted as exc:
+        path = run.write_interrupted(exc, params) if is_main_process() else run.record_path
+        raise RunInterrupted(exc.signal_name, exc.step, path) from None
     except Exception as exc:
         path = run.write_failure(exc, params)
         log.error("run failed (%s); record: %s", one_line(exc), path)
@@ -59,6 +70,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     logger = build(cfg.logger) if is_main_process() else NullLogger()  # one wandb run per cell
     for part in ("backbone.load", "task.load", "method.adapter", "task.recipe"):
         log.info("%s: %s", part, OmegaConf.select(cfg, f"{part}._target_"))
+    check_structure(cfg, method, task)
     set_seed(cfg.seed)
     backbone = build(cfg.backbone.load, **task.model_kwargs)
     load_from = cfg.method.get("load_from")
@@ -86,6 +98,16 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     if not trainer.keep_checkpoint:  # the export holds the selected weights; the optimizer state can be large
         Checkpointer(run).discard()
     return path
+
+
+def check_structure(cfg: DictConfig, method, task) -> None:
+    """Before weights load (minutes for an 8B model): the method on the backbone's weightless skeleton, so an
+    impossible setting (more A's than layers, a target module it lacks, a rank its weights cannot hold) is refused
+    now. Random-init backbones build in seconds and are checked when built."""
+    if cfg.backbone.get("architecture") is None and "name_or_path" not in cfg.backbone.load:
+        return
+    if not cfg.method.get("load_from"):
+        method.check(skeleton(cfg.backbone, **task.model_kwargs))
 
 
 def export_adapter(method, model, run: RunContext, node: dict) -> dict:
@@ -139,6 +161,10 @@ def in_sweep() -> bool:
 def main(cfg: DictConfig) -> float | None:
     try:
         path = execute(cfg, hydra_overrides())
+    except RunInterrupted as exc:  # also ends a sweep: the whole job was asked to stop
+        print(f"interrupted by {exc.signal_name} after step {exc.step}; record: {exc.record}\n"
+              f"resume with the same command and trainer.resume=true", file=sys.stderr, flush=True)
+        sys.exit(130 if exc.signal_name == "SIGINT" else 143)
     except Exception as exc:
         if in_sweep():  # sys.exit would end the whole sweep; Hydra reports this after the other cells ran
             raise CellFailed(one_line(exc)) from None

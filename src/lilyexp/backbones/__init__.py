@@ -30,5 +30,33 @@ class BackboneSettings:
     bypassed_modules: dict = meta({})  # module name -> why an adapter on it would never run
     token_scale: int = meta(1)  # tokens per BPE token of its tokenizer (byte-level tiny backbones: 4)
     latent_scale: Optional[int] = meta(None)  # pixels per latent of an image generator's VAE (SDXL: 8)
+    image_size: Optional[int] = meta(None)  # the input size an image classifier was built for (ViT-B/16: 224)
     architecture: Any = plumbing()  # shapes only, for parameter accounting on the meta device
     load: Any = plumbing()
+
+
+def skeleton(backbone: Any, **task_kwargs: Any) -> torch.nn.Module:
+    """The backbone's modules on the meta device (shapes, no memory, no weights): its ``architecture`` node (a
+    transformers config, or a loader call that downloads nothing), a pretrained backbone's own config, or its
+    random-init ``load`` node. Checks against the architecture (layer counts, module names) run on it before any
+    weights load."""
+    from hydra.utils import get_class, instantiate
+
+    from lilyexp.backbones.hf import pretrained_config
+
+    load = backbone.load
+    with torch.device("meta"):
+        if "architecture" in backbone and backbone.architecture is not None:
+            built = instantiate(backbone.architecture, **task_kwargs) if "auto_class" not in load else \
+                instantiate(backbone.architecture)
+        elif "name_or_path" in load and "auto_class" in load:
+            built = pretrained_config(**{k: v for k, v in load.items() if not k.startswith("_")})
+        else:
+            built = instantiate(load, **task_kwargs)
+        if isinstance(built, Backbone):
+            return built.model
+        if isinstance(built, torch.nn.Module):
+            return built
+        for key, value in task_kwargs.items():  # e.g. num_labels for a classifier head
+            setattr(built, key, value)
+        return get_class(load.auto_class).from_config(built)

@@ -21,6 +21,12 @@ class SavesTrainedWeights:
     def summary(model: torch.nn.Module) -> None:
         return None
 
+    def check(self, skeleton: torch.nn.Module) -> None:
+        """Attach to the backbone's weightless skeleton: what it needs (a head, named modules) must be there."""
+        model = self.apply(skeleton)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"{type(self).__name__} would train nothing on this backbone.")
+
     def export(self, model: torch.nn.Module, directory: str | Path, node: dict) -> None:
         write_lilyexp_config(directory, type(self).__name__, node)
         save_file(trainable_state(model), Path(directory) / WEIGHTS_FILE)

@@ -399,6 +399,16 @@ class LilyMethod:
         upcast_half_adapters(adapted)
         return adapted
 
+    def check(self, skeleton: nn.Module) -> None:
+        """Refuse what cannot be built (more A's than layers, a target the backbone lacks) on the backbone's
+        weightless skeleton, before any weights load."""
+        try:
+            LilyVariantModel(skeleton, self.config)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # peft's refusal, e.g. a target module the backbone lacks
+            raise ConfigError(f"Lily could not adapt the backbone: {exc}") from None
+
     @staticmethod
     def summary(model: LilyVariantModel) -> list[dict]:
         return model.summary()

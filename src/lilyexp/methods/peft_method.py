@@ -45,6 +45,18 @@ class PeftSettings(MethodSettings):
     config: Any = knob(None)
 
 
+def check_ranks(peft_model: torch.nn.Module) -> None:
+    """A residual initialisation takes r singular components of each adapted weight: r <= min(out, in)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            rank = max(module.r.values())
+            if rank > min(weight.shape):
+                raise ConfigError(f"rank {rank} exceeds the rank of '{name}' ({tuple(weight.shape)} weight).")
+
+
 class PeftMethod:
     """Wrap the backbone with ``config`` (a peft config object built by Hydra from the method yaml)."""
 
@@ -64,6 +76,17 @@ class PeftMethod:
             raise ConfigError(f"peft could not adapt the backbone: {exc}") from None
         self.initialise(peft_model)
         return self.remember_initial(peft_model)
+
+    def check(self, skeleton: torch.nn.Module) -> None:
+        """Refuse targets the backbone lacks and ranks its weights cannot hold, on its weightless skeleton."""
+        config = copy.deepcopy(self.config)
+        config.init_lora_weights = True  # the structure only: no SVD of meta weights
+        try:
+            peft_model = get_peft_model(skeleton, config)
+        except ValueError as exc:
+            raise ConfigError(f"peft could not adapt the backbone: {exc}") from None
+        if self.residual_init():
+            check_ranks(peft_model)
 
     def initialise(self, peft_model: PeftModel) -> None:
         """Re-initialise the adapter peft built (a subclass's hook: MiLoRA); peft's own init is kept here."""

@@ -8,6 +8,7 @@ generation settings that ran. The task supplies the texts, prompts and scoring
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def run(inputs: RecipeInputs) -> Outcome:
     objective = Objective(
         plan_size=len(train_features), collate=lambda indices: left_pad([train_features[i] for i in indices], pad_id),
         compute_loss=language_model_loss, validate=validate, select_metric="val/loss", select_mode="min",
-        before_training=lambda model: test(model, "predictions_initial"))
+        before_training=lambda model: test(model, "predictions_initial"), chance_loss=math.log(len(tokenizer)))
     result = fit(inputs, objective, accelerator)
     chosen, rule = selected_evaluation(result, trainer, "val_selected")
     final = {**test(inputs.model, "predictions"), **{k: v for k, v in chosen.items() if k != "step"}}

@@ -11,6 +11,7 @@ The task supplies ``prepare`` (features of a split), ``collate`` (a batch), ``lo
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -67,7 +68,8 @@ def run(inputs: RecipeInputs) -> Outcome:
         plan_size=len(train), collate=lambda indices: task.collate(processor, [train[i] for i in indices]),
         compute_loss=lambda model, batch: classification_loss(task, model, batch),
         validate=lambda model: evaluate(model, selection, task.selection_split),
-        select_metric=task.main_metric, select_mode="max")
+        select_metric=task.main_metric, select_mode="max",
+        chance_loss=None if task.is_regression else math.log(task.num_classes))
     result = fit(inputs, objective, accelerator)
     chosen, rule = selected_evaluation(result, inputs.trainer, task.selection_rule)
     final = {k: v for k, v in chosen.items() if k != "step"}

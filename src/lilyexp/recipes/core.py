@@ -125,6 +125,7 @@ class Objective:
     select_metric: str
     select_mode: str
     before_training: Callable[[torch.nn.Module], dict] | None = None  # tests the untuned model
+    chance_loss: float | None = None  # the loss of a uniform prediction, ln(classes or vocabulary): collapse watch
 
 
 @dataclass

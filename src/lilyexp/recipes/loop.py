@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lilyexp.errors import ConfigError, TrainingDiverged
+from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
 from lilyexp.recipes.core import (FitResult, Objective, RecipeInputs, StepPlan, build_optimizer, build_scheduler,
                                   load_trainable_state, trainable_state)
 from lilyexp.records import RunContext
@@ -81,13 +84,14 @@ class Checkpointer:
             load_trainable_state(model, load_file(path / "trainable.safetensors"))
             extra = torch.load(path / "optimizer.pt", weights_only=False)
             state = json.loads((path / "state.json").read_text())
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"checkpoint {path} is corrupt or incomplete ({exc}); delete it to start over.") from None
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        set_rng_state(extra["rng"])
-        best = path / "best.safetensors"
-        return state, (load_file(best) if best.exists() else None)
+            best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+            set_rng_state(extra["rng"])
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
+            raise ConfigError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to start over.") from None
+        return state, best
 
 
 def rng_state() -> dict:
@@ -154,7 +158,7 @@ class TrainingLoop:
             self.model, self.optimizer, self.scheduler = self.accelerator.prepare(inputs.model), None, None
         self.main = self.accelerator.is_main_process
         self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
-        self.result, self.best_state, self.start = FitResult(), None, 0
+        self.result, self.best_state, self.start, self.collapsed = FitResult(), None, 0, 0
 
     def prepare(self, model: torch.nn.Module):
         if self.trainer.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -177,20 +181,8 @@ class TrainingLoop:
             self.validate(0)
             return self.result
         self.resume_or_start()
-        progress = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc="train",
-                        disable=not self.main)
-        for step in progress:
-            started = time.perf_counter()
-            loss = self.train_step(step)
-            self.result.step_seconds.append(time.perf_counter() - started)
-            done = step + 1
-            self.log_step(done, loss, progress)
-            if done % self.eval_every == 0 or done == self.total:
-                self.validate(done)
-            if done % self.trainer.checkpoint_every == 0 or done == self.total:
-                self.checkpoint(done)
-            for callback in self.trainer.callbacks:
-                callback.on_step_end(self, done)
+        with stop_requests() as stop:
+            self.train(stop)
         for callback in self.trainer.callbacks:
             callback.on_train_end(self)
         self.result.steps = self.total
@@ -198,7 +190,50 @@ class TrainingLoop:
             load_trainable_state(self.unwrapped, self.best_state)
         return self.result
 
+    def train(self, stop: "StopRequests") -> None:
+        """The steps from ``start`` to ``total``; on SIGINT/SIGTERM the last completed step is checkpointed and
+        :class:`RunInterrupted` raised, so ``trainer.resume=true`` continues exactly there."""
+        done = self.start
+        progress = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc="train",
+                        disable=not self.main)
+        try:
+            for step in progress:
+                started = time.perf_counter()
+                loss = self.train_step(step)
+                self.result.step_seconds.append(time.perf_counter() - started)
+                done = step + 1
+                self.after_step(done, loss, progress)
+                stop.check()
+        except StopRequested as exc:
+            if done > self.start and done % self.trainer.checkpoint_every and done != self.total:
+                self.checkpoint(done)  # the finished steps are kept (adapters checkpoint in seconds)
+            raise RunInterrupted(exc.signal_name, done) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last regular checkpoint stands
+            raise RunInterrupted("SIGINT", done) from None
+
+    def after_step(self, done: int, loss: float, progress: Any) -> None:
+        self.log_step(done, loss, progress)
+        self.watch_for_collapse(done, loss)
+        if done % self.eval_every == 0 or done == self.total:
+            self.validate(done)
+        if done % self.trainer.checkpoint_every == 0 or done == self.total:
+            self.checkpoint(done)
+        for callback in self.trainer.callbacks:
+            callback.on_step_end(self, done)
+
+    def watch_for_collapse(self, done: int, loss: float) -> None:
+        """Warn once when the training loss has sat at the uniform prediction's (ln of the class or vocabulary
+        count) for COLLAPSE_STEPS steps: the model predicts nothing, usually a learning rate far too large."""
+        chance = self.objective.chance_loss
+        self.collapsed = self.collapsed + 1 if chance and abs(loss - chance) < 0.02 * chance else 0
+        if self.collapsed == COLLAPSE_STEPS:
+            log.warning("the training loss has been %.4f = ln(%d), a uniform prediction, for %d steps (step %d): "
+                        "the model learns nothing; lower trainer.lr (now %g)?", loss, round(math.exp(chance)),
+                        COLLAPSE_STEPS, done, self.trainer.lr)
+
     def resume_or_start(self) -> None:
+        if self.trainer.resume and self.checkpointer.latest() is None:
+            log.info("trainer.resume=true, but %s holds no checkpoint: starting from step 0.", self.checkpointer.dir)
         if self.trainer.resume and self.checkpointer.latest() is not None:
             state, self.best_state = self.checkpointer.load(self.unwrapped, self.optimizer, self.scheduler)
             self.start = state["step"]
@@ -234,10 +269,19 @@ class TrainingLoop:
         if self.trainer.max_grad_norm:
             self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                              self.trainer.max_grad_norm)
-        self.optimizer.step()
+        self.optimizer_step(step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value
+
+    def optimizer_step(self, step: int) -> None:
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:  # AdamW's update overflowing float32 (e.g. trainer.lr=1e38): a divergence
+            if "overflow" not in str(exc):
+                raise
+            raise TrainingDiverged(f"the optimizer step overflowed at step {step + 1} (trainer.lr={self.trainer.lr:g}); "
+                                   f"lower trainer.lr.") from None
 
     def log_step(self, done: int, loss: float, progress: Any) -> None:
         if self.main and (done % self.trainer.log_every == 0 or done == self.total):
@@ -264,6 +308,54 @@ class TrainingLoop:
         if self.main:
             self.checkpointer.save(self.unwrapped, self.optimizer, self.scheduler, state, self.best_state)
         self.accelerator.wait_for_everyone()
+
+
+COLLAPSE_STEPS = 20
+
+
+class StopRequested(Exception):
+    """SIGTERM arrived (what SLURM sends before it kills a job); the loop stops after the current step."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class StopRequests:
+    """SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before it kills a job) noted by a handler and turned into
+    :class:`StopRequested` after the current step, so the checkpoint is consistent; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: stopping after the current step (a checkpoint is written; resume with "
+                    "trainer.resume=true)", self.requested)
+
+    def check(self) -> None:
+        if self.requested:
+            raise StopRequested(self.requested)
+
+
+class stop_requests:
+    """Install the SIGINT/SIGTERM handlers for the loop (main thread only) and restore the previous ones after."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopRequests:
+        self.requests, self.previous = StopRequests(), {}
+        try:
+            self.previous = {s: signal.signal(s, self.requests.handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: nothing to install
+            pass
+        return self.requests
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def fit(inputs: RecipeInputs, objective: Objective, accelerator: Accelerator | None = None) -> FitResult:

@@ -130,14 +130,33 @@ class InstructionData:
     eval_sets: dict[str, list[dict]]
 
 
+RECORD_FIELDS = ("instruction", "output", "answer")
+
+
 def read_records(path: Path) -> list[dict]:
+    """An LLM-Adapters file: a non-empty JSON list of records whose ``instruction``, ``output`` and ``answer``
+    are text (``input``, when present, too); every record is checked, naming the file and the record."""
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}).") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
-    if not isinstance(records, list) or not all({"instruction", "answer"} <= set(r) for r in records[:5]):
+    if not isinstance(records, list):
         raise ConfigError(f"{path} is not an LLM-Adapters file (a JSON list of instruction/output/answer records).")
+    if not records:
+        raise ConfigError(f"{path} holds no records.")
+    for number, record in enumerate(records):
+        check_record(record, path, number)
     return records
+
+
+def check_record(record: Any, path: Path, number: int) -> None:
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} record {number} is not an object with {', '.join(RECORD_FIELDS)}.")
+    for field_name in RECORD_FIELDS + (("input",) if "input" in record else ()):
+        if not isinstance(record.get(field_name), str):
+            raise ConfigError(f"{path} record {number}: '{field_name}' is {record.get(field_name)!r}, not text.")
 
 
 HUB_PREFIX, PINNED_PREFIX = "hub:", "llm-adapters:"
@@ -153,7 +172,10 @@ def hub_records(dataset_id: str, load=None) -> list[dict]:
     except (OSError, ConnectionError, ValueError) as exc:
         raise ConfigError(f"could not load '{dataset_id}' from the hub ({type(exc).__name__}); set "
                           f"task.train_file to a local commonsense_170k.json (from {LLM_ADAPTERS}).") from None
-    return [dict(row) for row in rows]
+    records = [dict(row) for row in rows]
+    for number, record in enumerate(records):
+        check_record(record, Path(f"hub:{dataset_id}"), number)
+    return records
 
 
 def training_records(root: Path | None, train_file: str | None) -> list[dict]:

@@ -61,28 +61,52 @@ class GlueSettings(TaskSettings):
     subsample_seed: int = knob(0, help="seed of the train_limit subsample (the same for every run)")
 
 
-def example(texts: list[str], label: Any, subset: GlueSubset) -> dict:
+def label_of(value: Any, subset: GlueSubset) -> float | int:
+    """A label as the model's head takes it, range-checked: a score in [0, 5] (STS-B), or a class index."""
     if subset.num_labels == 1:
-        label = float(label)
-    elif subset.label_names:
-        label = subset.label_names.index(label) if isinstance(label, str) and not label.isdigit() else int(label)
-    else:
-        label = int(label)
-    return {"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None, "label": label}
+        score = float(value)
+        if not 0.0 <= score <= 5.0:
+            raise ValueError(f"score {value!r} is outside STS-B's [0, 5]")
+        return score
+    if subset.label_names and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        if value not in subset.label_names:
+            raise ValueError(f"label {value!r} is none of {', '.join(subset.label_names)}")
+        return subset.label_names.index(value)
+    index = int(value)
+    if not 0 <= index < subset.num_labels:
+        raise ValueError(f"label {value!r} is outside the task's {subset.num_labels} classes")
+    return index
+
+
+def example(texts: list[str], label: Any, subset: GlueSubset) -> dict:
+    return {"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None, "label": label_of(label, subset)}
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            return list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}).") from None
 
 
 def read_tsv(path: Path, subset: GlueSubset) -> list[dict]:
     """GLUE TSVs: tab-separated with quoting off (fields hold unbalanced quotes), MRPC's UTF-8 BOM, CoLA's
-    missing header, STS-B's 10 columns, string labels for QNLI/RTE/MNLI."""
+    missing header, STS-B's 10 columns, string labels for QNLI/RTE/MNLI. Every row's label is checked, naming the
+    file and line; an empty file is refused."""
     if not path.exists():
         raise ConfigError(f"GLUE file missing: {path} (classic layout glue_data/<TASK>/train.tsv, dev.tsv).")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [row for row in (rows[1:] if subset.header else rows) if row]
-    try:
-        return [example([row[i] for i in subset.tsv_fields], row[subset.tsv_label], subset) for row in rows]
-    except (IndexError, ValueError) as exc:
-        raise ConfigError(f"{path} does not have the {subset.folder} GLUE layout ({exc}).") from None
+    first = 2 if subset.header else 1  # the line number of the first data row
+    rows = [(number, row) for number, row in enumerate(read_rows(path)[first - 1:], first) if row]
+    if not rows:
+        raise ConfigError(f"{path} holds no examples.")
+    examples = []
+    for number, row in rows:
+        try:
+            examples.append(example([row[i] for i in subset.tsv_fields], row[subset.tsv_label], subset))
+        except (IndexError, ValueError) as exc:
+            raise ConfigError(f"{path} line {number} does not fit the {subset.folder} GLUE layout ({exc}).") from None
+    return examples
 
 
 def from_hub_rows(rows, subset: GlueSubset) -> list[dict]:
@@ -129,6 +153,10 @@ class GlueTask:
     @property
     def is_regression(self) -> bool:
         return self.subset.num_labels == 1
+
+    @property
+    def num_classes(self) -> int:
+        return self.subset.num_labels
 
     @property
     def main_metric(self) -> str:

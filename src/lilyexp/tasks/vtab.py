@@ -72,18 +72,33 @@ def read_list(folder: Path, split: str, classes: int) -> list[Example]:
     if not listing.exists():
         raise ConfigError(f"VTAB-1K list file {listing} is missing; the release ({RELEASE}) has "
                           f"train800.txt, val200.txt, train800val200.txt and test.txt in each task folder.")
-    examples = []
-    for number, line in enumerate(listing.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            relative, label = line.rsplit(" ", 1)
-            examples.append(Example(folder / relative, int(label)))
-        except ValueError:
-            raise ConfigError(f"{listing} line {number} is not '<relative path> <label>': {line!r}.") from None
-        if not 0 <= examples[-1].label < classes:
-            raise ConfigError(f"{listing} line {number}: label {label} is outside the task's {classes} classes.")
+    examples = [list_entry(listing, number, line, classes)
+                for number, line in enumerate(read_lines(listing), 1) if line.strip()]
+    if not examples:
+        raise ConfigError(f"VTAB-1K list file {listing} names no image.")
     return examples
+
+
+def read_lines(listing: Path) -> list[str]:
+    try:
+        return listing.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{listing} is not UTF-8 text (byte {exc.start}: {exc.reason}).") from None
+
+
+def list_entry(listing: Path, number: int, line: str, classes: int) -> Example:
+    """One line ``<relative path> <label>``: the label in range and the image present (found now, not when the
+    image is first sampled mid-training)."""
+    try:
+        relative, label = line.rsplit(" ", 1)
+        entry = Example(listing.parent / relative, int(label))
+    except ValueError:
+        raise ConfigError(f"{listing} line {number} is not '<relative path> <label>': {line!r}.") from None
+    if not 0 <= entry.label < classes:
+        raise ConfigError(f"{listing} line {number}: label {label} is outside the task's {classes} classes.")
+    if not entry.path.is_file():
+        raise ConfigError(f"{listing} line {number} names {entry.path}, which does not exist.")
+    return entry
 
 
 def load_image(path: Path, size: int, normalize: bool) -> torch.Tensor:
@@ -134,7 +149,7 @@ class VtabTask:
         self.image_size, self.normalize = image_size, normalize
         self.eval_every_epochs, self.eval_batch_size = eval_every_epochs, test_batch_size
         self.model_kwargs = {"num_classes": classes}
-        self.is_regression = False
+        self.num_classes, self.is_regression = classes, False
 
     @property
     def main_metric(self) -> str:

@@ -1,0 +1,298 @@
+"""Hostile inputs and faults, as a careless user (or a cluster) produces them: every one ends in one clear sentence
+before expensive work, or in a record that says what happened; none ends in a traceback, a silently wrong
+"finished" result, or a lost run. Tiny models, CPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lilyexp.backbones.hf as hf
+from lilyexp.errors import CellBusy, ConfigError, TrainingDiverged
+from lilyexp.run import execute
+from lilyexp.tasks import commonsense as cs
+from lilyexp.tasks.glue import GlueTask
+
+from conftest import REPO, compose_run, run_cli
+
+GLUE_TINY = ["backbone=tiny_roberta", "task=glue", "task.subset=mrpc", "method=lily", "method.ne_1=2",
+             "task.max_length=64", "trainer.epochs=1", "trainer.batch_size=4"]
+
+
+def glue_folder(tmp_path: Path, train: str | None = None, dev: str | None = None) -> Path:
+    """A glue_data/MRPC folder with a few valid rows (or the given file texts)."""
+    folder = tmp_path / "glue" / "MRPC"
+    folder.mkdir(parents=True)
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    rows = "".join(f"{i % 2}\t{i}\t{i + 100}\tsentence {i} a\tsentence {i} b\n" for i in range(8))
+    (folder / "train.tsv").write_text(train if train is not None else header + rows)
+    (folder / "dev.tsv").write_text(dev if dev is not None else header + rows)
+    return folder.parent
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(hf, "from_config", refuse)
+    monkeypatch.setattr(hf, "load_pretrained", refuse)
+
+
+def sentence(exc_info) -> str:
+    text = str(exc_info.value)
+    assert "\n" not in text and "Traceback" not in text
+    return text
+
+
+# ------------------------------------------------------------------------------------- silently wrong or lost
+
+@pytest.mark.parametrize("which,row,message", [
+    ("dev", "7\t1\t2\ta\tb\n", "dev.tsv line 2 .*label '7' is outside the task's 2 classes"),
+    ("train", "5\t1\t2\ta\tb\n", "train.tsv line 2 .*label '5' is outside the task's 2 classes"),
+    ("dev", "x\t1\t2\ta\tb\n", "dev.tsv line 2 .*invalid literal"),
+])
+def test_every_glue_label_is_range_checked_when_loaded(which, row, message, tmp_path):
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    data = glue_folder(tmp_path, **{which: header + row + "1\t3\t4\tc\td\n"})
+    with pytest.raises(ConfigError, match=message) as info:
+        GlueTask("mrpc", data_dir=str(data))
+    sentence(info)
+
+
+def test_a_stsb_score_outside_its_range_is_refused(tmp_path):
+    folder = tmp_path / "glue" / "STS-B"
+    folder.mkdir(parents=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    (folder / "train.tsv").write_text(header + "0\tg\tf\ty\t0\ts\ts\ta\tb\t7.5\n")
+    (folder / "dev.tsv").write_text(header + "0\tg\tf\ty\t0\ts\ts\ta\tb\t2.5\n")
+    with pytest.raises(ConfigError, match="train.tsv line 2 .*outside STS-B's"):
+        GlueTask("stsb", data_dir=str(tmp_path / "glue"))
+
+
+def commonsense_files(tmp_path: Path, test: object, train: object | None = None) -> Path:
+    good = [{"instruction": f"q{i}", "input": "", "output": "the correct answer is true", "answer": "true"}
+            for i in range(10)]
+    (tmp_path / "data" / "boolq").mkdir(parents=True)
+    (tmp_path / "data" / "boolq" / "test.json").write_text(json.dumps(test))
+    (tmp_path / "data" / "train.json").write_text(json.dumps(train if train is not None else good))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("test,train,message", [
+    ([], None, "test.json holds no records"),
+    ([{"instruction": "q", "input": "", "output": None, "answer": "true"}], None, "record 0: 'output' is None"),
+    (None, [{"instruction": "q", "output": "o", "answer": "a"}] * 6 + [{"instruction": "q", "answer": "a"}],
+     "train.json record 6: 'output' is None"),
+    (None, [], "train.json holds no records"),
+])
+def test_every_commonsense_record_is_checked_and_empty_splits_refused(test, train, message, tmp_path):
+    good = [{"instruction": "q", "input": "", "output": "the correct answer is true", "answer": "true"}]
+    data = commonsense_files(tmp_path, test if test is not None else good, train)
+    with pytest.raises(ConfigError, match=message) as info:
+        cs.llm_adapters_files(str(data), "train.json", ["boolq"])
+    sentence(info)
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_running_cell_says_who_holds_it_and_touches_nothing(tiny_run, tmp_path):
+    cell = ["backbone=tiny_llama", "trainer.max_steps=2", *tiny_run]
+    first = subprocess.Popen([sys.executable, "-m", "lilyexp.run", *cell,
+                              "trainer.callbacks=[{_target_:callbacks.SleepAtStep,step:1,seconds:60}]",
+                              f"paths.results_dir={tmp_path}/results", f"paths.checkpoint_dir={tmp_path}/checkpoints",
+                              f"hydra.run.dir={tmp_path}/hydra"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONPATH": str(REPO / "tests"), "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((tmp_path / "checkpoints").rglob("steps.jsonl")):
+            time.sleep(0.5)
+        steps = next((tmp_path / "checkpoints").rglob("steps.jsonl"))
+        before = steps.read_text()
+        with pytest.raises(CellBusy, match=f"is running in process {first.pid} on ") as info:
+            execute(compose_run(cell, tmp_path))
+        sentence(info)
+        assert steps.read_text() == before and not list((tmp_path / "results").rglob("*.json"))
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_an_interrupted_run_writes_an_interrupted_record_that_resume_completes(name, code, tiny_run, tmp_path):
+    common = ["backbone=tiny_llama", "trainer.max_steps=5", "trainer.checkpoint_every=4", "trainer.eval_every=5",
+              "method.dropout=0.1", *tiny_run]
+    straight = run_cli(common, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    stopped = run_cli([*common, f"trainer.callbacks=[{{_target_:callbacks.SignalAtStep,step:3,signal:{name}}}]"],
+                      tmp_path / "stopped")
+    assert stopped.returncode == code and "Traceback" not in stopped.stderr
+    assert "resume with the same command and trainer.resume=true" in stopped.stderr
+    record = json.loads(next((tmp_path / "stopped" / "results").rglob("*.json")).read_text())
+    assert record["status"] == "interrupted" and record["interrupted"]["after_step"] == 3
+    resumed = run_cli([*common, "trainer.resume=true"], tmp_path / "stopped")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    done = json.loads(next((tmp_path / "stopped" / "results").rglob("*.json")).read_text())
+    first = json.loads(next((tmp_path / "straight" / "results").rglob("*.json")).read_text())
+    assert done["status"] == "finished" and done["resumed_from_step"] == 3
+    assert done["metrics"] == first["metrics"]
+
+
+def test_an_unwritable_results_folder_is_found_before_any_model_loads(no_model_loading, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg = compose_run(["backbone=tiny_llama"], tmp_path)
+    cfg.paths.results_dir = str(tmp_path / "a_file" / "runs")
+    with pytest.raises(ConfigError, match="cannot write to .*a_file/runs/adhoc.*writable folder") as info:
+        execute(cfg)
+    sentence(info)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["group=../../somewhere"], "group '../../somewhere' cannot be a file name"),
+    (["group=a/b"], "group 'a/b' cannot be a file name"),
+])
+def test_names_that_become_paths_stay_inside_their_folder(overrides, message, no_model_loading, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        execute(compose_run(["backbone=tiny_llama", *overrides], tmp_path))
+    assert not (tmp_path.parent / "somewhere").exists()
+
+
+# ------------------------------------------------------------------------ one sentence, before expensive work
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.max_steps=2.5"], "trainer.max_steps: 2.5 is not a valid value"),
+    (["seed=abc"], "seed: 'abc' is not a valid value"),
+    (["method=lily", "method.ne_1=2.5"], "method.ne_1: 2.5 is not a valid value"),
+    (["+method.anything=1"], "unknown setting method.anything"),
+    (["trainer.head_lr=0.1"], "trainer.head_lr is set, but backbone 'tiny_llama' has no task head"),
+])
+def test_type_errors_and_dead_overrides_are_refused_at_composition(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message) as info:
+        execute(compose_run(["backbone=tiny_llama", *overrides], tmp_path), overrides)
+    sentence(info)
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_an_overflowing_learning_rate_is_a_divergence(tiny_run, tmp_path):
+    cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=3", "trainer.lr=1e38", *tiny_run], tmp_path)
+    with pytest.raises(TrainingDiverged, match="overflowed at step 1 .*lower trainer.lr"):
+        execute(cfg)
+    record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    assert record["status"] == "failed" and record["error_type"] == "TrainingDiverged"
+
+
+@pytest.mark.parametrize("which", ["train", "dev"])
+def test_an_empty_glue_file_names_the_file(which, tmp_path):
+    data = glue_folder(tmp_path, **{which: "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"})
+    with pytest.raises(ConfigError, match=f"MRPC/{which}.tsv holds no examples"):
+        GlueTask("mrpc", data_dir=str(data))
+
+
+def test_a_non_utf8_data_file_names_the_file(tmp_path):
+    data = glue_folder(tmp_path)
+    (data / "MRPC" / "dev.tsv").write_bytes(b"Quality\t#1 ID\n\xff\xfe\x00bad\n")
+    with pytest.raises(ConfigError, match="MRPC/dev.tsv is not UTF-8 text"):
+        GlueTask("mrpc", data_dir=str(data))
+    (tmp_path / "bad.json").write_bytes(b"[\xff]")
+    with pytest.raises(ConfigError, match="bad.json is not UTF-8 text"):
+        cs.read_records(tmp_path / "bad.json")
+
+
+def vtab_folder(tmp_path: Path, listing: str) -> Path:
+    from PIL import Image
+    folder = tmp_path / "vtab" / "eurosat"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "images" / "a.png")
+    for split in ("train800", "val200", "train800val200", "test"):
+        (folder / f"{split}.txt").write_text(listing)
+    return tmp_path / "vtab"
+
+
+@pytest.mark.parametrize("listing,message", [
+    ("images/a.png 1\nimages/missing.png 2\n", "line 2 names .*missing.png, which does not exist"),
+    ("", "names no image"),
+    ("images/a.png 99\n", "label 99 is outside the task's 10 classes"),
+])
+def test_vtab_lists_are_checked_when_a_split_loads(listing, message, tmp_path):
+    from lilyexp.tasks.vtab import VtabTask
+    with pytest.raises(ConfigError, match=message):
+        VtabTask("eurosat", str(vtab_folder(tmp_path, listing)), image_size=8)
+
+
+def test_the_image_size_follows_the_backbone_and_a_mismatch_is_refused(tmp_path, no_model_loading):
+    cfg = compose_run(["backbone=tiny_vit", "task=vtab", "method=lora"], tmp_path)
+    assert cfg.task.image_size == 32  # tiny_vit is built for 32 x 32: the task's default follows it
+    with pytest.raises(ConfigError, match="takes 32x32 images, but task.image_size=224"):
+        execute(compose_run(["backbone=tiny_vit", "task=vtab", "method=lora", "task.image_size=224"], tmp_path))
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_on_resume_is_called_corrupt(tiny_run, tmp_path):
+    cell = ["backbone=tiny_llama", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.keep_checkpoint=true",
+            *tiny_run]
+    run_cli([*cell, "trainer.callbacks=[{_target_:callbacks.SignalAtStep,step:2,signal:SIGTERM}]"], tmp_path)
+    checkpoint = next((tmp_path / "checkpoints").rglob("trainable.safetensors"))
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="checkpoint .* is corrupt or incomplete .*delete it to start over"):
+        execute(compose_run([*cell, "trainer.resume=true"], tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,message", [
+    (["method=lily", "method.ne_1=64"], "ne_1=64 asks for more A's than the 32 'q_proj' layers"),
+    (["method=lora", "method.target_modules=[not_a_module]"], "not_a_module"),
+    (["method=milora", "method.r=8192"], "rank 8192 exceeds the rank of"),
+])
+def test_impossible_settings_are_refused_on_the_architecture_before_weights_load(overrides, message,
+                                                                                   no_model_loading, tmp_path):
+    """LLaMA3-8B's weights are not here: the refusal comes from its weightless skeleton (minutes saved)."""
+    cfg = compose_run(["backbone=llama3", "task=commonsense", f"task.data_dir={tmp_path}", "task.val_size=2",
+                       *overrides], tmp_path)
+    commonsense_files(tmp_path, [{"instruction": "q", "input": "", "output": "o", "answer": "true"}])
+    for name in ("piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test.json").write_text((tmp_path / "data" / "boolq" / "test.json").read_text())
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "test.json").write_text((tmp_path / "data" / "boolq" / "test.json").read_text())
+    cfg.task.train_file = str(tmp_path / "data" / "train.json")
+    with pytest.raises(ConfigError, match=message) as info:
+        execute(cfg)
+    sentence(info)
+
+
+# ------------------------------------------------------------------------------------------------------ also
+
+def test_records_are_written_with_the_umask(tmp_path):
+    from lilyexp.records import atomic_write_text
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_says_so(tiny_run, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lilyexp"):
+        execute(compose_run(["backbone=tiny_llama", "trainer.max_steps=1", "trainer.resume=true", *tiny_run],
+                            tmp_path))
+    assert any("holds no checkpoint: starting from step 0" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_collapse_to_the_uniform_prediction_is_warned(tiny_run, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="lilyexp"):
+        execute(compose_run(["backbone=tiny_llama", "trainer.max_steps=24", "trainer.lr=1e6", "trainer.eval_every=24",
+                             "trainer.warmup_steps=0", *tiny_run], tmp_path))
+    assert any("a uniform prediction, for 20 steps" in r.getMessage() for r in caplog.records)
