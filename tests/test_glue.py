@@ -118,7 +118,7 @@ def test_missing_or_bad_glue_input_is_a_clear_error(glue_dir, tmp_path):
         GlueTask("cola", data_dir=str(tmp_path / "nowhere"))
     write(tmp_path / "bad" / "STS-B" / "train.tsv", "header\nonly one column\n")
     write(tmp_path / "bad" / "STS-B" / "dev.tsv", "header\n")
-    with pytest.raises(ConfigError, match="does not have the STS-B GLUE layout"):
+    with pytest.raises(ConfigError, match="line 2 does not fit the STS-B GLUE layout"):
         GlueTask("stsb", data_dir=str(tmp_path / "bad"))
 
 

@@ -10,7 +10,8 @@ from lilyexp.backbones.location import unavailable
 
 def load(model_name: str, *, pretrained: bool, num_classes: int = 0, checkpoint_path: str | None = None,
          **architecture: Any) -> Backbone:
-    """``timm.create_model`` with a fresh head of ``num_classes`` (given by the task)."""
+    """``timm.create_model`` with a fresh head of ``num_classes`` (given by the task), made by
+    ``reset_classifier`` as the official VTAB code does (nn.Linear's default init, not timm's trunc-normal)."""
     import timm
 
     try:
@@ -21,4 +22,6 @@ def load(model_name: str, *, pretrained: bool, num_classes: int = 0, checkpoint_
             raise
         raise unavailable(model_name, exc, "backbone.load.checkpoint_path=/path/to/the/weights (.npz or "
                           "timm .safetensors)") from None
+    if num_classes:  # the official main.py's reset_classifier: a new head with nn.Linear's own initialisation
+        model.reset_classifier(num_classes)
     return Backbone(model, None)

@@ -127,6 +127,9 @@ class VisionMamba(nn.Module):
                                     for i in range(depth))
         self.norm_f, self.drop_path = RMSNorm(embed_dim), DropPath(drop_path_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:  # the official models_mamba.py: trunc-normal(0.02) weights, zero bias
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)

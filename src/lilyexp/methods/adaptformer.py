@@ -1,8 +1,10 @@
-"""AdaptFormer (Chen et al. 2022), the VTAB baseline of paper Tables 4-5: a bottleneck MLP (down, ReLU, up)
-beside each block's MLP, fed with the block's input to the MLP branch (before ``norm2``) and added, scaled,
-outside the MLP's drop-path, as AdaptFormer's ``parallel`` option; up-projection zero-initialised, down
-kaiming-uniform (its ``lora`` init). V-PETL's VTAB-1K setting: bottleneck 8, scale 0.1 (156,768 parameters on
-ViT-B/16).
+"""AdaptFormer (Chen et al. 2022), the VTAB baseline of paper Tables 4-5, as the official
+visual-adaptation-benchmark/vit/adaptformer.py builds it: a bottleneck MLP (down, ReLU, dropout 0.1, up; no
+biases) beside each block's MLP, fed with the block's input to the MLP branch (before ``norm2``) and added, scaled,
+outside the MLP's drop-path; up-projection zero-initialised, down as ``nn.Linear`` initialises it. Bottleneck 8:
+12 x 2 x 768 x 8 = 147,456 parameters on ViT-B/16 (the paper's Table 5 prints 0.147M). Scale 0.1 is the
+AdaptFormer paper's VTAB setting (the official script's --scale defaults to 1, but its AdaptFormer path cannot run:
+it passes an undefined ``args.bit``).
 
 peft has no AdaptFormer. The adapter attaches through forward hooks on modules the backbone names
 (``adapter_targets.adaptformer``: the blocks, the module whose input the adapter reads, the module whose output
@@ -30,17 +32,16 @@ class AdaptFormerSettings(MethodSettings):
 
     bottleneck: int = knob(8)
     scale: float = knob(0.1)
-    dropout: float = knob(0.0)
+    dropout: float = knob(0.1)
 
 
 class Bottleneck(nn.Module):
     def __init__(self, width: int, bottleneck: int, scale: float, dropout: float):
         super().__init__()
-        self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        self.down, self.up = nn.Linear(width, bottleneck, bias=False), nn.Linear(bottleneck, width, bias=False)
         self.dropout, self.scale = nn.Dropout(dropout), scale
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        for tensor in (self.down.bias, self.up.weight, self.up.bias):
-            nn.init.zeros_(tensor)
+        nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.dropout(torch.relu(self.down(x)))) * self.scale
@@ -57,7 +58,7 @@ class AdaptFormerMethod(SavesTrainedWeights):
     """``method=adaptformer``: the head and one bottleneck per block train; everything else is frozen."""
 
     def __init__(self, blocks: str, input: str, output: str, head_modules: list[str], bottleneck: int = 8,
-                 scale: float = 0.1, dropout: float = 0.0):
+                 scale: float = 0.1, dropout: float = 0.1):
         if bottleneck <= 0:
             raise ConfigError(f"AdaptFormer bottleneck must be positive, got {bottleneck}.")
         self.blocks, self.input, self.output = blocks, input, output

@@ -143,5 +143,5 @@ def run(inputs: RecipeInputs) -> Outcome:
     sizes = {"train": len(train_features), "train_dropped_no_labels": len(task.train) - len(train_features),
              "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
     extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": sizes,
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing()}
+             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "batch": result.batch}
     return Outcome(metrics, extra)

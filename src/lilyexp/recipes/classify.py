@@ -79,5 +79,5 @@ def run(inputs: RecipeInputs) -> Outcome:
                           history=result.history)
     extra = {"data": {"train": len(train), "selection": len(selection),
                       "final": None if task.final is None else len(task.final)},
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "splits": task.splits}
+             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "batch": result.batch, "splits": task.splits}
     return Outcome(metrics, extra)

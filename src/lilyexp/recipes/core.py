@@ -31,6 +31,7 @@ class TrainerConfig:
     lr: float = knob(3e-4)
     head_lr: Optional[float] = knob(None, help="learning rate of the task head (backbone.head_modules); None = lr")
     weight_decay: float = knob(0.0)
+    weight_decay_1d: bool = knob(True, help="decay biases and other 1-D tensors too (false: timm's exemption)")
     scheduler: str = knob("linear", choices=SCHEDULERS,
                           help="a transformers.get_scheduler name, or timm_cosine_epochs (the VTAB code's)")
     warmup_steps: int = knob(0)
@@ -41,6 +42,8 @@ class TrainerConfig:
     select: str = knob("best", choices=("best", "last"),
                        help="best: restore the best validation checkpoint before testing; last: keep the last")
     eval_before_training: bool = knob(False, help="also test the untuned model (metrics.initial)")
+    eval_at_end: bool = knob(True, help="also validate after the last step when it is not an eval_every step "
+                                        "(false: the HF Trainer's schedule, which the official commonsense runs used)")
     gradient_checkpointing: bool = knob(False)
     checkpoint_every: int = bookkeeping(100)
     resume: bool = bookkeeping(False)
@@ -145,6 +148,7 @@ class FitResult:
     steps: int = 0
     resumed_from: int | None = None
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time, evaluation excluded
+    batch: dict = field(default_factory=dict)  # processes x micro-batch x accumulation: what batch-pooled routing saw
 
     def timing(self) -> dict:
         """The record's training-time figures: time per optimizer step (median; evaluation excluded) and their sum."""
@@ -209,13 +213,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig, wa
 
 
 def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig, head_modules: list[str]) -> torch.optim.Optimizer:
-    head, body = [], []
+    """AdamW with the head at ``head_lr`` and the rest at ``lr``; with ``weight_decay_1d=false`` biases and other
+    1-D tensors are not decayed (timm's optimizer factory, which the official Vim run used)."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (head if in_head(name, head_modules) else body).append(param)
-    groups = [{"params": body, "lr": trainer.lr}]
-    if head:
-        groups.append({"params": head, "lr": trainer.head_lr or trainer.lr})
-    if not body and not head:
+            exempt = not trainer.weight_decay_1d and (param.ndim <= 1 or name.endswith(".bias"))
+            groups.setdefault((in_head(name, head_modules), exempt), []).append(param)
+    if not groups:
         raise ConfigError("the method left no trainable parameter.")
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=trainer.weight_decay)
+    return torch.optim.AdamW([{"params": params, "lr": (trainer.head_lr or trainer.lr) if head else trainer.lr,
+                               "weight_decay": 0.0 if exempt else trainer.weight_decay}
+                              for (head, exempt), params in sorted(groups.items())])

@@ -159,6 +159,8 @@ class TrainingLoop:
         self.main = self.accelerator.is_main_process
         self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
         self.result, self.best_state, self.start, self.collapsed = FitResult(), None, 0, 0
+        self.layout = batch_layout(self.accelerator.num_processes, trainer)
+        self.result.batch = self.layout
 
     def prepare(self, model: torch.nn.Module):
         if self.trainer.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -214,7 +216,7 @@ class TrainingLoop:
     def after_step(self, done: int, loss: float, progress: Any) -> None:
         self.log_step(done, loss, progress)
         self.watch_for_collapse(done, loss)
-        if done % self.eval_every == 0 or done == self.total:
+        if done % self.eval_every == 0 or (done == self.total and self.trainer.eval_at_end):
             self.validate(done)
         if done % self.trainer.checkpoint_every == 0 or done == self.total:
             self.checkpoint(done)
@@ -238,7 +240,7 @@ class TrainingLoop:
             state, self.best_state = self.checkpointer.load(self.unwrapped, self.optimizer, self.scheduler)
             self.start = state["step"]
             self.result = FitResult(state["history"], state["best"], state["initial"], self.start,
-                                    resumed_from=self.start)
+                                    resumed_from=self.start, batch=self.layout)
             self.log.truncate_after(self.start)
             return
         if self.main and self.inputs.run.steps_path.exists():
@@ -311,6 +313,13 @@ class TrainingLoop:
 
 
 COLLAPSE_STEPS = 20
+
+
+def batch_layout(processes: int, trainer) -> dict:
+    """How the global batch was cut. Lily's official routing pools over one forward call, i.e. over one process's
+    micro-batch: paper cells keep the official per-device micro-batch (4 for LLaMA3) whatever the process count."""
+    return {"processes": processes, "micro_batch_per_process": trainer.batch_size, "grad_accum": trainer.grad_accum,
+            "global_batch": processes * trainer.batch_size * trainer.grad_accum}
 
 
 class StopRequested(Exception):
