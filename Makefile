@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lilyexp-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast dreambooth dreambooth-cpu fig2 bench glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
+.PHONY: venv demo test test-fast dreambooth dreambooth-cpu fig2 bench bench-data glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
 
 venv: $(STAMP)
 
@@ -90,6 +90,10 @@ paper: $(PAPER_TABLES)
 # A benchmark, not a test: step time and peak memory of Lily vs LoRA (CUDA when present); writes results/bench/.
 bench: venv
 	$(BIN)/python scripts/bench.py
+
+# The VTAB-1K image pipeline: images/s for one epoch, official DataLoader vs lilyexp's decode-once cache.
+bench-data: venv
+	$(BIN)/python scripts/bench_data.py
 
 # The whole suite (what CI runs), offline on CPU; test-fast leaves out the end-to-end and subprocess tests.
 test: venv

@@ -48,7 +48,7 @@ def test_every_list_file_is_read_per_protocol(vtab_dir):
     honest = VtabTask("eurosat", str(vtab_dir), protocol="honest", image_size=32)
     assert (len(honest.train), len(honest.validation), len(honest.final)) == (8, 4, 6)
     assert honest.main_metric == "val/accuracy" and honest.selection_rule == "val_selected"
-    batch = honest.collate(None, honest.train[:3])
+    batch = honest.collate(None, honest.prepare(None, honest.train)[:3])
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 2]
     assert 0.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0  # not normalised (official)
 
@@ -61,10 +61,11 @@ def test_missing_data_and_corrupt_images_are_clear_errors(vtab_dir):
     (vtab_dir / "eurosat" / "val200.txt").unlink()
     with pytest.raises(ConfigError, match="val200.txt is missing"):
         VtabTask("eurosat", str(vtab_dir), protocol="honest")
-    task = VtabTask("eurosat", str(vtab_dir), protocol="paper")
+    task = VtabTask("eurosat", str(vtab_dir), protocol="paper", image_cache="memory", decode_workers=2)
     (vtab_dir / "eurosat" / "images" / "train800_1.png").write_bytes(b"not a png")
-    with pytest.raises(ConfigError, match="cannot read image .*train800_1.png"):
-        task.collate(None, task.train[:2])
+    with pytest.raises(ConfigError, match="^cannot read image .*train800_1.png") as info:
+        task.prepare(None, task.train)  # found when the split is decoded (in a worker), before training
+    assert "\n" not in str(info.value)
     (vtab_dir / "eurosat" / "test.txt").write_text("images/test_0.png 12\n")
     with pytest.raises(ConfigError, match="label 12 is outside the task's 10 classes"):
         VtabTask("eurosat", str(vtab_dir), protocol="paper")
@@ -153,3 +154,21 @@ def test_two_step_run_per_method_and_protocol(experiment, protocol, vtab_dir, tm
     else:
         assert metrics["final"]["test/accuracy"] == max(h["test/accuracy"] for h in metrics["history"])
     assert record["config"]["trainer"]["scheduler"] == "timm_cosine_epochs"
+
+
+def test_decoded_once_pixels_equal_the_official_transform(vtab_dir, tmp_path):
+    """uint8 decode + /255 per batch is exactly Resize((S, S), bicubic) + ToTensor, in every cache mode."""
+    from torchvision import transforms
+
+    official = transforms.Compose([transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC),
+                                   transforms.ToTensor()])
+    from PIL import Image
+    examples = VtabTask("eurosat", str(vtab_dir), protocol="honest", image_size=32).train
+    expected = torch.stack([official(Image.open(e.path).convert("RGB")) for e in examples])
+    for mode in ("memory", "disk", "off"):
+        task = VtabTask("eurosat", str(vtab_dir), protocol="honest", image_size=32, image_cache=mode,
+                        decode_workers=0, cache_dir=str(tmp_path / "cache"))
+        split = task.prepare(None, task.train)
+        batch = task.collate(None, split[0:len(split)])
+        torch.testing.assert_close(batch["pixel_values"], expected, atol=0, rtol=0)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the disk cache, keyed by list and transform

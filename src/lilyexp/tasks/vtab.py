@@ -18,8 +18,9 @@ from typing import Any, Optional
 import torch
 
 from lilyexp.errors import ConfigError
-from lilyexp.settings import knob
+from lilyexp.settings import bookkeeping, knob
 from lilyexp.tasks import TaskSettings
+from lilyexp.tasks.images import ImageSplit, decoded_split, to_float
 
 # name: (group, classes), as the official vtab.py
 TASKS = {
@@ -48,6 +49,15 @@ class VtabSettings(TaskSettings):
     normalize: bool = knob(False, help="ImageNet mean/std (the official code feeds [0, 1] pixels)")
     eval_every_epochs: int = knob(10)
     test_batch_size: int = knob(256)
+    image_cache: str = bookkeeping("auto")  # memory | disk | off | auto (lilyexp.tasks.images): the pixels are equal
+    decode_workers: int = bookkeeping(2)
+    cache_dir: Optional[str] = bookkeeping(None)  # the disk cache; None: <HF cache root>/lilyexp/images
+
+
+def default_cache_dir() -> Path:
+    from lilyexp.downloads import cache_root
+
+    return cache_root().parent / "images"
 
 
 def group_average(accuracies: dict[str, float]) -> float:
@@ -101,29 +111,13 @@ def list_entry(listing: Path, number: int, line: str, classes: int) -> Example:
     return entry
 
 
-def load_image(path: Path, size: int, normalize: bool) -> torch.Tensor:
-    """Resize((size, size), bicubic) + ToTensor (+ ImageNet normalisation only when asked; the official code
-    does not normalise)."""
-    from PIL import Image
-    from torchvision.transforms import functional as F
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read image {path}: {exc}") from None
-    tensor = F.to_tensor(image)
-    if normalize:
-        tensor = F.normalize(tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    return tensor
-
-
 class VtabTask:
-    """One VTAB-1K task under one protocol; images are decoded per batch."""
+    """One VTAB-1K task under one protocol; each split decoded once (:mod:`lilyexp.tasks.images`)."""
 
     def __init__(self, subset: str, data_dir: str | None, *, protocol: str = "paper", image_size: int = 224,
                  normalize: bool = False, eval_every_epochs: int = 10, test_batch_size: int = 256,
-                 train_limit: int | None = None, eval_limit: int | None = None):
+                 train_limit: int | None = None, eval_limit: int | None = None, image_cache: str = "auto",
+                 decode_workers: int = 2, cache_dir: str | None = None):
         if subset not in TASKS:
             raise ConfigError(f"unknown VTAB-1K task '{subset}'; one of {sorted(TASKS)}.")
         if protocol not in PROTOCOLS:
@@ -147,6 +141,8 @@ class VtabTask:
         self.selection_split = "test" if select_split == "test" else "val"
         self.splits = {"train": train_split, "selection": select_split, "final": final_split}
         self.image_size, self.normalize = image_size, normalize
+        self.image_cache, self.decode_workers = image_cache, decode_workers
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.eval_every_epochs, self.eval_batch_size = eval_every_epochs, test_batch_size
         self.model_kwargs = {"num_classes": classes}
         self.num_classes, self.is_regression = classes, False
@@ -155,12 +151,14 @@ class VtabTask:
     def main_metric(self) -> str:
         return f"{self.selection_split}/accuracy"
 
-    def prepare(self, processor: Any, examples: list[Example]) -> list[Example]:
-        return examples  # decoded per batch: a test split can hold tens of thousands of images
+    def prepare(self, processor: Any, examples: list[Example]) -> ImageSplit:
+        paths = [e.path for e in examples]
+        images = decoded_split(paths, self.image_size, self.image_cache, self.decode_workers, self.cache_dir)
+        return ImageSplit(paths, [e.label for e in examples], self.image_size, images)
 
-    def collate(self, processor: Any, examples: list[Example]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([load_image(e.path, self.image_size, self.normalize) for e in examples])
-        return {"pixel_values": pixels, "labels": torch.tensor([e.label for e in examples])}
+    def collate(self, processor: Any, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        pixels = to_float(torch.stack([image for image, _ in items]), self.normalize)
+        return {"pixel_values": pixels, "labels": torch.tensor([label for _, label in items])}
 
     @staticmethod
     def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:

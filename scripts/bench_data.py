@@ -1,0 +1,147 @@
+"""Benchmark (not a test) of the VTAB-1K image pipeline: images per second to produce one epoch of VTAB-1K-sized
+training batches (1,000 generated images of a real-world size, batch 64, 224 px bicubic, the official transform).
+
+Rows: the anchor, a torchvision ImageFolder-style DataLoader with 2 workers (what the official code uses); lilyexp
+before this change (every batch decoded in the training process); lilyexp now, its first epoch (the split decoded
+once by 2 DataLoader workers into a uint8 cache, then batched) and a later epoch (batches from the cache).
+Interleaved repeats, the median reported. Writes results/bench/data.json and data.md.
+
+    python scripts/bench_data.py [--images 1000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lilyexp.tasks.images import ImageSplit, decode, decoded_split, to_float
+
+BATCH, SIZE, WORKERS = 64, 224, 2
+
+
+def make_images(folder: Path, count: int) -> list[Path]:
+    """JPEGs of 500 x 375 px (a typical photo in the VTAB natural tasks): smooth colour fields plus noise."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        y, x = np.mgrid[0:375, 0:500]
+        base = np.stack([(x * (i % 7 + 1)) % 256, (y * (i % 5 + 1)) % 256, (x + y + 13 * i) % 256], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+class Official(torch.utils.data.Dataset):
+    """The official pipeline per image: PIL open, Resize((224, 224), bicubic), ToTensor."""
+
+    def __init__(self, paths: list[Path]):
+        from torchvision import transforms
+        self.paths = paths
+        self.transform = transforms.Compose([
+            transforms.Resize((SIZE, SIZE), interpolation=transforms.InterpolationMode.BICUBIC), transforms.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB")), index % 10
+
+
+def timed(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def anchor_epoch(paths: list[Path]) -> None:
+    loader = torch.utils.data.DataLoader(Official(paths), batch_size=BATCH, shuffle=True, drop_last=True,
+                                         num_workers=WORKERS)
+    for pixels, labels in loader:
+        pass
+
+
+def batches(split: ImageSplit) -> None:
+    order = torch.randperm(len(split)).tolist()
+    for start in range(0, len(order) - BATCH + 1, BATCH):
+        items = [split[i] for i in order[start:start + BATCH]]
+        to_float(torch.stack([image for image, _ in items]), normalize=False)
+
+
+def before_epoch(paths: list[Path]) -> None:
+    """lilyexp before: every batch decoded in the training process."""
+    batches(ImageSplit(paths, [0] * len(paths), SIZE, None))
+
+
+def first_epoch(paths: list[Path]) -> ImageSplit:
+    split = ImageSplit(paths, [0] * len(paths), SIZE, decoded_split(paths, SIZE, "memory", WORKERS, Path()))
+    batches(split)
+    return split
+
+
+def measure(paths: list[Path], repeats: int) -> dict[str, list[float]]:
+    seconds = {"anchor": [], "before": [], "first_epoch": [], "cached_epoch": []}
+    for _ in range(repeats):  # interleaved, so drift in the machine's load hits every row alike
+        seconds["anchor"].append(timed(lambda: anchor_epoch(paths)))
+        seconds["before"].append(timed(lambda: before_epoch(paths)))
+        holder = {}
+        seconds["first_epoch"].append(timed(lambda: holder.setdefault("split", first_epoch(paths))))
+        seconds["cached_epoch"].append(timed(lambda: batches(holder["split"])))
+    return seconds
+
+
+def report(seconds: dict[str, list[float]], images: int) -> dict:
+    epoch = images // BATCH * BATCH
+    rows = {name: {"median_s": statistics.median(values), "images_per_s": epoch / statistics.median(values),
+                   "runs_s": values} for name, values in seconds.items()}
+    anchor = rows["anchor"]["images_per_s"]
+    for row in rows.values():
+        row["of_anchor"] = row["images_per_s"] / anchor
+    return {"images": images, "batch": BATCH, "size": SIZE, "workers": WORKERS, "torch_threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    labels = {"anchor": "torchvision DataLoader, 2 workers (official)", "before": "lilyexp before: decode per batch",
+              "first_epoch": "lilyexp: first epoch (decode once, 2 workers)", "cached_epoch": "lilyexp: later epoch"}
+    lines = [f"# VTAB-1K image pipeline: images/s for one epoch ({result['images']} generated 500x375 JPEGs, "
+             f"batch {result['batch']}, {result['size']} px bicubic)", "",
+             "| pipeline | median s | images/s | × anchor |", "|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        lines.append(f"| {labels[name]} | {row['median_s']:.2f} | {row['images_per_s']:.0f} | {row['of_anchor']:.2f} |")
+    lines += ["", "Regenerate: `make bench-data` (`python scripts/bench_data.py`); medians of interleaved repeats on "
+              f"{result['machine']} with {result['torch_threads']} torch threads."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_images(Path(folder), args.images)
+        torch.set_num_threads(1)  # batching is memory-bound; one thread, like each DataLoader worker
+        decode(paths[0], SIZE)  # warm-up: imports and PIL plugins
+        result = report(measure(paths, args.repeats), args.images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "data.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "data.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
