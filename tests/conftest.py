@@ -55,3 +55,25 @@ def shared_data() -> Path:
     if not folder.is_dir():
         pytest.skip(f"the shared data folder {folder} is absent (set LILYEXP_SHARED to the folder holding data/)")
     return folder
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any transformers model load fails the test: the input must have been refused before."""
+    import lilyexp.backbones.hf as hf
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(hf, "from_config", refuse)
+    monkeypatch.setattr(hf, "load_pretrained", refuse)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the machine's cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,12 +23,7 @@ SMALL = ["task.resolution=32", "task.eval_limit=2", "task.sampling.images_per_pr
          "trainer.grad_accum=2", "trainer.mixed_precision=no", "trainer.checkpoint_every=3", "task.train_limit=3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

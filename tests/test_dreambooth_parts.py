@@ -34,13 +34,7 @@ needs_data = pytest.mark.skipif(not (DATA / db.TABLE_FILE).is_file(),
 PROMPT = "A picture of a wolf_plushie in the jungle"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def official_lily(unet: torch.nn.Module, seed: int = 0) -> LilyVariantModel:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import lilyexp.backbones.hf as hf
 from lilyexp.errors import CellBusy, ConfigError, TrainingDiverged
 from lilyexp.run import execute
 from lilyexp.tasks import commonsense as cs
@@ -37,14 +36,6 @@ def glue_folder(tmp_path: Path, train: str | None = None, dev: str | None = None
     (folder / "train.tsv").write_text(train if train is not None else header + rows)
     (folder / "dev.tsv").write_text(dev if dev is not None else header + rows)
     return folder.parent
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-    monkeypatch.setattr(hf, "from_config", refuse)
-    monkeypatch.setattr(hf, "load_pretrained", refuse)
 
 
 def sentence(exc_info) -> str:

@@ -8,7 +8,6 @@ import signal
 
 import pytest
 
-import lilyexp.backbones.hf as hf
 import lilyexp.recipes.causal_lm as causal_lm
 from lilyexp.errors import BackboneUnavailable, ConfigError, TrainingDiverged
 from lilyexp.run import execute
@@ -78,14 +77,6 @@ def test_nan_loss_stops_with_the_step_and_a_failed_record(tiny_run, tmp_path, mo
         execute(cfg)
     record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
     assert record["status"] == "failed" and "step 1" in record["error"]
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the settings were checked")
-    monkeypatch.setattr(hf, "from_config", refuse)
-    monkeypatch.setattr(hf, "load_pretrained", refuse)
 
 
 @pytest.mark.parametrize("overrides,message", [
