@@ -1,10 +1,14 @@
 """`make bench`: step time and peak memory of Lily against LoRA at equal adapter budgets (a benchmark, not a test).
 
 For each model shape (random init: RoBERTa-base-shaped; a small LLaMA-shaped model for a CPU step of seconds; on
-CUDA also LLaMA3-8B-shaped, in bf16), each method's forward + backward + AdamW step is timed as the median of
-repeated runs interleaved across methods, and its peak peak memory is parameters, buffers and optimizer state plus
-the peak a training step allocates on top. Also times the Eq. 3 expert combination against the naive
-N_e-matmul one at the paper's example size. Writes results/bench/latest.json and latest.md.
+CUDA also LLaMA3-8B-shaped, in bf16), each method's forward + backward + AdamW step is timed in rounds: every
+round runs every method once (order rotated), after a discarded warm-up, with the torch thread count pinned. A
+method's ratio to LoRA is the median of its per-round ratios (each method's step over LoRA's step of the same
+round, so a slow phase of the machine hits both), with a bootstrap 95% interval; rounds continue until the
+intervals of the comparisons that matter (our Lily vs LoRA, our Lily vs upstream peft Lily) are within
+``--halfwidth`` (2%) or ``--max-rounds`` is reached. Peak memory is parameters, buffers and optimizer state plus the
+peak a training step allocates on top. Also times the Eq. 3 expert combination against the naive N_e-matmul one at
+the paper's example size. Writes results/bench/latest.json and latest.md.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LilyConfig, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
@@ -142,24 +147,61 @@ def adapter_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+OURS, LORA, UPSTREAM = "lily (batch_mean, official)", "peft lora", "peft lily (upstream)"
+
+
+def bootstrap_median(values: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """(median, low, high): the median and its bootstrap 95% interval."""
+    rng = np.random.default_rng(0)
+    data = np.asarray(values)
+    medians = np.median(rng.choice(data, size=(resamples, len(data)), replace=True), axis=1)
+    return float(np.median(data)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
+def halfwidth(values: list[float]) -> float:
+    median, low, high = bootstrap_median(values)
+    return (high - low) / 2 / median
+
+
+def run_rounds(steps: dict, device: str, rounds: int, times: dict) -> None:
+    names = list(steps)
+    for _ in range(rounds):
+        done = len(times[names[0]])
+        for name in names[done % len(names):] + names[:done % len(names)]:  # rotate the order each round
+            times[name].append(timed(steps[name], device))
+
+
+def paired(times: dict, numerator: str, denominator: str) -> list[float]:
+    return [a / b for a, b in zip(times[numerator], times[denominator])]
+
+
+def time_until_tight(steps: dict, device: str, args) -> dict:
+    """Rounds of steps until the key ratios' intervals are within ``args.halfwidth`` (or ``args.max_rounds``)."""
+    times = {name: [] for name in steps}
+    run_rounds(steps, device, args.min_rounds, times)
+    while len(times[LORA]) < args.max_rounds and max(
+            halfwidth(paired(times, OURS, LORA)), halfwidth(paired(times, OURS, UPSTREAM))) > args.halfwidth:
+        run_rounds(steps, device, 10, times)
+    return times
+
+
 def time_shape(shape: str, args, device, dtype) -> list[dict]:
     spec = SHAPES[shape]
     batch = batch_for(spec, device, args)
     models = {name: build(name, shape, device, dtype) for name in methods(shape)}
     steps = {name: step_fn(model, batch) for name, model in models.items()}
     for step in steps.values():
-        step()  # warm-up
-    times = {name: [] for name in models}
-    names = list(models)
-    for rep in range(args.repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate the order each round
-            times[name].append(timed(steps[name], device))
+        step()  # warm-up, discarded
+    times = time_until_tight(steps, device, args)
     rows = []
-    for name in names:
+    for name in steps:
         step_mem = step_peak_bytes(steps[name], device)
+        ratio = bootstrap_median(paired(times, name, LORA))
         rows.append({"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(shape),
                      "adapter_params": adapter_params(models[name]), "step_s_median": statistics.median(times[name]),
-                     "step_s_all": times[name], "step_mem_bytes": step_mem,
+                     "step_s_all": times[name], "step_mem_bytes": step_mem, "rounds": len(times[name]),
+                     "ratio_to_lora": ratio[0], "ratio_to_lora_ci": ratio[1:],
+                     "ratio_to_upstream": bootstrap_median(paired(times, name, UPSTREAM)),
                      "peak_mem_bytes": static_bytes(models[name], steps[name].optimizer) + step_mem})
     del models, steps
     return rows
@@ -216,30 +258,52 @@ def device_and_dtype():
     return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
+def verdicts(rows: list[dict], target: float) -> list[str]:
+    """The goals: our Lily <= 1.02x LoRA at the interval's upper end; not slower than upstream peft's Lily beyond
+    the interval (its lower end <= 1)."""
+    lines = []
+    for row in rows:
+        if row["method"] != OURS:
+            continue
+        low, high = row["ratio_to_lora_ci"]
+        upstream = row["ratio_to_upstream"]
+        lines.append(f"- {row['model']}: our Lily / LoRA = {row['ratio_to_lora']:.3f} [{low:.3f}, {high:.3f}] "
+                     f"({'meets' if high <= 1 + target else 'misses'} <= {1 + target:.2f}); our Lily / upstream Lily = "
+                     f"{upstream[0]:.3f} [{upstream[1]:.3f}, {upstream[2]:.3f}] "
+                     f"({'not slower' if upstream[1] <= 1 else 'slower'} beyond the interval); {row['rounds']} rounds")
+    return lines
+
+
 def markdown(rows: list[dict], eq3: dict, meta: dict) -> str:
     lines = [f"# Lily vs LoRA: step time and peak memory ({meta['device']}, {meta['dtype']}, batch {meta['batch']}"
-             f" × {meta['seq']} tokens, median of {meta['repeats']} interleaved steps)", "",
-             "| model | method | adapter params | step (s) | IQR / median | × LoRA time | peak mem (MiB) | × LoRA | "
-             "step's own mem (MiB) | × LoRA |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f" × {meta['seq']} tokens, interleaved rounds, {meta['threads']} pinned threads)", "",
+             "| model | method | adapter params | step (s) | × LoRA time [95% CI] | peak mem (MiB) | × LoRA | "
+             "step's own mem (MiB) | × LoRA |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        q1, _, q3 = statistics.quantiles(row["step_s_all"], n=4)
+        low, high = row["ratio_to_lora_ci"]
         lines.append(f"| {row['model']} | {row['method']} | {row['adapter_params']:,} | {row['step_s_median']:.4f} | "
-                     f"{(q3 - q1) / row['step_s_median']:.3f} | "
-                     f"{row['ratio_to_lora']:.3f} | {row['peak_mem_bytes'] / 2**20:.0f} | {row['mem_ratio_to_lora']:.3f} | "
-                     f"{row['step_mem_bytes'] / 2**20:.1f} | {row['step_mem_ratio_to_lora']:.3f} |")
-    lines += ["", f"Eq. 3 combination vs naive N_e matmuls (N=1024, d=16, C=768, N_e=4, forward+backward): "
+                     f"{row['ratio_to_lora']:.3f} [{low:.3f}, {high:.3f}] | {row['peak_mem_bytes'] / 2**20:.0f} | "
+                     f"{row['mem_ratio_to_lora']:.3f} | {row['step_mem_bytes'] / 2**20:.1f} | "
+                     f"{row['step_mem_ratio_to_lora']:.3f} |")
+    lines += ["", "Goals:", *verdicts(rows, meta["halfwidth"]), "",
+              f"Eq. 3 combination vs naive N_e matmuls (N=1024, d=16, C=768, N_e=4, forward+backward): "
               f"{eq3['eq3_s'] * 1e3:.3f} ms vs {eq3['naive_s'] * 1e3:.3f} ms, **{eq3['speedup']:.2f}× faster**.", "",
-              "Peak memory = parameters + buffers + optimizer state + the peak one training step allocates on top "
-              "(activations, gradients, workspace; CUDA: allocator statistics, CPU: the profiler's allocation "
-              "events). The step's own memory is that last part alone. IQR / median is the spread of the repeated "
-              "step times: differences in time ratios smaller than it are noise. Lily's settings are the largest (r in 16/32,"
-              " ne_2 <= 4) within the LoRA's parameter count on the same targets.", ""]
+              "A time ratio is the median of per-round ratios (each method's step over LoRA's step in the same round),"
+              " with a bootstrap 95% interval; rounds continue until the intervals of our Lily vs LoRA and vs upstream"
+              f" peft Lily are within ±{meta['halfwidth']:.0%} (or {meta['max_rounds']} rounds). Peak memory = "
+              "parameters + buffers + optimizer state + the peak one training step allocates on top (activations, "
+              "gradients, workspace; CUDA: allocator statistics, CPU: the profiler's allocation events). The step's "
+              "own memory is that last part alone. Lily's settings are the largest (r in 16/32, ne_2 <= 4) within the "
+              "LoRA's parameter count on the same targets. Regenerate: make bench.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--min-rounds", type=int, default=20)
+    parser.add_argument("--max-rounds", type=int, default=150)
+    parser.add_argument("--halfwidth", type=float, default=0.02, help="stop when the key intervals are this tight")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--render", action="store_true", help="only re-render latest.md from latest.json")
@@ -251,7 +315,7 @@ def main() -> None:
     device, dtype = device_and_dtype()
     args.batch = args.batch or (16 if device == "cuda" else 4)
     args.seq = args.seq or (512 if device == "cuda" else 128)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     rows = []
     for shape, spec in SHAPES.items():
         if spec.get("cuda_only") and device != "cuda":
@@ -259,7 +323,6 @@ def main() -> None:
         shape_rows = time_shape(shape, args, device, dtype)
         lora = next(r for r in shape_rows if r["method"] == "peft lora")
         for row in shape_rows:
-            row["ratio_to_lora"] = row["step_s_median"] / lora["step_s_median"]
             row["mem_ratio_to_lora"] = row["peak_mem_bytes"] / lora["peak_mem_bytes"]
             row["step_mem_ratio_to_lora"] = row["step_mem_bytes"] / lora["step_mem_bytes"]
             print(f"{shape:14s} {row['method']:30s} {row['step_s_median']:.4f}s ×{row['ratio_to_lora']:.3f} "
@@ -268,7 +331,8 @@ def main() -> None:
     eq3 = eq3_vs_naive(device)
     meta = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.machine()}, "
             f"{torch.get_num_threads()} threads)", "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
-            "seq": args.seq, "repeats": args.repeats, "torch": torch.__version__}
+            "seq": args.seq, "threads": args.threads, "halfwidth": args.halfwidth, "max_rounds": args.max_rounds,
+            "torch": torch.__version__}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows, "eq3_vs_naive": eq3}, indent=2) + "\n")
     (OUT / "latest.md").write_text(markdown(rows, eq3, meta))
