@@ -293,9 +293,9 @@ def data_root(tmp_path) -> Path:
 def test_prompts_from_the_table(data_root):
     table = db.read_prompt_table(data_root / db.TABLE_FILE)
     assert db.instance_prompt("wolf_plushie", table) == "a photo of wolf_plushie"
-    assert db.instance_prompt("wolf_plushie", table, "dreambooth") == "a sks stuffed animal"
+    assert db.instance_prompt("wolf_plushie", table, "rare_token") == "a sks stuffed animal"
     assert db.evaluation_prompts("wolf_plushie", table) == [PROMPT, "A picture of a red wolf_plushie"]
-    assert db.evaluation_prompts("dog", table, "dreambooth", token="zwx") == ["a zwx dog wearing a red hat"]
+    assert db.evaluation_prompts("dog", table, "rare_token", token="zwx") == ["a zwx dog wearing a red hat"]
     assert db.evaluation_prompts("dog", table) == ["A picture of a dog in the jungle", "A picture of a red dog"]
 
 
@@ -309,7 +309,7 @@ def test_the_real_prompt_table():
     assert prompts[0] == "A picture of a robot_toy in the jungle"
     assert prompts[-1] == "A picture of a cube shaped robot_toy"
     assert "A picture of a robot_toy on top of green grass with sunflowers around it" in prompts
-    assert db.evaluation_prompts("dog", table, "dreambooth")[10] == "a sks dog wearing a red hat"
+    assert db.evaluation_prompts("dog", table, "rare_token")[10] == "a sks dog wearing a red hat"
 
 
 def test_preprocessing_crops_once_with_a_seed(data_root):

@@ -30,7 +30,7 @@ from lilyexp.errors import ConfigError
 from lilyexp.settings import knob
 from lilyexp.tasks import TaskSettings
 
-PROMPT_STYLES = ("official", "dreambooth")
+PROMPT_STYLES = ("official", "rare_token")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIVE_CLASSES = ("dog", "cat")  # the dataset's live subjects are its dogs and cats; the rest are objects
 TABLE_FILE = "prompts_and_classes.txt"
@@ -109,7 +109,7 @@ def _check_style(style: str) -> None:
 
 
 def instance_prompt(subject: str, table: PromptTable, style: str = "official", token: str = "sks") -> str:
-    """The training prompt: "a photo of wolf_plushie" (official) or "a sks stuffed animal" (DreamBooth)."""
+    """The training prompt: "a photo of wolf_plushie" (official) or "a sks stuffed animal" (rare_token, as the DreamBooth paper writes them)."""
     _check_style(style)
     class_name = table.class_of(subject)
     return f"a photo of {subject}" if style == "official" else f"a {token} {class_name}"
@@ -118,10 +118,10 @@ def instance_prompt(subject: str, table: PromptTable, style: str = "official", t
 def evaluation_prompts(subject: str, table: PromptTable, style: str = "official", token: str = "sks") -> list[str]:
     """The prompts images are generated for. ``official``: infer_lily.py's 25 prompts, which are the dataset's
     object list with "a {0} {1}" written "A picture of a <subject>" (it has no live-subject list, so dogs get the
-    object contexts too). ``dreambooth``: the dataset's list for the subject's kind, formatted with token and class."""
+    object contexts too). ``rare_token``: the dataset's list for the subject's kind, formatted with token and class."""
     _check_style(style)
     class_name = table.class_of(subject)
-    if style == "dreambooth":
+    if style == "rare_token":
         return [template.format(token, class_name) for template in table.templates(subject)]
     return ["A picture of " + template.replace("{0} {1}", "{0}").format(subject) for template in table.object_templates]
 
@@ -261,7 +261,7 @@ class DreamboothSettings(TaskSettings):
     data_dir: Optional[str] = knob(None, help="the dataset/ folder; None = the pinned google/dreambooth files")
     resolution: int = knob(1024)
     prompt_style: str = knob("official", choices=PROMPT_STYLES)
-    token: str = knob("sks", help="the rare token of prompt_style=dreambooth")
+    token: str = knob("sks", help="the rare token of prompt_style=rare_token")
     center_crop: bool = knob(False)
     sample_vae: str = knob("base", choices=("base", "training"), help="base: decode samples with the base VAE")
     sampling: SamplingSettings = field(default_factory=SamplingSettings, metadata={"kind": "knob"})
