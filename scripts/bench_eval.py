@@ -6,7 +6,13 @@ search, 32 new tokens, a KV cache and only input_ids; Lily's official router poo
 that is what the answers are defined by. This script trains a small Lily adapter on SmolLM2-135M-Instruct (r 16,
 4 A's, 4 B's on q,k,v; a few AdamW steps on the real BoolQ and ARC-Easy train files, loss on the answer; cached
 under checkpoints/bench_eval/ so reruns skip it), then answers a fixed subsample of the real test files with the
-official prompt and answer extraction:
+official prompt and answer extraction.
+
+The B experts start random (``zero_init_B: false``, as the official SDXL code). From zero (the official LLM
+init) all experts get gradients proportional to one another, which Adam's per-coordinate normalisation turns into
+near-identical updates: after a few dozen steps they are near copies (``expert_spread`` in the report), routing
+hardly moves the outputs, and no evaluation mode could be told apart (``--zero-init-B`` reproduces that case,
+written to eval_zero_init_B.*). Modes:
 
 * ``batch1``: one prompt per call, official routing (the reference);
 * ``sample_bN``: N left-padded prompts per call, ``eval_pooling: sample`` with beam routing groups;
@@ -58,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--zero-init-B", action="store_true", help="B experts start at zero (official LLM init)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "results/bench")
@@ -88,7 +95,8 @@ def train_batches(tokenizer, steps: int, batch: int, seed: int) -> list[dict]:
 def train_adapter(model, tokenizer, args: argparse.Namespace) -> tuple[LilyVariantModel, list[float]]:
     torch.manual_seed(args.seed)
     tuner = LilyVariantModel(model, LilyVariantConfig(r=16, ne_1=4, num_B=4, target_modules=QKV,
-                                                      task_type="CAUSAL_LM", eval_pooling="sample"))
+                                                      task_type="CAUSAL_LM", eval_pooling="sample",
+                                                      init_weights=args.zero_init_B))
     optimizer = torch.optim.AdamW([p for p in tuner.parameters() if p.requires_grad], lr=args.lr)
     tuner.train()
     losses = []
@@ -104,17 +112,32 @@ def train_adapter(model, tokenizer, args: argparse.Namespace) -> tuple[LilyVaria
 
 def trained_adapter(model, tokenizer, args: argparse.Namespace) -> tuple[LilyVariantModel, dict]:
     """The cached adapter of these training settings, trained and saved on first use."""
-    directory = args.cache / f"lily_r16_ne4x4_steps{args.train_steps}_b{args.train_batch}_lr{args.lr:g}_s{args.seed}"
+    init = "zero" if args.zero_init_B else "random"
+    directory = args.cache / (f"lily_r16_ne4x4_{init}B_steps{args.train_steps}_b{args.train_batch}_lr{args.lr:g}"
+                              f"_s{args.seed}")
     info_path = directory / "training.json"
     if info_path.exists():
         return LilyVariantModel.load_pretrained(model, directory).eval(), json.loads(info_path.read_text())
     start = time.perf_counter()
     tuner, losses = train_adapter(model, tokenizer, args)
     tuner.save_pretrained(directory)
-    info = {"steps": args.train_steps, "batch": args.train_batch, "lr": args.lr, "train_sets": list(TRAIN_SETS),
+    info = {"init_B": init, "steps": args.train_steps, "batch": args.train_batch, "lr": args.lr,
+            "train_sets": list(TRAIN_SETS),
             "loss_first5": losses[:5], "loss_last5": losses[-5:], "seconds": round(time.perf_counter() - start, 1)}
     info_path.write_text(json.dumps(info, indent=2))
     return tuner, info
+
+
+def expert_spread(tuner: LilyVariantModel) -> float:
+    """Mean over the model's B groups of mean_e ||B_e - mean B|| / ||mean B||: 0 when the experts are copies, in
+    which case routing cannot change the outputs."""
+    spreads = []
+    for group in {id(m.lily_B["default"]): m for m in tuner.model.modules() if hasattr(m, "lily_B")}.values():
+        weight = group.lily_B["default"].weight
+        experts = weight.reshape(group.num_B["default"], -1, weight.shape[1])
+        mean = experts.mean(0)
+        spreads.append(((experts - mean).flatten(1).norm(dim=1) / mean.norm()).mean().item())
+    return round(sum(spreads) / len(spreads), 4)
 
 
 def test_questions(total: int, seed: int) -> list[dict]:
@@ -294,9 +317,11 @@ def evaluate(model, tokenizer, questions: list[dict], args: argparse.Namespace) 
 
 
 def markdown(report: dict) -> str:
+    adapter = report["adapter"]
     lines = ["# Batched Lily evaluation vs the official batch-1 evaluation", "",
-             f"SmolLM2-135M-Instruct + trained Lily (r 16, 4 A's, 4 B's on q,k,v; {report['adapter']['steps']} "
-             f"AdamW steps), {report['questions']} test questions ({', '.join(report['sets'])}), official prompt "
+             f"SmolLM2-135M-Instruct + trained Lily (r 16, 4 A's, 4 B's on q,k,v; B experts initialised "
+             f"{adapter['init_B']}, {adapter['steps']} AdamW steps, expert spread {adapter['expert_spread']}), "
+             f"{report['questions']} test questions ({', '.join(report['sets'])}), official prompt "
              f"and answer extraction, {BEAMS}-beam search, {MAX_NEW_TOKENS} new tokens, "
              f"{report['threads']} CPU threads; questions sorted by prompt length, every mode run on each round "
              f"of {report['round_size']} in turn.", "",
@@ -325,6 +350,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2()
     tuner, training = trained_adapter(model, tokenizer, args)
+    training["expert_spread"] = expert_spread(tuner)
     questions = test_questions(args.questions, args.seed)
     results = evaluate(tuner, tokenizer, questions, args)
     report = {"questions": len(questions), "sets": sorted({q["set"] for q in questions}), "threads": args.threads,
@@ -333,8 +359,9 @@ def main() -> None:
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()}, "machine": platform.processor() or platform.machine()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "eval.md").write_text(markdown(report))
+    stem = "eval_zero_init_B" if args.zero_init_B else "eval"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
 
 

@@ -177,7 +177,7 @@ class GroupRouted:
 
 
 def group_mean(probabilities: torch.Tensor, token_weights: torch.Tensor | None, groups: RowGroups) -> torch.Tensor:
-    """(groups, E): per group, the mean of the per-token softmax over its rows' tokens with weight 1."""
+    """(groups, E): per group, the mean of the per-token softmax over its rows' unmasked tokens."""
     rows, num_experts = probabilities.shape[0], probabilities.shape[-1]
     if groups.index.shape[0] != rows:
         raise ValueError(f"routing groups cover {groups.index.shape[0]} rows but this forward call has {rows}; "
