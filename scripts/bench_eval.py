@@ -345,6 +345,7 @@ def markdown(report: dict) -> str:
                      f"{speedup} |")
     lines += ["", "Wall seconds per round (a load burst on the shared machine shows as one outlier): " + "; ".join(
         f"{name} {mode['seconds']['round_wall']}" for name, mode in report["modes"].items())]
+    lines += [f"\n{note}" for note in report.get("notes", [])]
     for name, mode in report["modes"].items():
         differing = mode.get("vs_batch1", {}).get("differing", [])
         if differing and name.startswith("sample"):
