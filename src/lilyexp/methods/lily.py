@@ -10,7 +10,11 @@ paper's experiments need more, this module extends it instead of copying it:
   modules and storage, so weights move between the two) and only replaces the forward's expert mixing;
 * :class:`LilyVariantModel` subclasses ``LilyModel`` and replaces the sharing hook: A's are shared by
   ``count // ne_1`` consecutive layers of each (target, weight shape) group (the official stride, which can
-  give more than ne_1 A's), and routers can be shared per A or per group.
+  give more than ne_1 A's), and routers can be shared per A or per group;
+* ``eval_pooling: sample`` makes batched evaluation reproduce the official batch-1 evaluation: the official
+  router pools over all rows of a forward call, so in evaluation, with routing groups set
+  (:func:`lilyexp.methods.routing.routing_groups`), it pools per group of rows instead (one prompt's beams,
+  one CFG pair, one classification row), padding excluded. Neither the official code nor upstream has it.
 
 peft cannot register a second tuner type without editing its PeftType enum, so this tuner is used as peft
 documents for custom tuners: instantiated directly on the model (``LilyVariantModel(model, config)``), with
@@ -38,6 +42,7 @@ from lilyexp.settings import knob
 
 ROUTER_PLACEMENTS = ("layer", "A", "group")  # official & upstream | paper App. A.1.3 | one per group (Vim)
 POOLINGS = ("batch_mean", "sample_sum", "token")  # official & upstream | paper Eq. 2 | Vim
+EVAL_POOLINGS = ("batch", "sample")  # official (pool each forward call) | per routing group, as batch-1 calls
 PER_TARGET_KEYS = ("r", "num_B", "use_router", "activation", "dropout", "detach_input")
 ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU}
 
@@ -51,6 +56,10 @@ class LilyVariantConfig(LilyConfig):
     router: str = field(default="layer", metadata={"help": f"router placement, one of {ROUTER_PLACEMENTS}"})
     pooling: str = field(default="batch_mean", metadata={"help": f"router pooling, one of {POOLINGS}"})
     mask_padding: bool = field(default=False, metadata={"help": "leave padding tokens out of router pooling"})
+    eval_pooling: str = field(default="batch", metadata={"help": "batch: in evaluation too, batch_mean pools over "
+                              "the whole forward call (official). sample: a module in eval mode with routing "
+                              "groups set (methods.routing.routing_groups) pools per group of rows, padding "
+                              "excluded, as separate batch-1 calls would; training is unchanged"})
     use_router: bool = field(default=True, metadata={"help": "False: the no-router ablation, B experts averaged"})
     apply_scaling: bool = field(default=True, metadata={"help": "False: ignore s (the official LLM code does)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on h = A(x) (Vim uses 0.1)"})
@@ -69,6 +78,11 @@ class LilyVariantConfig(LilyConfig):
             raise ConfigError(f"lily router must be one of {ROUTER_PLACEMENTS}, got '{self.router}'.")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"lily pooling must be one of {POOLINGS}, got '{self.pooling}'.")
+        if self.eval_pooling not in EVAL_POOLINGS:
+            raise ConfigError(f"lily eval_pooling must be one of {EVAL_POOLINGS}, got '{self.eval_pooling}'.")
+        if self.eval_pooling == "sample" and self.pooling != "batch_mean":
+            raise ConfigError(f"lily eval_pooling=sample regroups batch_mean pooling; pooling '{self.pooling}' "
+                              f"already routes each row on its own (leave eval_pooling=batch).")
         if self.ne_1 is not None and self.ne_1 < 1:
             raise ConfigError(f"lily ne_1 (number of A's) must be at least 1, got {self.ne_1}.")
         if self.r < 1:
@@ -99,15 +113,40 @@ class LilyVariantConfig(LilyConfig):
         return settings
 
 
+@dataclass(frozen=True)
+class RowGroups:
+    """The rows of a forward call partitioned into groups: row ``i`` is in group ``index[i]`` of ``count``."""
+
+    ids: torch.Tensor
+    index: torch.Tensor
+    count: int
+
+    @classmethod
+    def of(cls, ids: torch.Tensor) -> "RowGroups":
+        unique, index = torch.unique(ids, return_inverse=True)
+        return cls(ids, index, unique.numel())
+
+
 class RoutingContext:
-    """The attention mask of the current forward, captured by a pre-hook on the wrapped model, so the
-    routers can leave padding out (``mask_padding``)."""
+    """Per-forward routing state shared by a model's Lily layers: the attention mask of the current forward,
+    captured by a pre-hook on the wrapped model, so the routers can leave padding out (``mask_padding``), and the
+    routing groups a recipe set for evaluation (``eval_pooling: sample``)."""
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
+        self.groups: RowGroups | None = None
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.attention_mask = kwargs.get("attention_mask")
+
+    def set_groups(self, group_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Set (or clear, with None) the routing groups; returns the previous group ids."""
+        previous = None if self.groups is None else self.groups.ids
+        if group_ids is None:
+            self.groups = None
+        elif previous is not group_ids:  # every layer sets the same tensor: partition it once
+            self.groups = RowGroups.of(group_ids)
+        return previous
 
     def token_weights(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(batch, tokens) 0/1 weights aligned with ``hidden``'s last tokens (KV-cache steps see only those)."""
@@ -116,17 +155,62 @@ class RoutingContext:
             return None
         return mask[:, -hidden.shape[1]:].to(hidden.dtype)
 
+    def group_token_weights(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`token_weights` for per-group pooling, which must leave padding out: a mask that cannot be
+        aligned with ``hidden`` (e.g. the 4-D mask a compileable cache builds) is an error, not all-ones."""
+        weights = self.token_weights(hidden)
+        if weights is None and self.attention_mask is not None:
+            raise ValueError(f"per-sample Lily routing needs a 2-D attention mask aligned with the adapter input "
+                             f"{tuple(hidden.shape[:-1])}; got one of shape {tuple(self.attention_mask.shape)} "
+                             f"(a static/compileable cache passes a 4-D mask: use the default dynamic cache).")
+        return weights
+
+
+class GroupRouted:
+    """The routing-groups protocol of :mod:`lilyexp.methods.routing`, for Lily layers and branches."""
+
+    routing: RoutingContext
+
+    def set_routing_groups(self, group_ids: torch.Tensor | None) -> torch.Tensor | None:
+        return self.routing.set_groups(group_ids)
+
+
+def group_mean(probabilities: torch.Tensor, token_weights: torch.Tensor | None, groups: RowGroups) -> torch.Tensor:
+    """(groups, E): per group, the mean of the per-token softmax over its rows' unmasked tokens."""
+    rows, num_experts = probabilities.shape[0], probabilities.shape[-1]
+    if groups.index.shape[0] != rows:
+        raise ValueError(f"routing groups cover {groups.index.shape[0]} rows but this forward call has {rows}; "
+                         f"set group ids for the batch actually run (e.g. batch_size * num_beams rows).")
+    per_token = probabilities.reshape(rows, -1, num_experts)
+    weights = per_token.new_ones(per_token.shape[:2]) if token_weights is None else token_weights.reshape(rows, -1)
+    index = groups.index.to(per_token.device)
+    sums = per_token.new_zeros(groups.count, num_experts).index_add_(0, index, (per_token * weights[..., None]).sum(1))
+    counts = weights.new_zeros(groups.count).index_add_(0, index, weights.sum(1))
+    return sums / counts.clamp_min(1)[:, None]
+
+
+def group_mix(hidden: torch.Tensor, experts: torch.Tensor, probabilities: torch.Tensor,
+              token_weights: torch.Tensor | None, groups: RowGroups) -> torch.Tensor:
+    """The official batch_mean mixture computed per group of rows: each row uses its group's mixed B."""
+    mixed = torch.einsum("ge,eio->gio", group_mean(probabilities, token_weights, groups), experts)
+    per_row = mixed[groups.index.to(mixed.device)]
+    tokens = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+    return (tokens @ per_row).reshape(*hidden.shape[:-1], experts.shape[-1])
+
 
 def mix_experts(hidden: torch.Tensor, experts: torch.Tensor, router: nn.Module | None, pooling: str,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                token_weights: torch.Tensor | None = None, groups: RowGroups | None = None) -> torch.Tensor:
     """Δ = h · Σ_e w_e B_e with one matmul (paper Eq. 3: mix the B's first, never N_e matmuls).
 
-    hidden (..., r); experts (E, r, out); router maps r -> E, or None for the no-router ablation (mean of B's).
+    hidden (rows, ..., r); experts (E, r, out); router maps r -> E, or None for the no-router ablation (mean of
+    B's). ``groups``: batch_mean pools per group of rows instead of over the whole call (``eval_pooling``).
     """
     num_experts = experts.shape[0]
     if router is None:
         return hidden @ experts.mean(0)
     logits = router(hidden)
+    if pooling == "batch_mean" and groups is not None:
+        return group_mix(hidden, experts, logits.softmax(-1), token_weights, groups)
     if pooling == "token":  # per-token mixture: (p_t ⊗ h_t) · reshape(B, (E·r, out))
         probabilities = logits.softmax(-1)
         outer = (probabilities.unsqueeze(-1) * hidden.unsqueeze(-2)).flatten(-2)
@@ -166,13 +250,25 @@ def lily_delta(holder: nn.Module, x: torch.Tensor, adapter: str) -> torch.Tensor
     x = x.detach() if config.detach_input else x  # Δ·stop_grad(x): the official Vim kernel's backward omits this term upstream
     hidden = holder.lily_A[adapter](x.to(lily_B.dtype))
     hidden = holder.lily_dropout[adapter](holder.lily_activation[adapter](hidden))
-    weights = holder.routing.token_weights(hidden) if config.mask_padding else None
     router = holder.lily_router[adapter] if config.use_router else None
-    delta = holder.mix(hidden, experts, router, config.pooling, weights)
+    groups = evaluation_groups(holder, config)
+    if groups is None:
+        weights = holder.routing.token_weights(hidden) if config.mask_padding else None
+        delta = holder.mix(hidden, experts, router, config.pooling, weights)
+    else:  # padding is always left out here: a batch-1 call has none
+        delta = holder.mix(hidden, experts, router, config.pooling, holder.routing.group_token_weights(hidden), groups)
     return delta * (holder.scaling[adapter] if config.apply_scaling else 1.0)
 
 
-class LilyVariantLinear(UpstreamLinear):
+def evaluation_groups(holder: nn.Module, config: LilyVariantConfig) -> RowGroups | None:
+    """The per-sample rule: groups apply iff ``eval_pooling`` is ``sample``, the holder is in eval mode and a
+    recipe set groups; training, and evaluation without groups, keep the official whole-call pooling."""
+    if config.eval_pooling != "sample" or holder.training or not config.use_router:
+        return None
+    return holder.routing.groups
+
+
+class LilyVariantLinear(GroupRouted, UpstreamLinear):
     """Upstream Lily ``Linear`` with the paper variants' expert mixing, dropout on h and optional s."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, config: LilyVariantConfig,
@@ -196,7 +292,7 @@ class LilyVariantLinear(UpstreamLinear):
         return "lily_variant." + super().__repr__().removeprefix("lily.")
 
 
-class LilyBranch(nn.Module):
+class LilyBranch(GroupRouted, nn.Module):
     """A Lily adapter without a base layer (A, B experts, router), for the slice and parallel placements;
     initialised like upstream's layer (kaiming-uniform A and router, B zero unless ``init_weights=False``)."""
 
