@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lilyexp-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast dreambooth dreambooth-cpu fig2 bench bench-data glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
+.PHONY: venv demo test test-fast dreambooth dreambooth-cpu fig2 bench bench-data bench-eval glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # The main job on the embedded, offline default: SmolLM2-135M + LoRA and Lily on commonsense_synthetic.
 demo: venv
 	$(BIN)/python -m lilyexp.run experiment=demo method=lora method.r=8 method.alpha=16
-	$(BIN)/python -m lilyexp.run experiment=demo method=lily method.r=32 method.ne_1=6 method.ne_2=6
+	$(BIN)/python -m lilyexp.run experiment=demo method=lily method.r=32 method.ne_1=6 method.ne_2=6 method.eval_pooling=sample
 	$(BIN)/python -m lilyexp.tables demo
 	@cat results/tables/demo.md
 
@@ -94,6 +94,11 @@ bench: venv
 # The VTAB-1K image pipeline: images/s for one epoch, official DataLoader vs lilyexp's decode-once cache.
 bench-data: venv
 	$(BIN)/python scripts/bench_data.py
+
+# Batched commonsense evaluation with per-sample Lily routing vs the official batch 1 (SmolLM2, real test files):
+# identical generations and the wall-time ratio; writes results/bench/eval.{json,md}.
+bench-eval: venv
+	$(BIN)/python scripts/bench_eval.py
 
 # The whole suite (what CI runs), offline on CPU; test-fast leaves out the end-to-end and subprocess tests.
 test: venv

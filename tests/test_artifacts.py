@@ -30,6 +30,7 @@ def test_an_exported_adapter_evaluates_to_the_trained_runs_metrics(shared_data, 
     trained = record_of(execute(compose_run(glue, tmp_path)))
     adapter = trained["adapter"]["path"]
     assert trained["metrics"]["selection"]["rule"] == "best_epoch"
+    assert trained["evaluation"]["routing"] == {"mode": "per_call", "groups": "each example"}  # official coupling
     evaluated = record_of(execute(compose_run([*glue, "trainer.max_steps=0", f"method.load_from={adapter}"],
                                               tmp_path)))
     assert evaluated["metrics"]["final"] == trained["metrics"]["final"]  # the best epoch's weights were exported

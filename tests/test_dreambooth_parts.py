@@ -19,6 +19,8 @@ from lilyexp.backbones.sdxl import (SDXL_UNET_CONFIG, TARGETS, load_pipeline, lo
                                     tiny_pipeline)
 from lilyexp.errors import BackboneUnavailable, ConfigError  # noqa: E402
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel  # noqa: E402
+from lilyexp.methods.routing import evaluation_routing  # noqa: E402
+from lilyexp.recipes import diffusion_steps  # noqa: E402
 from lilyexp.recipes.diffusion_steps import (add_time_ids, by_prompt, cache_latents, encode_prompts,  # noqa: E402
                                              sample_images, sample_seed, training_loss)
 from lilyexp.tasks import dreambooth as db  # noqa: E402
@@ -37,10 +39,11 @@ PROMPT = "A picture of a wolf_plushie in the jungle"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def official_lily(unet: torch.nn.Module, seed: int = 0) -> LilyVariantModel:
+def official_lily(unet: torch.nn.Module, seed: int = 0, eval_pooling: str = "batch") -> LilyVariantModel:
     """train_lily.py's Lily: r 4, ne_1 4, ne_2 4, s 1, random B, on to_q/to_k/to_v/to_out.0."""
     torch.manual_seed(seed)
-    config = LilyVariantConfig(r=4, ne_1=4, num_B=4, scaling=1.0, init_weights=False, target_modules=list(TARGETS))
+    config = LilyVariantConfig(r=4, ne_1=4, num_B=4, scaling=1.0, init_weights=False, target_modules=list(TARGETS),
+                               eval_pooling=eval_pooling)
     return LilyVariantModel(unet, config)
 
 
@@ -194,6 +197,34 @@ def test_sampling_is_seeded_and_a_saved_lily_adapter_reproduces_it(tmp_path):
     fresh = tiny_pipeline()
     reloaded = LilyVariantModel.load_pretrained(fresh.unet, tmp_path / "adapter")
     np.testing.assert_array_equal(pixels(first), pixels(sample_images(fresh, reloaded, prompts, 2, seed=0, steps=2)))
+
+
+def sampled_latents(monkeypatch, parts, unet, prompts, **kwargs) -> torch.Tensor:
+    """The latents sample_images decodes, in job order (pixels would hide differences below one 8-bit step)."""
+    captured = []
+
+    def keep(vae, processor, latents):
+        captured.append(latents)
+        return [None] * len(latents)
+    monkeypatch.setattr(diffusion_steps, "decode_latents", keep)
+    sample_images(parts, unet, prompts, 2, seed=0, steps=2, **kwargs)
+    return torch.cat(captured)
+
+
+@pytest.mark.parametrize("cfg_routing,guidance", [("joint", 5.0), ("per_half", 5.0), ("joint", 1.0)])
+def test_batched_sampling_with_per_group_routing_equals_one_image_per_call(monkeypatch, cfg_routing, guidance):
+    prompts = [PROMPT, "A picture of a red wolf_plushie"]
+    options = dict(guidance=guidance, cfg_routing=cfg_routing)
+    official, per_group = official_lily(tiny_pipeline().unet), official_lily(tiny_pipeline().unet, eval_pooling="sample")
+    assert (evaluation_routing(official), evaluation_routing(per_group)) == ("per_call", "per_group")
+    one_per_call = sampled_latents(monkeypatch, tiny_pipeline(), official, prompts, images_per_call=1, **options)
+    batched = sampled_latents(monkeypatch, tiny_pipeline(), per_group, prompts, images_per_call=3, **options)
+    if cfg_routing == "joint" or guidance <= 1:  # the groups one image per call pools
+        torch.testing.assert_close(batched, one_per_call, atol=1e-5, rtol=1e-5)
+    else:  # conditional rows routed alone: not the official mixture
+        assert (batched - one_per_call).abs().max() > 1e-4
+    coupled = sampled_latents(monkeypatch, tiny_pipeline(), official, prompts, images_per_call=3, **options)
+    assert (coupled - one_per_call).abs().max() > 1e-4  # the official coupling: a call's images share one mixture
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------

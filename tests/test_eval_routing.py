@@ -5,15 +5,22 @@ direct computation of its formula; the group layouts; the rule (eval mode and gr
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
+from transformers import BatchEncoding
 from transformers.cache_utils import Cache
 
 from lilyexp.errors import ConfigError
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, RoutingContext, RowGroups, mix_experts
-from lilyexp.methods.routing import beam_groups, cfg_groups, routing_groups, row_groups, supports_routing_groups
+from lilyexp.methods.routing import (beam_groups, cfg_groups, evaluation_routing, routing_groups, routing_record,
+                                     row_groups, supports_routing_groups)
+from lilyexp.recipes import causal_lm, classify
+from lilyexp.run import execute
+
+from conftest import compose_run
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 PAD, EOS, BEAMS, NEW_TOKENS = 0, 20, 4, 12
@@ -156,11 +163,11 @@ def test_cfg_batch_with_groups_equals_each_pair_alone():
     assert not torch.allclose(model(input_ids=tokens).logits, together)
 
 
-def tiny_classifier() -> torch.nn.Module:
+def tiny_classifier(num_labels: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     return AutoModelForSequenceClassification.from_config(RobertaConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, num_labels=3)).double()
+        max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, num_labels=num_labels)).double()
 
 
 def test_classification_with_row_groups_equals_batch_1_row_by_row():
@@ -231,3 +238,76 @@ def test_eval_pooling_survives_save_and_load(tmp_path):
     lily(tiny_llama()).save_pretrained(tmp_path)
     reloaded = LilyVariantModel.load_pretrained(tiny_llama(), tmp_path)
     assert reloaded.peft_config["default"].eval_pooling == "sample"
+
+
+# ---- the recipes state the groups (wiring), and the record says which routing ran ---------------------------------
+
+class Tokens:
+    """A tokenizer over space-separated integers, enough for causal_lm.generate."""
+
+    pad_token_id, padding_side = PAD, "left"
+
+    def __call__(self, texts: list[str], return_tensors: str, padding: bool):
+        return BatchEncoding(dict(zip(("input_ids", "attention_mask"), left_padded([
+            [int(t) for t in text.split()] for text in texts]))))
+
+    def batch_decode(self, output: torch.Tensor, skip_special_tokens: bool) -> list[str]:
+        """Without padding, and with one EOS where beam search filled a finished row with more."""
+        texts = []
+        for row in output.tolist():
+            tokens = [t for t in row if t != PAD]
+            while tokens[-2:] == [EOS, EOS]:
+                tokens.pop()
+            texts.append(" ".join(map(str, tokens)))
+        return texts
+
+
+def test_causal_lm_generate_routes_each_prompts_beams_on_their_own(prompts):
+    texts = [" ".join(map(str, p)) for p in prompts]
+    settings = {"num_beams": BEAMS, "max_new_tokens": NEW_TOKENS}
+    per_group, official = lily(tiny_llama()), lily(tiny_llama(), eval_pooling="batch")
+    one_at_a_time = [causal_lm.generate(official, Tokens(), [text], settings, "cpu")[0] for text in texts]
+    assert causal_lm.generate(per_group, Tokens(), texts, settings, "cpu") == one_at_a_time
+    assert causal_lm.generate(official, Tokens(), texts, settings, "cpu") != one_at_a_time
+    assert routing_record(per_group, "beams")["mode"] == "per_group"
+    assert routing_record(official, "beams")["mode"] == "per_call"
+
+
+class Rows:
+    """A regression task over token rows: evaluate_split's predictions are then the raw outputs."""
+
+    is_regression = True
+
+    def collate(self, processor, features: list[list[int]]) -> dict:
+        width = max(map(len, features))
+        ids = torch.tensor([row + [1] * (width - len(row)) for row in features])
+        return {"input_ids": ids, "attention_mask": (ids != 1).long(), "labels": torch.zeros(len(features))}
+
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def score(self, split: str, predictions: list, references: list) -> dict:
+        return {"outputs": predictions}
+
+
+def test_classification_evaluation_routes_each_example_only_in_the_per_sample_mode():
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (4, 9, 6, 2, 7)]
+    per_sample = lily(tiny_classifier(num_labels=1), targets=["query", "value"])
+    official = lily(tiny_classifier(num_labels=1), targets=["query", "value"], eval_pooling="batch")
+    single = classify.evaluate_split(official, None, Rows(), rows, 1, "cpu", "val")["outputs"]
+    torch.testing.assert_close(torch.tensor(classify.evaluate_split(per_sample, None, Rows(), rows, 4, "cpu", "val")
+                                            ["outputs"]), torch.tensor(single), rtol=1e-10, atol=1e-10)
+    coupled = classify.evaluate_split(official, None, Rows(), rows, 4, "cpu", "val")["outputs"]
+    assert not torch.allclose(torch.tensor(coupled), torch.tensor(single))  # the official coupling, kept by default
+    assert evaluation_routing(tiny_classifier()) is None
+    assert evaluation_routing(lily(tiny_classifier(), targets=["query"], use_router=False)) == "none"
+    assert evaluation_routing(lily(tiny_classifier(), targets=["query"], pooling="sample_sum",
+                                   eval_pooling="batch")) == "per_row"
+
+
+@pytest.mark.slow
+def test_a_commonsense_record_states_the_evaluation_routing(tiny_run, tmp_path):
+    record = json.loads(execute(compose_run(["backbone=tiny_llama", "method=lily", "method.eval_pooling=sample",
+                                             "trainer.max_steps=1", *tiny_run], tmp_path)).read_text())
+    assert record["generation"]["routing"] == {"mode": "per_group", "groups": "each prompt"}

@@ -174,6 +174,17 @@ class GroupRouted:
     def set_routing_groups(self, group_ids: torch.Tensor | None) -> torch.Tensor | None:
         return self.routing.set_groups(group_ids)
 
+    def evaluation_routing(self) -> str:
+        """What this layer's router pools over in evaluation (the record states it): ``per_group`` (the
+        recipe's groups, ``eval_pooling: sample``), ``per_call`` (every row and token of a forward call, the
+        official batch_mean), ``per_row`` (each row alone: sample_sum / token pooling) or ``none`` (no router)."""
+        config = next(iter(self.variant.values()))
+        if not config.use_router:
+            return "none"
+        if config.pooling != "batch_mean":
+            return "per_row"
+        return "per_group" if config.eval_pooling == "sample" else "per_call"
+
 
 def group_mean(probabilities: torch.Tensor, token_weights: torch.Tensor | None, groups: RowGroups) -> torch.Tensor:
     """(groups, E): per group, the mean of the per-token softmax over its rows' unmasked tokens."""
@@ -533,6 +544,8 @@ class LilySettings(MethodSettings):
     ne_2: int = knob(4, help="B experts per (target, shape) group, shared model-wide")
     router: str = knob("layer", choices=ROUTER_PLACEMENTS)
     pooling: str = knob("batch_mean", choices=POOLINGS)
+    eval_pooling: str = knob("batch", choices=EVAL_POOLINGS,
+                             help="sample: batched evaluation routes each sample as batch 1 does")
     mask_padding: bool = knob(False)
     use_router: bool = knob(True)
     apply_s: bool = knob(True)

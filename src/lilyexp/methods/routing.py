@@ -16,17 +16,20 @@ the pooling is done per *group of rows* that a batch-1 call would have held toge
 
 A recipe states the groups with :func:`routing_groups` around its evaluation forwards or ``generate`` call,
 without knowing which method it runs: modules that support groups define ``set_routing_groups(group_ids)``
-(returning the previous setting); on any other model the context does nothing. Whether the groups are used is
+(returning the previous setting) and ``evaluation_routing()`` (what they pool over); on any other model the context does nothing. Whether the groups are used is
 the method's own setting (Lily: ``eval_pooling``).
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def grouped_modules(model: nn.Module) -> list[nn.Module]:
@@ -54,6 +57,29 @@ def routing_groups(model: nn.Module, group_ids: torch.Tensor) -> Iterator[int]:
     finally:  # reverse order: modules that share one routing state restore it to what the first one saw
         for module, value in reversed(list(zip(modules, previous))):
             module.set_routing_groups(value)
+
+
+def evaluation_routing(model: nn.Module) -> str | None:
+    """What the model's batch-coupled routers pool over in evaluation, for the record: ``per_group`` (a batched
+    evaluation reproduces batch 1), ``per_call`` (the official coupling to the whole forward call), ``per_row``,
+    ``none``, several joined by ``+``; None when no module routes (nothing depends on the batch)."""
+    modes = sorted({module.evaluation_routing() for module in grouped_modules(model)})
+    return "+".join(modes) if modes else None
+
+
+def routing_record(model: nn.Module, groups: str) -> dict:
+    """The record's statement of evaluation routing: the mode (:func:`evaluation_routing`) and the groups the
+    recipe gave (used only in the ``per_group`` mode)."""
+    return {"mode": evaluation_routing(model), "groups": groups}
+
+
+def warn_if_batch_coupled(model: nn.Module, samples_per_call: int, official: str) -> None:
+    """A warning when several samples share a forward call while a router pools over the whole call: the
+    results then depend on the batch and differ from the official protocol (``official``)."""
+    if samples_per_call > 1 and "per_call" in (evaluation_routing(model) or ""):
+        log.warning("%d samples per forward call with routing pooled over the whole call: results depend on the "
+                    "batch, unlike %s; the method's eval_pooling=sample reproduces it batched.",
+                    samples_per_call, official)
 
 
 def beam_groups(batch_size: int, num_beams: int, device: torch.device | str | None = None) -> torch.Tensor:

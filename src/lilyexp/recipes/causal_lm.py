@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lilyexp.errors import ConfigError
+from lilyexp.methods.routing import beam_groups, routing_groups, routing_record, warn_if_batch_coupled
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, selected_evaluation
 from lilyexp.recipes.loop import fit
 from lilyexp.records import run_metrics
@@ -72,10 +73,12 @@ def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, b
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], settings: dict, device) -> list[str]:
-    """Decoded prompt + generation per prompt (left padding, KV cache, beam search or greedy)."""
+    """Decoded prompt + generation per prompt (left padding, KV cache, beam search or greedy). Each prompt's
+    beams form one routing group: with per-group routing a batch generates what batch 1 generates."""
     encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
-                            do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with routing_groups(model, beam_groups(len(prompts), settings["num_beams"], device)):
+        output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
+                                num_beams=settings["num_beams"], do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
@@ -98,6 +101,7 @@ def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predi
     """The task's score per test set and their mean; one JSON line per example goes to ``predictions_path``."""
     model.eval()
     tokenizer.padding_side = "left"
+    warn_if_batch_coupled(model, task.generation["batch_size"], "the official evaluation at batch size 1")
     metrics, lines = {}, []
     for name, examples in task.eval_sets.items():
         score, answered = answer_test_set(model, tokenizer, task, name, examples, device)
@@ -142,6 +146,9 @@ def run(inputs: RecipeInputs) -> Outcome:
                           history=result.history, initial=result.initial)
     sizes = {"train": len(train_features), "train_dropped_no_labels": len(task.train) - len(train_features),
              "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
-    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt}, "data": sizes,
+    beams = task.generation["num_beams"]
+    routing = routing_record(inputs.model, f"each prompt's {beams} beams" if beams > 1 else "each prompt")
+    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt, "routing": routing},
+             "data": sizes,
              "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "batch": result.batch}
     return Outcome(metrics, extra)

@@ -2,7 +2,9 @@
 (images; the official visual-adaptation-benchmark code): the shared training loop (AdamW with separate head and
 backbone learning rates, the trainer's schedule), evaluation every ``task.eval_every_epochs`` epochs on the task's
 selection split, and, where the task has one, a single final test of the selected model. The record's selection
-rule is the task's: the best epoch for GLUE, test-selected or val-selected for VTAB.
+rule is the task's: the best epoch for GLUE, test-selected or val-selected for VTAB. Evaluation batches give every
+example its own routing group: a method whose router pools over the batch (Lily) keeps the official coupling unless
+it is set to route per sample (Lily ``eval_pooling: sample``); the record states which ran.
 
 The task supplies ``prepare`` (features of a split), ``collate`` (a batch), ``logits`` and ``score``
 (:class:`lilyexp.contracts.ClassificationTask`); the loss is cross-entropy, or MSE for a single regression output
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from lilyexp.methods.routing import routing_groups, routing_record, row_groups
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, StepPlan, TrainerConfig, selected_evaluation
 from lilyexp.recipes.loop import fit
 from lilyexp.records import run_metrics
@@ -38,7 +41,8 @@ def evaluate_split(model: torch.nn.Module, processor: Any, task: Any, features: 
     predictions, references = [], []
     for start in tqdm(range(0, len(features), batch_size), desc=f"eval {split}", leave=False):
         batch = {k: v.to(device) for k, v in task.collate(processor, features[start:start + batch_size]).items()}
-        logits = task.logits(model, batch)
+        with routing_groups(model, row_groups(len(batch["labels"]), device)):
+            logits = task.logits(model, batch)
         predictions += (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).tolist()
         references += batch["labels"].tolist()
     return task.score(split, predictions, references)
@@ -79,5 +83,7 @@ def run(inputs: RecipeInputs) -> Outcome:
                           history=result.history)
     extra = {"data": {"train": len(train), "selection": len(selection),
                       "final": None if task.final is None else len(task.final)},
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "batch": result.batch, "splits": task.splits}
+             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(),
+             "batch": result.batch, "splits": task.splits,
+             "evaluation": {"batch_size": eval_bs, "routing": routing_record(inputs.model, "each example")}}
     return Outcome(metrics, extra)

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs
+from lilyexp.methods.routing import routing_record
 from lilyexp.recipes.diffusion_steps import (add_time_ids, cache_latents, encode_prompts, sample_images,
                                              training_loss)
 from lilyexp.recipes.loop import fit
@@ -64,12 +65,14 @@ def generate_and_score(inputs: RecipeInputs, accelerator: Accelerator) -> tuple[
     settings = task.sampling
     unet = accelerator.unwrap_model(inputs.model).eval()
     samples = sample_images(parts, unet, task.prompts, settings.images_per_prompt, inputs.seed, settings.steps,
-                            settings.guidance, task.resolution, task.resolution, parts.sample_vae)
+                            settings.guidance, task.resolution, task.resolution, parts.sample_vae,
+                            settings.images_per_call, settings.cfg_routing)
     folder = run.side_file("images")
     listed = save_samples(samples, task.real_images[0], folder, run.record_path.parent) \
         if accelerator.is_main_process else []
     metrics, per_prompt = task.evaluate("test", [(s.prompt, s.image) for s in samples], task.real_images)
-    return metrics, {"samples": listed, "per_prompt": per_prompt, "sampling": vars(settings),
+    routing = routing_record(unet, "each image's CFG rows" if settings.cfg_routing == "joint" else "each row")
+    return metrics, {"samples": listed, "per_prompt": per_prompt, "sampling": {**vars(settings), "routing": routing},
                      "prompt": task.instance.prompt}
 
 

@@ -1,7 +1,7 @@
 """The steps of SDXL DreamBooth training and sampling as the paper's official code runs them (train_lily.py,
 infer_lily.py), as pure functions a training recipe calls: prompt encoding with both text encoders, SDXL's
 add_time_ids, the instance images' VAE latent distributions cached once, one denoising loss, and seeded sampling
-of one prompt per pipeline call.
+(one image per pipeline call as infer_lily.py, or batched with per-image routing groups).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lilyexp.backbones.sdxl import SDXLParts, require_diffusers
 from lilyexp.errors import ConfigError
+from lilyexp.methods.routing import cfg_groups, routing_groups, row_groups, warn_if_batch_coupled
 
 
 @torch.no_grad()
@@ -176,23 +177,42 @@ def decode_latents(vae: nn.Module, image_processor: Any, latents: torch.Tensor) 
 
 def sample_images(parts: SDXLParts, unet: nn.Module, prompts: Sequence[str], images_per_prompt: int, seed: int,
                   steps: int = 50, guidance: float = 5.0, height: int | None = None, width: int | None = None,
-                  vae: nn.Module | None = None) -> list[Sample]:
+                  vae: nn.Module | None = None, images_per_call: int = 1, cfg_routing: str = "joint") -> list[Sample]:
     """Generate ``images_per_prompt`` images for each prompt with the SDXL pipeline (default size: the UNet's
-    sample size x the VAE factor, 1024 for SDXL), ONE prompt and one image per pipeline call. Classifier-free
+    sample size x the VAE factor, 1024 for SDXL). infer_lily.py makes one image per pipeline call; classifier-free
     guidance runs the empty-prompt (zero) and the prompt conditions as one batch of two, and Lily's official
-    routing averages its router's softmax over that batch and every token: with one prompt per call the routing is
-    exactly infer_lily.py's. Each image has its own CPU generator (:func:`sample_seed`), so noise does not depend
-    on the device. ``vae`` replaces the parts' VAE for decoding (infer_lily.py decodes with the base model's)."""
-    if images_per_prompt < 1 or steps < 1:
-        raise ConfigError("sampling needs images_per_prompt >= 1 and steps >= 1.")
-    pipe = parts.pipeline(unet=bare_unet(unet), vae=vae)
+    routing averages its router's softmax over that batch and every token. ``images_per_call`` > 1 batches images
+    into one call, each its own routing group (``cfg_routing`` joint: its two CFG rows together, as one image per
+    call pools them; per_half: each row alone), which a router honours in per-group mode (Lily
+    ``eval_pooling: sample``). Each image has its own CPU generator (:func:`sample_seed`), so its noise depends
+    neither on the device nor on the batch. ``vae`` replaces the parts' VAE for decoding (infer_lily.py decodes
+    with the base model's)."""
+    if images_per_prompt < 1 or steps < 1 or images_per_call < 1:
+        raise ConfigError("sampling needs images_per_prompt, steps and images_per_call of at least 1.")
+    pipe = parts.pipeline(unet=bare_unet(unet).eval(), vae=vae)  # eval: no dropout, and evaluation routing
+    warn_if_batch_coupled(unet, images_per_call, "infer_lily.py's one image per pipeline call")
+    jobs = [(prompt, index, sample_seed(seed, prompt, index)) for prompt in prompts for index in range(images_per_prompt)]
     samples = []
-    for prompt in tqdm(prompts, desc="sample", leave=False):
-        for index in range(images_per_prompt):
-            image_seed = sample_seed(seed, prompt, index)
-            generator = torch.Generator(device="cpu").manual_seed(image_seed)
-            latents = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                           height=height, width=width, output_type="latent").images
-            image = decode_latents(pipe.vae, pipe.image_processor, latents)[0]
-            samples.append(Sample(prompt, index, image_seed, image))
+    for start in tqdm(range(0, len(jobs), images_per_call), desc="sample", leave=False):
+        batch = jobs[start:start + images_per_call]
+        generators = [torch.Generator(device="cpu").manual_seed(image_seed) for _, _, image_seed in batch]
+        with routing_groups(unet, sampling_groups(len(batch), uses_cfg(unet, guidance), cfg_routing)):
+            latents = pipe(prompt=[prompt for prompt, _, _ in batch], num_inference_steps=steps,
+                           guidance_scale=guidance, generator=generators, height=height, width=width,
+                           output_type="latent").images
+        images = decode_latents(pipe.vae, pipe.image_processor, latents)
+        samples += [Sample(prompt, index, image_seed, image) for (prompt, index, image_seed), image in zip(batch, images)]
     return samples
+
+
+def uses_cfg(unet: nn.Module, guidance: float) -> bool:
+    """Whether the SDXL pipeline runs classifier-free guidance (its own rule: scale > 1 and no guidance embedding)."""
+    return guidance > 1 and getattr(bare_unet(unet).config, "time_cond_proj_dim", None) is None
+
+
+def sampling_groups(images: int, cfg: bool, cfg_routing: str) -> torch.Tensor:
+    """The routing groups of one pipeline call of ``images`` images: with CFG its rows are
+    ``[uncond_0..uncond_{n-1}, cond_0..cond_{n-1}]``."""
+    if not cfg:
+        return row_groups(images)
+    return cfg_groups(images) if cfg_routing == "joint" else row_groups(2 * images)

@@ -241,8 +241,9 @@ class SamplingSettings:
     images_per_prompt: int = 4
     steps: int = 50
     guidance: float = 5.0
-    prompts_per_batch: int = 1  # >1: prompts batched, each pooled over its own rows (as at one per call)
-    cfg_routing: str = "joint"  # joint: Lily pools a prompt's unconditional and conditional rows (official)
+    images_per_call: int = 1  # images per pipeline call (official 1); >1 is faithful with Lily's eval_pooling=sample
+    cfg_routing: str = "joint"  # per-group routing of a CFG batch: joint pools each image's unconditional and
+    #                             conditional rows together (what one image per call pools), per_half each row alone
 
 
 @dataclass
@@ -338,7 +339,7 @@ class DreamBoothTask:
 
 
 def check_sampling(sampling: SamplingSettings) -> None:
-    if min(sampling.images_per_prompt, sampling.steps, sampling.prompts_per_batch) < 1:
-        raise ConfigError("task.sampling needs images_per_prompt, steps and prompts_per_batch of at least 1.")
+    if min(sampling.images_per_prompt, sampling.steps, sampling.images_per_call) < 1:
+        raise ConfigError("task.sampling needs images_per_prompt, steps and images_per_call of at least 1.")
     if sampling.cfg_routing not in CFG_ROUTINGS:
         raise ConfigError(f"task.sampling.cfg_routing must be one of {CFG_ROUTINGS}, got '{sampling.cfg_routing}'.")
