@@ -260,18 +260,46 @@ def test_a_capture_naming_no_adapted_layer_says_which_there_are(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- a real run
 
-def test_a_run_with_the_captures_leaves_their_artifacts_beside_its_record(tiny_run, tmp_path):
-    callbacks = ("trainer.callbacks=[{_target_:lilyexp.captures.DeltaWeightCapture,modules:[q_proj],layers:[0,1]},"
-                 "{_target_:lilyexp.captures.RouterCapture}]")
-    cfg = compose_run(["backbone=tiny_llama", "method=lily", "method.ne_1=2", "method.ne_2=3", "debug=smoke",
-                       "trainer.max_steps=3", callbacks, *tiny_run], tmp_path)
-    record = execute(cfg)
+def fake_vtab(folder: Path, task: str = "caltech101", images: int = 6) -> Path:
+    """A VTAB-1K release folder for one task: its four lists over a few coloured images."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    (folder / task / "images").mkdir(parents=True)
+    lines = []
+    for number in range(images):
+        colour = tuple(int(c) for c in torch.randint(0, 255, (3,), generator=generator))
+        Image.new("RGB", (40, 40), colour).save(folder / task / "images" / f"{number}.png")
+        lines.append(f"images/{number}.png {number % 3}")
+    for split in ("train800", "val200", "train800val200", "test"):
+        (folder / task / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+CAPTURES = ("trainer.callbacks=[{_target_:lilyexp.captures.DeltaWeightCapture,modules:[qkv],layers:[0,1]},"
+            "{_target_:lilyexp.captures.RouterCapture}]")
+
+
+def vit_cell(tmp_path: Path, method: str, *extra: str) -> Path:
+    """A tiny-ViT run on a fake Caltech101 (a few seconds), its record under ``tmp_path/runs``."""
+    data = tmp_path / "vtab" if (tmp_path / "vtab").is_dir() else fake_vtab(tmp_path / "vtab")
+    cfg = compose_run(["backbone=tiny_vit", "task=vtab", f"method={method}", "task.subset=caltech101",
+                       f"task.data_dir={data}", "task.protocol=paper", "debug=smoke",
+                       f"paths.results_dir={tmp_path}/runs", f"paths.checkpoint_dir={tmp_path}/checkpoints", *extra])
+    return execute(cfg)
+
+
+def test_a_run_with_the_captures_leaves_their_artifacts_beside_its_record(tmp_path):
+    record = vit_cell(tmp_path, "lily", "method.ne_1=2", "method.ne_2=3", "trainer.max_steps=3", CAPTURES)
     summary = json.loads(record.with_name(f"{record.stem}.delta_w.json").read_text())
     assert summary["first_step"] == 2 and summary["steps"] == 2 and len(summary["layers"]) == 2
     assert all(layer["accumulated"]["rank"] >= 1 and layer["final"]["rank"] >= 1 for layer in summary["layers"])
+    assert [layer["shape"] for layer in summary["layers"]] == [[96, 32], [96, 32]]  # the fused qkv of width 32
     tensors = load_file(record.with_name(f"{record.stem}.delta_w.safetensors"))
     assert sorted(tensors) == sorted(f"{m}.{layer['name']}" for m in ("accumulated", "final")
                                      for layer in summary["layers"])
     routers = json.loads(record.with_name(f"{record.stem}.router_weights.json").read_text())["layers"]
-    assert len(routers) == 12 and all(len(row["sums"]) == 3 and row["tokens"] > 0 for row in routers)
+    assert len(routers) == 2 and all(len(row["sums"]) == 3 for row in routers)
+    # steps 2 and 3 are counted: batches of 4 over 6 training images give them 2 and 4 images of 17 tokens
+    assert [row["tokens"] for row in routers] == [(2 + 4) * 17] * 2
     assert json.loads(record.read_text())["status"] == "finished"

@@ -40,7 +40,8 @@ from lilyexp.errors import ConfigError
 from lilyexp.recipes.loop import Callback
 
 ACCUMULATED_DEFINITION = ("sum over training steps of the update each layer applied to that step's batch: its "
-                          "parameters at the step's forward, Lily's B experts mixed by the router weights that batch got")
+                          "parameters at the step's forward, Lily's B experts mixed by the router weights of that "
+                          "batch")
 FINAL_DEFINITION = "the update of the last weights (Lily: router weights averaged over the validation split)"
 RANK_DEFINITION = "numerical rank: singular values greater than rtol x the largest one"
 
