@@ -17,7 +17,8 @@ import numpy as np
 
 from lilyexp.figures import Rendered, save_figure, write_csv
 from lilyexp.figures.plots import (caption, command, experiment_exists, finished, first_seed, method_label,
-                                   new_figure, no_data, output_name, read_artifact, setting, swept, task_label, task_of)
+                                   new_figure, no_data, output_name, read_artifact, setting, swept, task_label,
+                                   task_of, training_length)
 
 GROUP = "fig3"
 METHODS = ("lily", "lora")  # experiment files <group>/<method>.yaml
@@ -50,7 +51,7 @@ def rows_of(task: str, label: str, record: dict, summary: dict) -> list[dict]:
              "rtol": layer["rtol"], "rank_accumulated": layer["accumulated"]["rank"],
              "rank_final": layer["final"]["rank"],
              "steps_accumulated": summary["steps"], "first_step": summary["first_step"],
-             "epochs": setting(record, "trainer.epochs"), "adapter_params": record["params"].get("adapter"),
+             "training": training_length(record), "adapter_params": record["params"].get("adapter"),
              "record": Path(record["_path"]).name} for layer in summary["layers"]]
 
 
@@ -68,8 +69,8 @@ def draw_task(axes, task: str, rows: list[dict], variants: list[str]) -> None:
         heights = [ranks.get(layer) or 0 for layer in layers]
         bars = axes.bar(xs, heights, width, label=label, color=f"C{k}")
         axes.bar_label(bars, labels=[str(ranks.get(layer, "")) for layer in layers], fontsize=7)
-    epochs = mine[0]["epochs"]
-    axes.set_title(f"{task_label(task)} ({epochs} epoch{'s' if epochs != 1 else ''})" if epochs else task_label(task))
+    length = mine[0]["training"]
+    axes.set_title(f"{task_label(task)} ({length})" if length else task_label(task))
     axes.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
     axes.set_ylabel(f"rank of {MEASURE} ΔW ({mine[0]['target']})")
     axes.margins(y=0.12)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lilyexp.figures import Rendered, save_figure, write_csv
 from lilyexp.figures.plots import (COLORS, METHOD_LABELS, caption, command, experiment_exists, finished, group_of,
-                                   groups_of, new_figure, output_name, setting, task_label)
+                                   groups_of, new_figure, output_name, setting, task_label,
+                                   training_length)
 from lilyexp.tables.build import matches, newest_per_seed
 
 SETTINGS = (
@@ -52,7 +53,7 @@ def runs_of(item: dict, records: list[dict], method: str) -> list[dict]:
 def row_of(item: dict, method: str, runs: list[dict]) -> dict:
     timing = [r["timing"] for r in runs]
     row = {"setting": item["label"], "method": METHOD_LABELS[method], "seeds": len(runs),
-           "epochs": setting(runs[0], "trainer.epochs"), "adapter_params": runs[0]["params"].get("adapter"),
+           "training": training_length(runs[0]), "adapter_params": runs[0]["params"].get("adapter"),
            "peak_mem_kind": timing[0].get("peak_mem_kind"), "device": runs[0].get("env", {}).get("device"),
            "timed_steps": timing[0].get("timed_steps")}
     for key, _, scale in MEASURES:
@@ -81,10 +82,10 @@ def draw_panel(axes, rows: list[dict], key: str, label: str) -> None:
 
 
 def title_of(item: dict, rows: list[dict]) -> str:
-    epochs = rows[0]["epochs"] if rows else None
+    length = rows[0]["training"] if rows else None
     title = item["label"]
-    if epochs and "epoch" not in title:
-        title += f", {epochs} epoch{'s' if epochs != 1 else ''}"
+    if length and "epoch" not in title:
+        title += f", {length}"
     return title + (f" — {rows[0]['device']}" if rows and rows[0].get("device") else "")
 
 

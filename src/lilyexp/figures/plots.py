@@ -68,6 +68,14 @@ def output_name(figure: str, group: str | None) -> str:
     return figure if not group else f"{figure}_{group.replace(',', '+')}"
 
 
+def training_length(record: dict) -> str | None:
+    """How long the run trained, as its config says: ``N steps`` when capped, else ``N epochs``."""
+    steps, epochs = setting(record, "trainer.max_steps"), setting(record, "trainer.epochs")
+    if steps:
+        return f"{steps} steps"
+    return f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs else None
+
+
 def task_of(record: dict) -> str:
     """The subset a record ran (GLUE or VTAB-1K task), else its task's name."""
     subset = setting(record, "task.subset")
