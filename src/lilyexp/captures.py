@@ -21,7 +21,8 @@ first step (or in ``on_train_start`` where the loop calls one) and accumulates f
 artifact names the first step it holds. Under the default zero-initialised B (LoRA and Lily alike) the update
 applied in step 1 is zero, so nothing is lost there. A resumed run starts its captures afresh (``first_step``
 says where). Under several processes each capture sees its own process's batches; router sums are added over
-processes, ΔW is the main process's.
+processes, ΔW is the main process's. Gradient checkpointing repeats forwards in the backward pass, which the
+router sums would count twice: capture without it.
 """
 
 from __future__ import annotations

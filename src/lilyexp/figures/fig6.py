@@ -5,7 +5,8 @@ memory and how it was measured), one row of panels per setting (``fig6.png``/``.
 The paper's two settings (:data:`SETTINGS`): NLU, RoBERTa-base on CoLA for 10 epochs (group ``fig6``,
 ``conf/experiment/fig6``), and LLM, the Falcon-Mamba-7B commonsense cells of Table 1 (group ``table1``). With
 ``--group a[,b]`` each (backbone, task) those groups hold is a setting (e.g. the CPU replication
-``figures_minilm`` and ``commonsense_smollm2``). Values are means over seeds.
+``figures_minilm`` and ``commonsense_smollm2``). Values are means over seeds of each method's unlabelled cell
+(records with a ``setting`` label are variants, left out).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def settings_of(groups: list[str], records: list[dict]) -> list[dict]:
 
 def runs_of(item: dict, records: list[dict], method: str) -> list[dict]:
     mine = [r for r in records if group_of(r) == item["group"] and matches(r, item["where"])
-            and setting(r, "method.name") == method and r.get("timing", {}).get("step_s") is not None]
+            and setting(r, "method.name") == method and r.get("timing", {}).get("step_s") is not None
+            and setting(r, "setting") is None]  # a labelled variant (e.g. another learning rate) is another cell
     if "subset" in item:
         mine = [r for r in mine if str(setting(r, "task.subset")) == item["subset"]]
     return newest_per_seed(mine)
