@@ -225,6 +225,7 @@ def vit_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(fig12, "ATTENTION_LAYERS", (0, 1, 5))
     monkeypatch.setattr(fig12, "DIFFERENCE_PAIRS", ((1, 0), (6, 1)))
     monkeypatch.setattr(fig12, "IMAGES", 2)
+    monkeypatch.setattr(fig12, "IMAGE_LIST", ())
     return tmp_path
 
 
@@ -248,6 +249,8 @@ def test_fig12_maps_are_those_of_the_exported_adapter_on_the_rebuilt_model(vit_r
     images = fig12.pixels(task, fig12.image_paths(task, None))
     maps = fig12.inspect(model, images)
     assert maps["attention"].shape == (2, 2, 4, 4) and maps["features"].shape == (2, 2, 17, 32)
+    fig12.IMAGE_LIST = ("images/3.png",)  # the monkeypatched settings are restored after the test
+    assert [p.name for p in fig12.image_paths(task, None)] == ["3.png"]
     torch.testing.assert_close(torch.tensor(maps["attention"]).sum((-1, -2)) > 0, torch.ones(2, 2, dtype=bool))
     with torch.no_grad():  # the recorded forward is the model's own: same logits with the hooks as without
         plain = model(images)

@@ -11,7 +11,8 @@ Runs: Table 4's Caltech101 cells under the paper protocol (group ``table4``; ``c
 is the cell Table 4's rule picks (best test accuracy over s × ne), LoRA its one cell. Each model is rebuilt from
 its record (the backbone's config, the seed, the task's head size) and its exported adapter
 (``record["adapter"]["path"]``, :func:`lilyexp.load_adapter`). Images: :data:`IMAGES` spread evenly over the
-record's test list (the VTAB-1K release the record names), or every image of ``--images DIR``.
+record's test list (the VTAB-1K release the record names) or those :data:`IMAGE_LIST` names, or every image of
+``--images DIR``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ GROUP = "table4"
 SUBSET, SELECTION, METRIC = "caltech101", "test_selected", "test/accuracy"
 EXPERIMENTS = {"lily": "fig12/lily", "lora": "fig12/lora"}
 DATA = {"task.data_dir": "/path/to/vtab-1k"}
-IMAGES = 3  # images shown, spread evenly over the test list
+IMAGES = 3  # images shown, spread evenly over the test list ...
+IMAGE_LIST: tuple[str, ...] = ()  # ... unless named here (paths as the test list writes them)
 ATTENTION_LAYERS = (0, 3, 6, 9, 11)  # blocks whose attention maps Fig. 12 shows (those the backbone has)
 DIFFERENCE_PAIRS = ((6, 1), (6, 9))  # block pairs of Fig. 13
 BLOCKS = "blocks"  # the name of the backbone's list of transformer blocks (timm's ViT)
@@ -82,6 +84,8 @@ def image_paths(task: object, folder: Path | None) -> list[Path]:
     if folder is not None:
         return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     listing = task.validation  # the paper protocol's test list
+    if IMAGE_LIST:
+        return [example.path for example in listing if any(example.path.match(name) for name in IMAGE_LIST)]
     step = max(len(listing) // IMAGES, 1)
     return [example.path for example in listing[::step][:IMAGES]]
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from lilyexp.figures import Rendered, save_figure, write_csv
 from lilyexp.figures.plots import (caption, command, experiment_exists, finished, first_seed, new_figure, no_data,
-                                   output_name, read_artifact, setting, swept, task_label, task_of)
+                                   output_name, read_artifact, swept, task_label, task_of)
 
 GROUP = "fig4"
 EXPERIMENT = "lily"  # the experiment file <group>/<name>.yaml whose runs carry the capture
