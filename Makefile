@@ -109,3 +109,40 @@ test-fast: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paper figures from run records (Figs. 3-6, 9, 12-13; Fig. 2 above). `make figN` runs the cells of the experiment
+# files its figure reads that have no finished record (as `make tableN` does; TABLE_ARGS passes overrides to every
+# cell, e.g. TABLE_ARGS="task.data_dir=/data/vtab-1k"), then renders $(FIGURES_OUT)/figN.{png,pdf,csv}. Fig. 6
+# also runs Table 1's cells (its LLM setting), Fig. 9 Table 2's Lily cell; Figs. 5 and 12 are Table 4 cells.
+# FIG12_IMAGES=<folder> draws Figs. 12-13 on those images instead of Caltech101 test images.
+# `make figures-cpu`: the CPU-scale replication of Figs. 3, 4 and 6 (all-MiniLM-L6-v2 on real GLUE, about 90
+# minutes on 2 cores), rendered as figN_figures_minilm (Fig. 6 adds `make commonsense-cpu`'s records if present).
+.PHONY: fig3 fig4 fig5 fig6 fig9 fig12 figures figures-cpu
+FIGURES_OUT ?= results/figures
+FIG12_IMAGES ?=
+FIGURE = $(BIN)/python -m lilyexp.figures --results $(RESULTS) --out $(FIGURES_OUT)
+
+# $(1): figures to render, $(2): experiment files whose missing cells run first, $(3): extra render arguments.
+define run_figure
+	@status=0; for exp in $(2); do $(BIN)/python -m lilyexp.run -m experiment=$$exp paths.results_dir=$(RESULTS) $(TABLE_ARGS) || status=1; done; \
+	$(FIGURE) $(1) $(3); exit $$status
+endef
+
+fig3 fig4 fig5: venv
+	$(call run_figure,$@,$(call experiments_of,$@))
+
+fig6: venv
+	$(call run_figure,fig6,$(call experiments_of,fig6) table1/lily_in table1/lora_in)
+
+fig9: venv
+	$(call run_figure,fig9,$(call experiments_of,fig9) table2/lily)
+
+fig12: venv
+	$(call run_figure,fig12,$(call experiments_of,fig12),$(if $(FIG12_IMAGES),--images $(FIG12_IMAGES)))
+
+figures: fig2 fig3 fig4 fig5 fig6 fig9 fig12
+
+figures-cpu: venv
+	-$(call run_figure,fig3 fig4,$(call experiments_of,figures_minilm),--group figures_minilm)
+	$(FIGURE) fig6 --group figures_minilm,commonsense_smollm2

@@ -1,10 +1,12 @@
 """Render figures from the records that exist: ``python -m lilyexp.figures [figN ...] [--results DIR] [--out DIR]
-[--group NAME]`` (no name: every figure). Runs nothing; prints the commands that fill missing cells."""
+[--group NAME[,NAME]] [--images DIR]`` (no name: every figure). Runs nothing; prints the commands that fill
+missing cells. ``--images`` gives the figures that show images (``fig12``) a folder to take them from."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 from pathlib import Path
 
 from lilyexp.figures import figure_names
@@ -15,13 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("figures", nargs="*", help=f"default: all ({', '.join(figure_names())})")
     parser.add_argument("--results", type=Path, default=Path("results/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/figures"))
-    parser.add_argument("--group", default=None, help="read this record group instead of the figure's own")
+    parser.add_argument("--group", default=None, help="read this record group (or groups: a,b) instead of the "
+                                                      "figure's own")
+    parser.add_argument("--images", type=Path, default=None, help="a folder of images, for figures that show some")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.figures) - set(figure_names()))
     if unknown:
         parser.error(f"unknown figure(s) {unknown}; known: {', '.join(figure_names())}")
     for name in args.figures or figure_names():
-        rendered = importlib.import_module(f"lilyexp.figures.{name}").render(args.results, args.out, args.group)
+        render = importlib.import_module(f"lilyexp.figures.{name}").render
+        options = {"images": args.images} if args.images and "images" in inspect.signature(render).parameters else {}
+        rendered = render(args.results, args.out, args.group, **options)
         for path in rendered.files:
             print(f"rendered {path}")
         if rendered.missing:

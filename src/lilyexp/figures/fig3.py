@@ -1,0 +1,112 @@
+"""Paper Fig. 3 (§4.5.1, "Does it have high-rank weight updates?"): the numerical rank of the weight update of
+the query projection W_q in the first three layers, Lily vs LoRA at a similar parameter budget, on four GLUE
+tasks, as grouped bars (``fig3.png``/``.pdf``). The paper ranks the update accumulated over training; so does the
+figure by default (:data:`MEASURE`); the rank of the final update is beside it in ``fig3.csv``.
+
+The numbers come from the :class:`lilyexp.captures.DeltaWeightCapture` artifacts (``<record stem>.delta_w.json``)
+of the runs in group ``fig3`` (``conf/experiment/fig3``: RoBERTa-base, the paper's epochs) or of another group
+(``--group figures_minilm``: the CPU replication). Rank = the number of singular values above rtol·σ_max, with
+the tolerance the capture states (default max(m, n)·ε(float32)).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lilyexp.figures import Rendered, save_figure, write_csv
+from lilyexp.figures.plots import (caption, command, experiment_exists, finished, first_seed, method_label,
+                                   new_figure, no_data, output_name, read_artifact, setting, swept, task_label,
+                                   task_of, training_length)
+
+GROUP = "fig3"
+METHODS = ("lily", "lora")  # experiment files <group>/<method>.yaml
+MEASURE = "accumulated"  # or "final"
+ARTIFACT = "delta_w.json"
+
+
+def variant(record: dict) -> str:
+    """A bar's label: the method, its rank (and Lily's numbers of A's and B's), its adapter parameters."""
+    parts = [method_label(record), f"r {setting(record, 'method.r')}"]
+    if setting(record, "method.ne_1") is not None:
+        parts.append(f"ne {setting(record, 'method.ne_1')}/{setting(record, 'method.ne_2')}")
+    params = record.get("params", {}).get("adapter")
+    return " ".join(parts) + (f" ({params / 1e3:.0f}K)" if params else "")
+
+
+def cells(records: list[dict]) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(task, variant) -> (record of the lowest seed, its capture summary), for records that have one."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        if read_artifact(record, ARTIFACT) is not None:
+            grouped.setdefault((task_of(record), variant(record)), []).append(record)
+    chosen = {key: first_seed(group) for key, group in grouped.items()}
+    return {key: (record, read_artifact(record, ARTIFACT)) for key, record in chosen.items()}
+
+
+def rows_of(task: str, label: str, record: dict, summary: dict) -> list[dict]:
+    return [{"task": task, "variant": label, "method": method_label(record), "layer": layer["layer"],
+             "target": layer["target"], "module": layer["name"], "shape": "x".join(map(str, layer["shape"])),
+             "rtol": layer["rtol"], "rank_accumulated": layer["accumulated"]["rank"],
+             "rank_final": layer["final"]["rank"],
+             "steps_accumulated": summary["steps"], "first_step": summary["first_step"],
+             "training": training_length(record), "adapter_params": record["params"].get("adapter"),
+             "record": Path(record["_path"]).name} for layer in summary["layers"]]
+
+
+def draw_task(axes, task: str, rows: list[dict], variants: list[str]) -> None:
+    mine = [row for row in rows if row["task"] == task]
+    if not mine:
+        no_data(axes)
+        axes.set_title(task_label(task))
+        return
+    layers = sorted({row["layer"] for row in mine})
+    width = 0.8 / max(len(variants), 1)
+    for k, label in enumerate(variants):  # one colour per variant, the same in every panel
+        ranks = {row["layer"]: row[f"rank_{MEASURE}"] for row in mine if row["variant"] == label}
+        xs = np.arange(len(layers)) + (k - (len(variants) - 1) / 2) * width
+        heights = [ranks.get(layer) or 0 for layer in layers]
+        bars = axes.bar(xs, heights, width, label=label, color=f"C{k}")
+        axes.bar_label(bars, labels=[str(ranks.get(layer, "")) for layer in layers], fontsize=7)
+    length = mine[0]["training"]
+    axes.set_title(f"{task_label(task)} ({length})" if length else task_label(task))
+    axes.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    axes.set_ylabel(f"rank of {MEASURE} ΔW ({mine[0]['target']})")
+    axes.margins(y=0.12)
+
+
+def draw(tasks: list[str], rows: list[dict]):
+    variants = sorted({row["variant"] for row in rows})
+    figure = new_figure(3.2 * len(tasks), 3.4)
+    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        draw_task(ax, task, rows, variants)
+    if rows:
+        handles, labels = next(((h, l) for h, l in (ax.get_legend_handles_labels() for ax in axes) if h))
+        figure.legend(handles, labels, loc="outside upper center", ncols=len(handles), fontsize=8)
+        target, shape, rtol = rows[0]["target"], rows[0]["shape"], rows[0]["rtol"]
+        caption(figure, f"Fig. 3: numerical rank of the {MEASURE} update of {target} ({shape}) in the first layers; "
+                        f"rank = number of singular values > {rtol:.2g}·σ_max. Lily (shared A's and B experts) "
+                        f"vs LoRA at a similar parameter budget (adapter parameters in parentheses).")
+    return figure
+
+
+def missing(group: str, tasks: list[str], found: dict) -> list[str]:
+    """A command per (task, method) without a captured record."""
+    done = {(task, record["config"]["method"]["name"]) for (task, _), (record, _) in found.items()}
+    return [command(f"{group}/{method}", **{"task.subset": task}) for task in tasks for method in METHODS
+            if (task, method) not in done and experiment_exists(f"{group}/{method}")]
+
+
+def render(results_dir: Path, out_dir: Path, group: str | None = None) -> Rendered:
+    name, group = output_name("fig3", group), group or GROUP
+    found = cells(finished(results_dir, [group]))
+    tasks = swept(f"{group}/{METHODS[0]}", "task.subset") or sorted({task for task, _ in found})
+    rows = [row for (task, label), (record, summary) in sorted(found.items())
+            for row in rows_of(task, label, record, summary)]
+    rendered = Rendered(missing=missing(group, tasks, found))
+    if rows:
+        rendered.files += save_figure(draw(tasks, rows), Path(out_dir), name)
+        rendered.files.append(write_csv(rows, Path(out_dir) / f"{name}.csv"))
+    return rendered
