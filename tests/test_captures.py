@@ -124,8 +124,8 @@ class ByHand:
             return 2.0 * params["B"] @ params["A"]  # scaling = alpha / r
         return 0.5 * torch.einsum("e,eio->io", mixture, params["B"]).T @ params["A"]
 
-    def step(self, model, optimizer, micro_batches: list[torch.Tensor], counted: bool) -> None:
-        """One optimizer step over the micro-batches; its updates added to the sums when ``counted``."""
+    def step(self, model, optimizer, micro_batches: list[torch.Tensor]) -> None:
+        """One optimizer step over the micro-batches; its updates added to the sums."""
         before = {i: self.parameters(i) for i in self.layers}
         for layer_inputs in self.inputs.values():
             layer_inputs.clear()
@@ -134,26 +134,23 @@ class ByHand:
             (model(input_ids=ids).logits.square().mean() / len(micro_batches)).backward()
         optimizer.step()
         optimizer.zero_grad()
-        if counted:
-            for i in self.layers:
-                mixture = self.mixture(i, before[i], self.inputs[i]) if self.lily else None
-                self.sums[i] += self.update(before[i], mixture)
-                if self.lily:
-                    self.router_sums[i] += sum(self.probabilities(i, before[i], x).sum((0, 1))
-                                               for x in self.inputs[i])
+        for i in self.layers:
+            mixture = self.mixture(i, before[i], self.inputs[i]) if self.lily else None
+            self.sums[i] += self.update(before[i], mixture)
+            if self.lily:
+                self.router_sums[i] += sum(self.probabilities(i, before[i], x).sum((0, 1)) for x in self.inputs[i])
 
 
-def train(model, hand: ByHand, callbacks: list, steps: int, start_hook: bool, validation=None):
+def train(model, hand: ByHand, callbacks: list, steps: int, validation=None):
     """A few steps of two micro-batches each, the callbacks told as the training loop tells them."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
     loop = SimpleNamespace(unwrapped=model, model=model, main=True, start=0, accelerator=None,
                            inputs=SimpleNamespace(run=FakeRun(callbacks[0].folder)),
                            objective=SimpleNamespace(validate=validation or (lambda m: {})))
     for callback in callbacks:
-        if start_hook:
-            callback.on_train_start(loop)
+        callback.on_train_start(loop)
     for step, micro_batches in enumerate(zip(batches(1, steps), batches(2, steps)), start=1):
-        hand.step(model, optimizer, list(micro_batches), counted=start_hook or step > 1)
+        hand.step(model, optimizer, list(micro_batches))
         for callback in callbacks:
             callback.on_step_end(loop, step)
     for callback in callbacks:
@@ -165,18 +162,17 @@ def with_folder(capture, folder: Path):
     return capture
 
 
-@pytest.mark.parametrize("start_hook", [True, False])
-def test_accumulated_lily_update_and_router_sums_equal_a_direct_computation(tmp_path, start_hook):
+def test_accumulated_lily_update_and_router_sums_equal_a_direct_computation(tmp_path):
     model = tiny_lily()
     hand = ByHand(model, lily=True)
     capture = with_folder(DeltaWeightCapture(modules=["q_proj"], layers=[0, 1], validation_mixture=False), tmp_path)
     routers = with_folder(RouterCapture(modules=["q_proj"]), tmp_path)
-    train(model, hand, [capture, routers], steps=4, start_hook=start_hook)
+    train(model, hand, [capture, routers], steps=4)
     saved = load_file(tmp_path / "cell.delta_w.safetensors")
     summary = json.loads((tmp_path / "cell.delta_w.json").read_text())
     names = [layer["name"] for layer in summary["layers"]]
     assert [layer_index(name) for name in names] == [0, 1] and all(n.endswith("q_proj") for n in names)
-    assert summary["first_step"] == (1 if start_hook else 2) and summary["steps"] == (4 if start_hook else 3)
+    assert summary["first_step"] == 1 and summary["steps"] == 4
     for i, name in enumerate(names):
         torch.testing.assert_close(saved[f"accumulated.{name}"].double(), hand.sums[i], rtol=1e-5, atol=1e-6)
         assert summary["layers"][i]["accumulated"]["rank"] == numerical_rank(hand.sums[i].float())
@@ -184,7 +180,7 @@ def test_accumulated_lily_update_and_router_sums_equal_a_direct_computation(tmp_
     assert [row["layer"] for row in router_rows] == [0, 1, 2, 3]
     for i in (0, 1):
         torch.testing.assert_close(torch.tensor(router_rows[i]["sums"], dtype=torch.float64), hand.router_sums[i])
-        assert router_rows[i]["tokens"] == (4 if start_hook else 3) * 2 * 3 * 7
+        assert router_rows[i]["tokens"] == 4 * 2 * 3 * 7
 
 
 def test_final_lily_update_mixes_the_experts_with_the_validation_router_weights(tmp_path):
@@ -200,7 +196,7 @@ def test_final_lily_update_mixes_the_experts_with_the_validation_router_weights(
         return {}
 
     capture = with_folder(DeltaWeightCapture(modules=["q_proj"], layers=[1]), tmp_path)
-    train(model, hand, [capture], steps=2, start_hook=True, validation=validate)
+    train(model, hand, [capture], steps=2, validation=validate)
     params = hand.parameters(1)
     hidden = [x.double() @ params["A"].T for x in hand.inputs[1][-2:]]  # the validation pass's inputs
     probabilities = torch.cat([torch.softmax(h @ params["R"].T, -1).reshape(-1, 3) for h in hidden])
@@ -215,7 +211,7 @@ def test_accumulated_and_final_lora_updates_equal_scaling_b_a(tmp_path):
     hand = ByHand(model, lily=False)
     capture = with_folder(DeltaWeightCapture(modules=["q_proj"], layers=[0, 1]), tmp_path)
     routers = with_folder(RouterCapture(), tmp_path)
-    train(model, hand, [capture, routers], steps=3, start_hook=True)
+    train(model, hand, [capture, routers], steps=3)
     saved = load_file(tmp_path / "cell.delta_w.safetensors")
     summary = json.loads((tmp_path / "cell.delta_w.json").read_text())
     for i, layer in enumerate(summary["layers"]):
@@ -292,7 +288,7 @@ def vit_cell(tmp_path: Path, method: str, *extra: str) -> Path:
 def test_a_run_with_the_captures_leaves_their_artifacts_beside_its_record(tmp_path):
     record = vit_cell(tmp_path, "lily", "method.ne_1=2", "method.ne_2=3", "trainer.max_steps=3", CAPTURES)
     summary = json.loads(record.with_name(f"{record.stem}.delta_w.json").read_text())
-    assert summary["first_step"] == 2 and summary["steps"] == 2 and len(summary["layers"]) == 2
+    assert summary["first_step"] == 1 and summary["steps"] == 3 and len(summary["layers"]) == 2
     assert all(layer["accumulated"]["rank"] >= 1 and layer["final"]["rank"] >= 1 for layer in summary["layers"])
     assert [layer["shape"] for layer in summary["layers"]] == [[96, 32], [96, 32]]  # the fused qkv of width 32
     tensors = load_file(record.with_name(f"{record.stem}.delta_w.safetensors"))
@@ -300,6 +296,6 @@ def test_a_run_with_the_captures_leaves_their_artifacts_beside_its_record(tmp_pa
                                      for layer in summary["layers"])
     routers = json.loads(record.with_name(f"{record.stem}.router_weights.json").read_text())["layers"]
     assert len(routers) == 2 and all(len(row["sums"]) == 3 for row in routers)
-    # steps 2 and 3 are counted: batches of 4 over 6 training images give them 2 and 4 images of 17 tokens
-    assert [row["tokens"] for row in routers] == [(2 + 4) * 17] * 2
+    # every step is counted: batches of 4 over 6 training images give steps 1-3 4, 2 and 4 images of 17 tokens
+    assert [row["tokens"] for row in routers] == [(4 + 2 + 4) * 17] * 2
     assert json.loads(record.read_text())["status"] == "finished"

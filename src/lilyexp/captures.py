@@ -16,11 +16,9 @@ Layers are found by what they are, not by the method's name: a Lily layer or bra
 ``lily_B`` and a router (ΔW = s·B̄ᵀA with B̄ = Σ_e w_e B_e); any other peft tuner layer computes its own
 ``get_delta_weight`` (LoRA: scaling·B·A; PiSSA and MiLoRA likewise).
 
-The loop tells callbacks about a step only after it ran, so a capture attaches to the model at the end of the
-first step (or in ``on_train_start`` where the loop calls one) and accumulates from the next step on; the
-artifact names the first step it holds. Under the default zero-initialised B (LoRA and Lily alike) the update
-applied in step 1 is zero, so nothing is lost there. A resumed run starts its captures afresh (``first_step``
-says where). Under several processes each capture sees its own process's batches; router sums are added over
+A capture attaches to the model when training starts (``on_train_start``) and holds every step from there; the
+artifact names the first step it holds: 1, or the step after the last checkpoint in a resumed run, which starts
+its captures afresh. Under several processes each capture sees its own process's batches; router sums are added over
 processes, ΔW is the main process's. Gradient checkpointing repeats forwards in the backward pass, which the
 router sums would count twice: capture without it.
 """
@@ -241,8 +239,7 @@ def listen(holder: nn.Module, listener: Callable) -> Callable[[], None]:
 # ------------------------------------------------------------------------------------------- the callbacks
 
 class Capture(Callback):
-    """Attach to the model once (at train start where the loop calls it, else at the end of the first step),
-    detach and save at the end of training."""
+    """Attach to the model when training starts, detach and save at the end of training."""
 
     def __init__(self, name: str):
         self.name, self.model, self.first_step, self.steps, self.detachers = name, None, None, 0, []
@@ -252,15 +249,11 @@ class Capture(Callback):
         self.first_step = getattr(loop, "start", 0) + 1
 
     def on_step_end(self, loop: Any, step: int) -> None:
-        if self.model is None:
-            self.attach(loop.unwrapped)
-            self.first_step = step + 1
-            return
         self.step_done(step)
         self.steps += 1
 
     def on_train_end(self, loop: Any) -> None:
-        if self.model is None:  # the run had no step after the first: nothing was captured
+        if self.model is None:  # no training (an evaluation-only run): nothing was captured
             return
         try:
             payload = self.finish(loop)

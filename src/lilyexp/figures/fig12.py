@@ -91,9 +91,10 @@ def image_paths(task: object, folder: Path | None) -> list[Path]:
 
 
 def pixels(task: object, paths: list[Path]) -> torch.Tensor:
-    from lilyexp.tasks.vtab import load_image
+    """The images as the task feeds them (the official resize, no normalisation unless the task sets it)."""
+    from lilyexp.tasks.images import decode, to_float
 
-    return torch.stack([load_image(path, task.image_size, task.normalize) for path in paths])
+    return to_float(torch.stack([decode(path, task.image_size) for path in paths]), task.normalize)
 
 
 # ------------------------------------------------------------------------------------------ the forward

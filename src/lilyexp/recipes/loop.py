@@ -34,7 +34,11 @@ log = logging.getLogger("lilyexp")
 
 
 class Callback:
-    """Hooks into the loop (``trainer.callbacks``: ``_target_`` nodes); both are no-ops by default."""
+    """Hooks into the loop (``trainer.callbacks``: ``_target_`` nodes); all are no-ops by default."""
+
+    def on_train_start(self, loop: "TrainingLoop") -> None:
+        """Before the first step this process runs (after a resume restored the state; ``loop.start`` steps are
+        then done)."""
 
     def on_step_end(self, loop: "TrainingLoop", step: int) -> None:
         """After optimizer step ``step`` (1-based) and its logging, validation and checkpoint."""
@@ -183,6 +187,8 @@ class TrainingLoop:
             self.validate(0)
             return self.result
         self.resume_or_start()
+        for callback in self.trainer.callbacks:
+            callback.on_train_start(self)
         with stop_requests() as stop:
             self.train(stop)
         for callback in self.trainer.callbacks:
