@@ -75,7 +75,7 @@ dreambooth-cpu: venv
 	-$(call run_table,dreambooth_cpu,$(call experiments_of,dreambooth_cpu))
 	$(BIN)/python -m lilyexp.figures fig2 --group dreambooth_cpu --results $(RESULTS)
 
-# Paper figures from the records (issue cells first where the figure needs runs).
+# Fig. 2 (DreamBooth grid): runs the missing DreamBooth cells (GPU-sized), then renders from the records.
 fig2: venv
 	-$(MAKE) dreambooth
 	$(BIN)/python -m lilyexp.figures fig2 --results $(RESULTS)

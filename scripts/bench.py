@@ -39,9 +39,9 @@ SHAPES = {
                          config=LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                             num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)),
     "llama3-8b": dict(cls=AutoModelForCausalLM, targets=["q_proj", "k_proj", "v_proj"], lora_r=32,
-                      cuda_only=True, config=LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                                         num_hidden_layers=32, num_attention_heads=32,
-                                                         num_key_value_heads=8)),
+                      cuda_only=True, one_at_a_time=True,
+                      config=LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)),
 }
 
 
@@ -186,25 +186,50 @@ def time_until_tight(steps: dict, device: str, args) -> dict:
 
 
 def time_shape(shape: str, args, device, dtype) -> list[dict]:
-    spec = SHAPES[shape]
-    batch = batch_for(spec, device, args)
-    models = {name: build(name, shape, device, dtype) for name in methods(shape)}
-    steps = {name: step_fn(model, batch) for name, model in models.items()}
-    for step in steps.values():
+    """Every method's rows for one model shape: interleaved rounds with all models resident, or, for a shape too
+    large to hold one model per method (LLaMA3-8B: ~16 GB each in bf16), one model at a time."""
+    batch = batch_for(SHAPES[shape], device, args)
+    if SHAPES[shape].get("one_at_a_time"):
+        times, measured = time_one_at_a_time(shape, batch, args, device, dtype)
+    else:
+        models = {name: build(name, shape, device, dtype) for name in methods(shape)}
+        steps = {name: step_fn(model, batch) for name, model in models.items()}
+        for step in steps.values():
+            step()  # warm-up, discarded
+        times = time_until_tight(steps, device, args)
+        measured = {name: measure(models[name], steps[name], device) for name in steps}
+        del models, steps
+    return [{"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(shape), **measured[name],
+             "step_s_median": statistics.median(times[name]), "step_s_all": times[name], "rounds": len(times[name]),
+             **ratio_fields(times, name)} for name in times]
+
+
+def time_one_at_a_time(shape: str, batch: dict, args, device, dtype) -> tuple[dict, dict]:
+    """Each method built alone, warmed up, timed for ``args.min_rounds`` steps and freed; step i of each method
+    forms round i (on a GPU, free of other load, consecutive blocks time as stably as interleaved rounds)."""
+    times, measured = {}, {}
+    for name in methods(shape):
+        model = build(name, shape, device, dtype)
+        step = step_fn(model, batch)
         step()  # warm-up, discarded
-    times = time_until_tight(steps, device, args)
-    rows = []
-    for name in steps:
-        step_mem = step_peak_bytes(steps[name], device)
-        ratio = bootstrap_median(paired(times, name, LORA))
-        rows.append({"model": shape, "method": name, "lily_r_ne1_ne2": equal_budget_lily(shape),
-                     "adapter_params": adapter_params(models[name]), "step_s_median": statistics.median(times[name]),
-                     "step_s_all": times[name], "step_mem_bytes": step_mem, "rounds": len(times[name]),
-                     "ratio_to_lora": ratio[0], "ratio_to_lora_ci": ratio[1:],
-                     "ratio_to_upstream": bootstrap_median(paired(times, name, UPSTREAM)),
-                     "peak_mem_bytes": static_bytes(models[name], steps[name].optimizer) + step_mem})
-    del models, steps
-    return rows
+        times[name] = [timed(step, device) for _ in range(args.min_rounds)]
+        measured[name] = measure(model, step, device)
+        del model, step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return times, measured
+
+
+def measure(model, step, device) -> dict:
+    step_mem = step_peak_bytes(step, device)
+    return {"adapter_params": adapter_params(model), "step_mem_bytes": step_mem,
+            "peak_mem_bytes": static_bytes(model, step.optimizer) + step_mem}
+
+
+def ratio_fields(times: dict, name: str) -> dict:
+    ratio = bootstrap_median(paired(times, name, LORA))
+    return {"ratio_to_lora": ratio[0], "ratio_to_lora_ci": ratio[1:],
+            "ratio_to_upstream": bootstrap_median(paired(times, name, UPSTREAM))}
 
 
 def tensor_bytes(tensors) -> int:

@@ -18,7 +18,7 @@ from conftest import compose_run
 from lilyexp.captures import (DeltaWeightCapture, RouterCapture, default_rtol, delta_weight, find_layers,
                               layer_index, numerical_rank, pooled_mixture)
 from lilyexp.errors import ConfigError
-from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, mix_experts
+from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, RowGroups, mix_experts
 from lilyexp.run import execute
 
 # ------------------------------------------------------------------------------------------ numerical rank
@@ -246,6 +246,30 @@ def test_the_pooled_mixture_gives_the_batch_mean_of_the_applied_updates(pooling)
     else:  # a mixture per token or per sample: the mean of the per-token (or per-sample) maps
         per = logits.softmax(-1) if pooling == "token" else logits.sum(1).softmax(-1)
         torch.testing.assert_close(torch.einsum("...e,eio->io", per, experts) / per[..., 0].numel(), mixed)
+
+
+def test_the_pooled_mixture_under_per_sample_routing_is_the_token_mean_of_each_rows_mixture():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 3, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 0, 0, 0, 1], [0, 1, 1, 1, 1]], dtype=torch.float64)
+    groups = RowGroups.of(torch.tensor([7, 7, 2, 5]))  # rows 0 and 1 routed together, rows 2 and 3 alone
+    probabilities = logits.softmax(-1)
+    per_token = probabilities * mask[..., None]
+    first = per_token[:2].sum((0, 1)) / mask[:2].sum()
+    per_row = [first, first, per_token[2].sum(0) / mask[2].sum(), per_token[3].sum(0) / mask[3].sum()]
+    expected = sum(m * n for m, n in zip(per_row, mask.sum(1))) / mask.sum()
+    torch.testing.assert_close(pooled_mixture(probabilities, logits, "batch_mean", mask, groups), expected)
+    everything = RowGroups.of(torch.zeros(4, dtype=torch.long))  # one group: the official pooling
+    torch.testing.assert_close(pooled_mixture(probabilities, logits, "batch_mean", mask, everything),
+                               pooled_mixture(probabilities, logits, "batch_mean", mask))
+
+
+def test_captures_run_beside_per_sample_evaluation_routing(tmp_path):
+    record = vit_cell(tmp_path, "lily", "method.ne_1=2", "method.ne_2=3", "method.eval_pooling=sample",
+                      "trainer.max_steps=2", CAPTURES)
+    assert json.loads(record.read_text())["evaluation"]["routing"]["mode"] == "per_group"
+    summary = json.loads(record.with_name(f"{record.stem}.delta_w.json").read_text())
+    assert all(layer["final"]["rank"] >= 1 for layer in summary["layers"])
 
 
 def test_a_capture_naming_no_adapted_layer_says_which_there_are(tmp_path):

@@ -53,7 +53,8 @@ def method_and_node(backbone: str, method: str, *overrides: str):
 
 
 CAUSAL = {"lora": ["method.r=4"], "pissa": ["method.r=4", "method.dropout=0.0"],
-          "milora": ["method.r=4", "method.dropout=0.0"], "lily": ["method.r=4", "method.ne_1=2", "method.ne_2=3"]}
+          "milora": ["method.r=4", "method.dropout=0.0"], "lily": ["method.r=4", "method.ne_1=2", "method.ne_2=3",
+                   "method.apply_s=false", "method.eval_pooling=sample"]}  # as the Table 2 cell
 
 
 @pytest.mark.parametrize("name", sorted(CAUSAL))

@@ -27,6 +27,9 @@ def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("lilyexp-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
+    modules = {f"lilyexp/{path.relative_to(REPO / 'src' / 'lilyexp').as_posix()}"
+               for path in (REPO / "src" / "lilyexp").rglob("*.py")}
+    assert modules - set(names) == set(), "modules left out of the wheel (pyproject.toml packages)"
     assert "lilyexp/conf/run.yaml" in names and "lilyexp/conf/experiment/table2/lily.yaml" in names
     assert "lilyexp/tables/specs/table2.yaml" in names and "lilyexp/manifests/llm_adapters.json" in names
     target = tmp_path / "site"

@@ -64,6 +64,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_run, tmp_path):
     first = json.loads(next((tmp_path / "straight" / "results").rglob("*.json")).read_text())
     second = json.loads(next((tmp_path / "resumed" / "results").rglob("*.json")).read_text())
     assert second["resumed_from_step"] == 4 and first["resumed_from_step"] is None
+    assert second["timing"]["timed_steps"] == first["timing"]["timed_steps"] == 6  # the steps before the kill too
     assert second["metrics"] == first["metrics"]
     steps = lambda r: [json.loads(l) for l in (tmp_path / r / "results").rglob("*.steps.jsonl").__next__().read_text().splitlines()]
     assert steps("resumed") == steps("straight")

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lilyexp.errors import ConfigError
+from lilyexp.methods.lily import RowGroups, group_mean
 from lilyexp.recipes.loop import Callback
 
 ACCUMULATED_DEFINITION = ("sum over training steps of the update each layer applied to that step's batch: its "
@@ -174,11 +175,18 @@ def trainable_snapshot(layer: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------- routing of Lily
 
 def pooled_mixture(probabilities: torch.Tensor, logits: torch.Tensor, pooling: str,
-                   token_weights: torch.Tensor | None) -> torch.Tensor:
+                   token_weights: torch.Tensor | None, groups: RowGroups | None = None) -> torch.Tensor:
     """The expert weights a Lily layer applied to a batch, averaged over the batch (E,): ΔW is linear in them,
     so this mixture gives the layer's mean update. ``batch_mean`` (official) pools the per-token softmax over
-    batch and tokens; ``token`` mixes per token; ``sample_sum`` (Eq. 2) per sample from its summed logits."""
+    batch and tokens, or per group of rows when evaluation routes per sample (``groups``; each token then takes
+    its group's mixture); ``token`` mixes per token; ``sample_sum`` (Eq. 2) per sample from its summed logits."""
     experts = probabilities.shape[-1]
+    if pooling == "batch_mean" and groups is not None:
+        rows = probabilities.shape[0]
+        tokens = probabilities.new_ones(rows, probabilities[0].numel() // experts) if token_weights is None \
+            else token_weights.reshape(rows, -1).to(probabilities)
+        per_row = group_mean(probabilities, token_weights, groups)[groups.index_on(probabilities.device)]
+        return (per_row * tokens.sum(1, keepdim=True)).sum(0) / tokens.sum().clamp_min(1)
     if pooling == "batch_mean" and token_weights is not None:
         return (probabilities * token_weights.unsqueeze(-1)).sum((0, 1)) / token_weights.sum().clamp_min(1)
     if pooling in ("batch_mean", "token"):
@@ -211,20 +219,20 @@ class RoutingTap:
             self.holder.mix = self.original
             self.holder.__dict__.pop("routing_tap", None)
 
-    def mix(self, hidden, experts, router, pooling, token_weights=None):
+    def mix(self, hidden, experts, router, pooling, token_weights=None, groups=None):
         if router is not None and self.listeners:
             with torch.no_grad():
-                self.tell(hidden, router, pooling, token_weights)
-        return self.original(hidden, experts, router, pooling, token_weights)
+                self.tell(hidden, router, pooling, token_weights, groups)
+        return self.original(hidden, experts, router, pooling, token_weights, groups)
 
-    def tell(self, hidden: torch.Tensor, router: nn.Module, pooling: str, token_weights) -> None:
+    def tell(self, hidden: torch.Tensor, router: nn.Module, pooling: str, token_weights, groups) -> None:
         logits = router(hidden).to(torch.float64)
         probabilities = logits.softmax(-1)
         flat = probabilities.reshape(-1, probabilities.shape[-1])
         weights = torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device) if token_weights is None \
             else token_weights.reshape(-1).to(flat)
         token_sum, tokens = (flat * weights.unsqueeze(-1)).sum(0), weights.sum()
-        mixture = pooled_mixture(probabilities, logits, pooling, token_weights)
+        mixture = pooled_mixture(probabilities, logits, pooling, token_weights, groups)
         for listener in list(self.listeners):
             listener(token_sum, tokens, mixture, self.holder.training)
 
@@ -299,11 +307,11 @@ class LayerTrack:
             self.snapshot = trainable_snapshot(module)
 
     def on_routing(self, token_sum, tokens, mixture, training: bool) -> None:
-        if training:
-            self.step_mixture, self.step_calls = self.step_mixture + mixture.cpu(), self.step_calls + 1
+        if training:  # kept on the device: no host synchronisation per forward
+            self.step_mixture, self.step_calls = self.step_mixture + mixture, self.step_calls + 1
         elif self.collecting:
-            self.validation_mixture = self.validation_mixture + mixture.cpu() * float(tokens)
-            self.validation_tokens += float(tokens)
+            self.validation_mixture = self.validation_mixture + mixture * tokens
+            self.validation_tokens = self.validation_tokens + tokens
 
     def step_done(self) -> None:
         """Add the update this layer applied in the step that just ended."""
@@ -321,7 +329,7 @@ class LayerTrack:
         """The validation split's mixture if it ran, else the mean over training steps (None: not routed)."""
         if not self.routed:
             return None
-        if self.validation_tokens:
+        if float(self.validation_tokens):
             return self.validation_mixture / self.validation_tokens
         return self.training_mixture / self.training_calls if self.training_calls else None
 

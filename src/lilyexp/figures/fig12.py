@@ -123,7 +123,13 @@ def recorded(model: torch.nn.Module) -> Iterator[dict]:
 
 def inspect(model: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
     """attention: (blocks, images, grid, grid) [CLS]-to-patch maps averaged over heads; features: (blocks,
-    images, tokens, channels)."""
+    images, tokens, channels). One image per forward: Lily's official routing pools over a forward call, so the
+    shown images would otherwise change each other's maps."""
+    parts = [inspect_batch(model, image[None]) for image in images]
+    return {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
+
+
+def inspect_batch(model: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
     with torch.no_grad(), recorded(model) as seen:
         model(images)
     cls = torch.stack([a[:, :, 0, 1:].mean(1) for a in seen["attention"]])

@@ -69,8 +69,9 @@ def draw_task(axes, task: str, rows: list[dict], variants: list[str]) -> None:
         heights = [ranks.get(layer) or 0 for layer in layers]
         bars = axes.bar(xs, heights, width, label=label, color=f"C{k}")
         axes.bar_label(bars, labels=[str(ranks.get(layer, "")) for layer in layers], fontsize=7)
-    length = mine[0]["training"]
-    axes.set_title(f"{task_label(task)} ({length})" if length else task_label(task))
+    length, first = mine[0]["training"], max(row["first_step"] for row in mine)
+    title = f"{task_label(task)} ({length})" if length else task_label(task)
+    axes.set_title(title + (f"\nresumed: sums from step {first}" if first != 1 else ""))
     axes.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
     axes.set_ylabel(f"rank of {MEASURE} ΔW ({mine[0]['target']})")
     axes.margins(y=0.12)

@@ -42,7 +42,8 @@ def rows_of(task: str, record: dict, capture: dict) -> list[dict]:
         total = sum(layer["sums"]) or 1.0
         rows += [{"task": task, "target": layer["target"], "layer": layer["layer"], "expert": f"B{e + 1}",
                   "accumulated_weight": value, "share": value / total, "tokens": layer["tokens"],
-                  "steps": capture["steps"], "record": Path(record["_path"]).name}
+                  "steps": capture["steps"], "first_step": capture.get("first_step", 1),
+                  "record": Path(record["_path"]).name}
                  for e, value in enumerate(layer["sums"])]
     return rows
 
@@ -69,7 +70,8 @@ def heat_map(axes, task: str, rows: list[dict]):
     axes.set_yticks(range(len(layers)), [f"{n}block {layer}" for n, layer in zip(names, layers)])
     axes.set_xticks(range(len(experts)), experts)
     axes.set_xlabel("B expert")
-    axes.set_title(f"{task_label(task)} ({target} routers)")
+    first = max(row["first_step"] for row in rows)
+    axes.set_title(f"{task_label(task)} ({target} routers)" + (f"\nresumed: sums from step {first}" if first != 1 else ""))
     return image
 
 

@@ -57,7 +57,8 @@ def row_of(item: dict, method: str, runs: list[dict]) -> dict:
     row = {"setting": item["label"], "method": METHOD_LABELS[method], "seeds": len(runs),
            "training": training_length(runs[0]), "adapter_params": runs[0]["params"].get("adapter"),
            "peak_mem_kind": timing[0].get("peak_mem_kind"), "device": runs[0].get("env", {}).get("device"),
-           "timed_steps": timing[0].get("timed_steps")}
+           "timed_steps": timing[0].get("timed_steps"), "global_batch": runs[0].get("batch", {}).get("global_batch"),
+           "resumed": any(r.get("resumed_from_step") for r in runs)}
     for key, _, scale in MEASURES:
         values = [t[key] for t in timing if t.get(key) is not None]
         row[key] = statistics.mean(values) * scale if values else None
@@ -84,10 +85,15 @@ def draw_panel(axes, rows: list[dict], key: str, label: str) -> None:
 
 
 def title_of(item: dict, rows: list[dict]) -> str:
+    """The setting, its length, the batch each method trained with (they should agree) and the device."""
     length = rows[0]["training"] if rows else None
     title = item["label"]
     if length and "epoch" not in title:
         title += f", {length}"
+    batches = " / ".join(f"{row['method']} {row['global_batch']}" for row in rows if row.get("global_batch"))
+    title += f", batch {batches}" if batches else ""
+    title += " (a resumed run: its training time covers the steps after the resume)" \
+        if any(row.get("resumed") for row in rows) else ""
     return title + (f" — {rows[0]['device']}" if rows and rows[0].get("device") else "")
 
 

@@ -124,7 +124,15 @@ class RowGroups:
     @classmethod
     def of(cls, ids: torch.Tensor) -> "RowGroups":
         unique, index = torch.unique(ids, return_inverse=True)
-        return cls(ids, index, unique.numel())
+        return cls(ids, index, unique.numel(), {})
+
+    placed: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """``index`` on ``device``, copied once per device (every adapted layer of every forward asks)."""
+        if device not in self.placed:
+            self.placed[device] = self.index.to(device)
+        return self.placed[device]
 
 
 class RoutingContext:
@@ -194,7 +202,7 @@ def group_mean(probabilities: torch.Tensor, token_weights: torch.Tensor | None, 
                          f"set group ids for the batch actually run (e.g. batch_size * num_beams rows).")
     per_token = probabilities.reshape(rows, -1, num_experts)
     weights = per_token.new_ones(per_token.shape[:2]) if token_weights is None else token_weights.reshape(rows, -1)
-    index = groups.index.to(per_token.device)
+    index = groups.index_on(per_token.device)
     sums = per_token.new_zeros(groups.count, num_experts).index_add_(0, index, (per_token * weights[..., None]).sum(1))
     counts = weights.new_zeros(groups.count).index_add_(0, index, weights.sum(1))
     return sums / counts.clamp_min(1)[:, None]
@@ -204,7 +212,7 @@ def group_mix(hidden: torch.Tensor, experts: torch.Tensor, probabilities: torch.
               token_weights: torch.Tensor | None, groups: RowGroups) -> torch.Tensor:
     """The official batch_mean mixture computed per group of rows: each row uses its group's mixed B."""
     mixed = torch.einsum("ge,eio->gio", group_mean(probabilities, token_weights, groups), experts)
-    per_row = mixed[groups.index.to(mixed.device)]
+    per_row = mixed[groups.index_on(mixed.device)]
     tokens = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
     return (tokens @ per_row).reshape(*hidden.shape[:-1], experts.shape[-1])
 

@@ -246,7 +246,8 @@ class TrainingLoop:
             state, self.best_state = self.checkpointer.load(self.unwrapped, self.optimizer, self.scheduler)
             self.start = state["step"]
             self.result = FitResult(state["history"], state["best"], state["initial"], self.start,
-                                    resumed_from=self.start, batch=self.layout)
+                                    resumed_from=self.start, batch=self.layout,
+                                    step_seconds=state.get("step_seconds", []))  # the record times every step
             self.log.truncate_after(self.start)
             return
         if self.main and self.inputs.run.steps_path.exists():
@@ -312,7 +313,7 @@ class TrainingLoop:
 
     def checkpoint(self, done: int) -> None:
         state = {"step": done, "history": self.result.history, "best": self.result.best,
-                 "initial": self.result.initial}
+                 "initial": self.result.initial, "step_seconds": self.result.step_seconds}
         if self.main:
             self.checkpointer.save(self.unwrapped, self.optimizer, self.scheduler, state, self.best_state)
         self.accelerator.wait_for_everyone()

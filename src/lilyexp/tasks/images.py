@@ -16,7 +16,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,15 +61,31 @@ class Decode(torch.utils.data.Dataset):
         return decode(self.paths[index], self.size)
 
 
-def decode_all(paths: Sequence[Path], size: int, workers: int) -> torch.Tensor:
-    """Every image of a split, decoded by ``workers`` processes (0: this one), in list order."""
+def decoded_chunks(paths: Sequence[Path], size: int, workers: int) -> Iterator[torch.Tensor]:
+    """The split's images in list order, a chunk of up to 64 at a time, decoded by ``workers`` processes (0: this
+    one)."""
     loader = torch.utils.data.DataLoader(Decode(paths, size), batch_size=64, num_workers=workers,
                                          collate_fn=torch.stack)
     try:
-        chunks = [chunk for chunk in tqdm(loader, desc=f"decode {len(paths)} images", leave=False)]
+        yield from tqdm(loader, desc=f"decode {len(paths)} images", leave=False)
     except ConfigError as exc:  # raised in a worker, re-raised here with the worker's traceback in the message
         raise ConfigError(str(exc).strip().splitlines()[-1].split("ConfigError: ", 1)[-1]) from None
-    return torch.cat(chunks) if chunks else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def fill(target, chunks: Iterator[torch.Tensor]) -> None:
+    """Write the chunks one after another into ``target`` (a tensor or a memory-mapped array): the split is
+    never held twice."""
+    start = 0
+    for chunk in chunks:
+        target[start:start + len(chunk)] = chunk if isinstance(target, torch.Tensor) else chunk.numpy()
+        start += len(chunk)
+
+
+def decode_all(paths: Sequence[Path], size: int, workers: int) -> torch.Tensor:
+    """Every image of a split as one uint8 tensor (N, 3, size, size)."""
+    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    fill(images, decoded_chunks(paths, size, workers))
+    return images
 
 
 def cache_key(paths: Sequence[Path], size: int) -> str:
@@ -85,11 +101,17 @@ def from_disk(paths: Sequence[Path], size: int, workers: int, folder: Path) -> t
     path = folder / f"{cache_key(paths, size)}.npy"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        decoded = decode_all(paths, size, workers).numpy()
         handle, temporary = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, decoded)
-        os.replace(temporary, path)
+        os.close(handle)
+        try:  # decoded straight into the file, chunk by chunk: a split larger than memory never sits in it
+            array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+            fill(array, decoded_chunks(paths, size, workers))
+            array.flush()
+            del array
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
     return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: never written, no warning
 
 
