@@ -113,6 +113,13 @@ def report(seconds: dict[str, list[float]], images: int) -> dict:
             "machine": platform.processor() or platform.machine(), "rows": rows}
 
 
+def goal_lines(rows: dict) -> list[str]:
+    """The issue's goals: later epochs >= 10x the anchor's throughput; the first epoch no slower than the anchor."""
+    cached, first = rows["cached_epoch"]["of_anchor"], rows["first_epoch"]["of_anchor"]
+    return [f"- later epoch {cached:.1f}x the anchor ({'meets' if cached >= 10 else 'misses'} >= 10x)",
+            f"- first epoch {first:.2f}x the anchor ({'meets' if first >= 1 else 'misses'} >= 1x, no slower)"]
+
+
 def markdown(result: dict) -> str:
     labels = {"anchor": "torchvision DataLoader, 2 workers (official)", "before": "lilyexp before: decode per batch",
               "first_epoch": "lilyexp: first epoch (decode once, 2 workers)", "cached_epoch": "lilyexp: later epoch"}
@@ -121,7 +128,8 @@ def markdown(result: dict) -> str:
              "| pipeline | median s | images/s | × anchor |", "|---|---|---|---|"]
     for name, row in result["rows"].items():
         lines.append(f"| {labels[name]} | {row['median_s']:.2f} | {row['images_per_s']:.0f} | {row['of_anchor']:.2f} |")
-    lines += ["", "Regenerate: `make bench-data` (`python scripts/bench_data.py`); medians of interleaved repeats on "
+    lines += ["", "Goals:", *goal_lines(result["rows"]),
+              "", "Regenerate: `make bench-data` (`python scripts/bench_data.py`); medians of interleaved repeats on "
               f"{result['machine']} with {result['torch_threads']} torch threads."]
     return "\n".join(lines) + "\n"
 
