@@ -25,6 +25,7 @@ router sums would count twice: capture without it.
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from contextlib import contextmanager
@@ -246,7 +247,7 @@ def listen(holder: nn.Module, listener: Callable) -> Callable[[], None]:
 
 # ------------------------------------------------------------------------------------------- the callbacks
 
-class Capture(Callback):
+class Capture(Callback, abc.ABC):
     """Attach to the model when training starts, detach and save at the end of training."""
 
     def __init__(self, name: str):
@@ -278,11 +279,13 @@ class Capture(Callback):
     def step_done(self, step: int) -> None:
         """After optimizer step ``step`` (a step the capture saw from its start)."""
 
+    @abc.abstractmethod
     def finish(self, loop: Any) -> dict:
-        raise NotImplementedError
+        """What the capture measured, once training ends."""
 
+    @abc.abstractmethod
     def save(self, payload: dict, run: Any) -> list[Path]:
-        raise NotImplementedError
+        """Write ``payload`` beside the run's record; the paths written."""
 
     def write_json(self, data: dict, run: Any) -> Path:
         path = run.side_file(f"{self.name}.json")
