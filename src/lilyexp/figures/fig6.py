@@ -126,7 +126,8 @@ def render(results_dir: Path, out_dir: Path, group: str | None = None) -> Render
                 rendered.missing.append(command(item["experiments"][method]))
     for empty in sorted(set(groups) - {group_of(r) for r in records}) if group else []:
         rendered.missing += [command(f"{empty}/{m}") for m in METHODS if experiment_exists(f"{empty}/{m}")]
-    if rows:
-        rendered.files += save_figure(draw(items, rows), Path(out_dir), name)
+    if rows:  # a setting without any record is left out of the picture; its commands are in rendered.missing
+        drawn = [item for item in items if any(row["setting"] == item["label"] for row in rows)]
+        rendered.files += save_figure(draw(drawn, rows), Path(out_dir), name)
         rendered.files.append(write_csv(rows, Path(out_dir) / f"{name}.csv"))
     return rendered
