@@ -28,7 +28,10 @@ def dreambooth_record(folder: Path, method: str, subject: str, color: tuple, din
         Image.new("RGB", (32, 32), color).save(images / f"{number:02d}-0.png")
         samples.append({"prompt": prompt, "index": 0, "seed": number, "path": f"{stem}.images/{number:02d}-0.png"})
     record = {"schema": 2, "status": "finished", "identity": {}, "params": {"adapter": 100 * len(method)},
-              "config": {"seed": 0, "task": {"subset": subject}, "method": {"name": method}},
+              "config": {"seed": 0, "method": {"name": method}, "backbone": {"name": "tiny_sdxl"},
+                         "trainer": {"max_steps": 150},
+                         "task": {"subset": subject, "resolution": 64, "metrics": {"dino": "random", "clip": "random"},
+                                  "sampling": {"steps": 20, "guidance": 5.0}}},
               "metrics": {"final": {"test/dino": dino, "test/clip_i": 0.5, "test/clip_t": 0.25},
                           "selection": {"rule": "last"}},
               "dreambooth": {"samples": samples, "per_prompt": [], "prompt": f"a photo of {subject}"}}
@@ -46,14 +49,28 @@ def test_fig2_renders_a_panel_per_subject_with_both_methods_and_names_the_missin
     assert "python -m lilyexp.run -m experiment=dreambooth/lora task.subset=robot_toy" in rendered.missing
     assert "python -m lilyexp.run -m experiment=dreambooth/lily task.subset=rc_car" in rendered.missing
     grid = Image.open(tmp_path / "figures" / "fig2_wolf_plushie.png").convert("RGB")
-    width, height = grid.size  # label column, reference, two prompts; header, Lily row, LoRA row
+    width, height = grid.size  # label column, reference, two prompts; header, Lily row, LoRA row, caption
     cell = (width - 96) // 3
-    lily_pixel = grid.getpixel((96 + cell + cell // 2, height - cell - cell // 2))
-    lora_pixel = grid.getpixel((96 + cell + cell // 2, height - cell // 2))
+    header = (height - 2 * cell) // 2
+    lily_pixel = grid.getpixel((96 + cell + cell // 2, header + cell // 2))
+    lora_pixel = grid.getpixel((96 + cell + cell // 2, header + cell + cell // 2))
     assert lily_pixel[0] > 200 and lora_pixel[2] > 200  # Lily's row above LoRA's
     rows = list(csv.DictReader((tmp_path / "figures" / "fig2.csv").open()))
     assert {(r["subject"], r["method"], r["dino"]) for r in rows} >= {("wolf_plushie", "Lily", "0.7"),
                                                                          ("wolf_plushie", "LoRA", "0.6")}
+
+
+def test_fig2_captions_say_what_ran_and_flag_random_init_models(tmp_path):
+    dreambooth_record(tmp_path, "lily", "wolf_plushie", (255, 0, 0), 0.7)
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    text = fig2.caption(record)
+    assert text.startswith("tiny_sdxl, 64 px, 150 training steps, seed 0; sampling 20 steps, guidance 5.0")
+    assert "RANDOM-INIT BACKBONE AND METRIC MODELS" in text
+    record["config"]["backbone"]["name"] = "sdxl"
+    record["config"]["task"]["metrics"] = {"dino": "facebook/dino-vits16", "clip": "openai/clip-vit-large-patch14"}
+    assert "RANDOM" not in fig2.caption(record)
+    record["config"]["task"]["metrics"]["clip"] = "random"
+    assert "RANDOM-INIT METRIC MODELS" in fig2.caption(record)
 
 
 def test_the_figures_cli_knows_every_figure_and_refuses_others(tmp_path, capsys):

@@ -35,6 +35,22 @@ def first_images(record: dict, prompts: list[str]) -> list[Image.Image]:
     return [Image.open(by_prompt[prompt]).convert("RGB") for prompt in prompts]
 
 
+def caption(record: dict) -> str:
+    """What the samples come from, read off a record: backbone, resolution, training steps, sampling, seed, and
+    whether the backbone and the metric models are random-init (``tiny_*`` backbones are, by this project's
+    convention; ``random`` metric models are)."""
+    config = record["config"]
+    task, backbone = config["task"], config["backbone"]["name"]
+    sampling = task["sampling"]
+    random_parts = [part for part, random in (("backbone", backbone.startswith("tiny_")),
+                                              ("metric models", "random" in task["metrics"].values())) if random]
+    warning = f" RANDOM-INIT {' AND '.join(random_parts).upper()}: shows the machinery, not image quality." \
+        if random_parts else ""
+    return (f"{backbone}, {task['resolution']} px, {config['trainer']['max_steps']} training steps, seed "
+            f"{config['seed']}; sampling {sampling['steps']} steps, guidance {sampling['guidance']}, image 0 of "
+            f"each prompt.{warning}")
+
+
 def subject_grid(subject: str, runs: dict[str, dict], out: Path) -> Path:
     """The Fig. 2 panel of one subject: the prompts every method sampled, in the order they were sampled."""
     orders = [[s["prompt"] for s in run["dreambooth"]["samples"] if s["index"] == 0] for run in runs.values()]
@@ -42,7 +58,7 @@ def subject_grid(subject: str, runs: dict[str, dict], out: Path) -> Path:
     reference_run = next(iter(runs.values()))
     reference = Image.open(Path(reference_run["_path"]).with_suffix(".images") / "reference.png")
     grid = make_grid(reference, {label: first_images(run, prompts) for label, run in runs.items()}, prompts,
-                     cell=192)
+                     cell=192, caption=caption(reference_run))
     path = save_grid(grid, out)
     grid.save(out.with_suffix(".pdf"))
     return path

@@ -53,16 +53,22 @@ def _check_rows(rows: Mapping[str, Sequence[Image.Image]], prompts: Sequence[str
 
 
 def make_grid(reference: Image.Image, rows: Mapping[str, Sequence[Image.Image]], prompts: Sequence[str],
-              cell: int = 256, label_width: int | None = None, header: int | None = None) -> Image.Image:
+              cell: int = 256, label_width: int | None = None, header: int | None = None,
+              caption: str = "") -> Image.Image:
     """Fig. 2's layout. Columns: method label, reference photo, one per prompt (header: abbreviated prompt).
-    Rows: one per method, in ``rows`` order, its images in ``prompts`` order. The reference sits in the first row."""
+    Rows: one per method, in ``rows`` order, its images in ``prompts`` order. The reference sits in the first row.
+    ``caption``, when given, is a line under the grid (what ran: backbone, steps, seeds, metric models)."""
     _check_rows(rows, prompts)
     label_width = label_width or cell // 2
     header = header or max(cell // 4, 28)
     size = max(11, cell // 14)
     font, chars = _font(size), max(8, int(cell / (0.55 * size)))  # ~0.55 em per character
-    grid = Image.new("RGB", (label_width + cell * (len(prompts) + 1), header + cell * len(rows)), BACKGROUND)
+    width, footer = label_width + cell * (len(prompts) + 1), header if caption else 0
+    grid = Image.new("RGB", (width, header + cell * len(rows) + footer), BACKGROUND)
     draw = ImageDraw.Draw(grid)
+    if caption:
+        _text(draw, (0, header + cell * len(rows), width, header + cell * len(rows) + footer), caption, font,
+              int(width / (0.55 * size)))
     _text(draw, (label_width, 0, label_width + cell, header), "reference", font, chars)
     grid.paste(reference.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), (label_width, header))
     for column, label in enumerate(abbreviate(prompts), start=1):

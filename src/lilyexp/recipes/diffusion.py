@@ -44,11 +44,17 @@ class InstanceBatches:
         return training_loss(model, self.scheduler, latents, self.embeds, self.pooled, self.time_ids[index])
 
 
+REFERENCE_SIDE = 512
+
+
 def save_samples(samples: list, reference: Any, folder: Path, root: Path) -> list[dict]:
-    """PNG files ``<prompt number>-<image number>.png`` and ``reference.png`` (the first real photo, for figures);
+    """PNG files ``<prompt number>-<image number>.png`` and ``reference.png`` (the first real photo, for figures,
+    shrunk to REFERENCE_SIDE pixels: a full-size photo would be megabytes in every record's folder);
     the record lists each sample with its prompt and seed."""
     folder.mkdir(parents=True, exist_ok=True)
-    reference.save(folder / "reference.png")
+    thumbnail = reference.copy()
+    thumbnail.thumbnail((REFERENCE_SIDE, REFERENCE_SIDE))
+    thumbnail.save(folder / "reference.png")
     prompts = list(dict.fromkeys(sample.prompt for sample in samples))
     listed = []
     for sample in samples:
