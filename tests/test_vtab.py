@@ -15,6 +15,7 @@ from lilyexp.errors import ConfigError
 from lilyexp.recipes.core import timm_cosine_epoch_lr
 from lilyexp.run import execute
 from lilyexp.tables.build import load_spec
+from lilyexp.tasks.images import IMAGENET_MEAN, IMAGENET_STD
 from lilyexp.tasks.vtab import TASKS, VtabTask, group_average
 
 SPLITS = {"train800": 8, "val200": 4, "test": 6}
@@ -50,7 +51,12 @@ def test_every_list_file_is_read_per_protocol(vtab_dir):
     assert honest.main_metric == "val/accuracy" and honest.selection_rule == "val_selected"
     batch = honest.collate(None, honest.prepare(None, honest.train)[:3])
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["labels"].tolist() == [0, 1, 2]
-    assert 0.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0  # not normalised (official)
+    assert batch["pixel_values"].dtype == torch.uint8  # the host hands over uint8; /255 runs on the device
+    pixels = honest.logits(lambda x: x, batch)  # what the model receives
+    assert pixels.dtype == torch.float32 and 0.0 <= pixels.min() and pixels.max() <= 1.0  # not normalised (official)
+    normalised = VtabTask("eurosat", str(vtab_dir), protocol="honest", image_size=32, normalize=True)
+    torch.testing.assert_close(normalised.logits(lambda x: x, batch),
+                               (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
 
 
 def test_missing_data_and_corrupt_images_are_clear_errors(vtab_dir):
@@ -170,5 +176,5 @@ def test_decoded_once_pixels_equal_the_official_transform(vtab_dir, tmp_path):
                         decode_workers=0, cache_dir=str(tmp_path / "cache"))
         split = task.prepare(None, task.train)
         batch = task.collate(None, split[0:len(split)])
-        torch.testing.assert_close(batch["pixel_values"], expected, atol=0, rtol=0)
+        torch.testing.assert_close(task.logits(lambda x: x, batch), expected, atol=0, rtol=0)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the disk cache, keyed by list and transform
