@@ -150,3 +150,15 @@ def test_a_corrupt_or_foreign_directory_is_one_sentence(tmp_path):
         lilyexp.load_adapter(tiny_llama(), tmp_path / "adapter")
     with pytest.raises(ConfigError, match="not a readable adapter config"):
         lilyexp.load_adapter(tiny_llama(), tmp_path / "nothing")
+
+
+def test_a_peft_layout_adapter_whose_weights_do_not_match_is_refused_not_loaded_at_init(tmp_path):
+    """peft only warns about missing adapter keys and keeps the initial weights; load_adapter refuses instead."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "q_proj" not in k}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match="do not match the adapter its adapter_config.json builds"):
+        lilyexp.load_adapter(tiny_llama(), tmp_path)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ def read_config(directory: str | Path) -> dict:
                           ) from None
 
 
+MISSING_KEYS_WARNING = "Found missing adapter keys"
+
+
 def load_adapter(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
     """``model`` adapted with the exported adapter in ``directory``, whichever method made it: a lilyexp-format
     export through its method's own ``load``, a peft-format one through ``peft.PeftModel.from_pretrained``."""
@@ -63,7 +67,17 @@ def load_peft(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(directory))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = PeftModel.from_pretrained(model, str(directory))
     except Exception as exc:  # peft raises OSError, ValueError, RuntimeError or safetensors errors here
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(f"cannot load the adapter in {directory}: {type(exc).__name__}: {first}") from None
+    for warning in caught:
+        if str(warning.message).startswith(MISSING_KEYS_WARNING):
+            # peft only warns and leaves those weights at their initialisation: every output would be silently
+            # wrong (e.g. an adapter written by an older lilyexp in peft's layout with lilyexp-only fields).
+            raise ConfigError(f"cannot load the adapter in {directory}: its weights do not match the adapter its "
+                              f"adapter_config.json builds (peft found missing adapter keys); re-export it.")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return loaded
