@@ -152,9 +152,6 @@ def adapter_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-
-
-
 def bootstrap_median(values: list[float], resamples: int = 2000) -> tuple[float, float, float]:
     """(median, low, high): the median and its bootstrap 95% interval."""
     rng = np.random.default_rng(0)

@@ -28,7 +28,7 @@ def dreambooth_record(folder: Path, method: str, subject: str, color: tuple, din
         Image.new("RGB", (32, 32), color).save(images / f"{number:02d}-0.png")
         samples.append({"prompt": prompt, "index": 0, "seed": number, "path": f"{stem}.images/{number:02d}-0.png"})
     record = {"schema": 2, "status": "finished", "identity": {}, "params": {"adapter": 100 * len(method)},
-              "config": {"seed": 0, "method": {"name": method}, "backbone": {"name": "tiny_sdxl"},
+              "config": {"seed": 0, "method": {"name": method}, "backbone": {"name": "tiny_sdxl", "random_init": True},
                          "trainer": {"max_steps": 150},
                          "task": {"subset": subject, "resolution": 64, "metrics": {"dino": "random", "clip": "random"},
                                   "sampling": {"steps": 20, "guidance": 5.0}}},
@@ -66,7 +66,7 @@ def test_fig2_captions_say_what_ran_and_flag_random_init_models(tmp_path):
     text = fig2.caption(record)
     assert text.startswith("tiny_sdxl, 64 px, 150 training steps, seed 0; sampling 20 steps, guidance 5.0")
     assert "RANDOM-INIT BACKBONE AND METRIC MODELS" in text
-    record["config"]["backbone"]["name"] = "sdxl"
+    record["config"]["backbone"] = {"name": "sdxl", "random_init": False}
     record["config"]["task"]["metrics"] = {"dino": "facebook/dino-vits16", "clip": "openai/clip-vit-large-patch14"}
     assert "RANDOM" not in fig2.caption(record)
     record["config"]["task"]["metrics"]["clip"] = "random"

@@ -31,6 +31,7 @@ class BackboneSettings:
     token_scale: int = meta(1)  # tokens per BPE token of its tokenizer (byte-level tiny backbones: 4)
     latent_scale: Optional[int] = meta(None)  # pixels per latent of an image generator's VAE (SDXL: 8)
     image_size: Optional[int] = meta(None)  # the input size an image classifier was built for (ViT-B/16: 224)
+    random_init: bool = meta(False)  # random weights built from a config (the tiny_* test backbones)
     architecture: Any = plumbing()  # shapes only, for parameter accounting on the meta device
     load: Any = plumbing()
 

@@ -37,12 +37,11 @@ def first_images(record: dict, prompts: list[str]) -> list[Image.Image]:
 
 def caption(record: dict) -> str:
     """What the samples come from, read off a record: backbone, resolution, training steps, sampling, seed, and
-    whether the backbone and the metric models are random-init (``tiny_*`` backbones are, by this project's
-    convention; ``random`` metric models are)."""
+    whether the backbone (its yaml's ``random_init``) and the metric models (``random``) are random-init."""
     config = record["config"]
     task, backbone = config["task"], config["backbone"]["name"]
     sampling = task["sampling"]
-    random_parts = [part for part, random in (("backbone", backbone.startswith("tiny_")),
+    random_parts = [part for part, random in (("backbone", config["backbone"].get("random_init", False)),
                                               ("metric models", "random" in task["metrics"].values())) if random]
     warning = f" RANDOM-INIT {' AND '.join(random_parts).upper()}: shows the machinery, not image quality." \
         if random_parts else ""

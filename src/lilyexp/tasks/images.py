@@ -44,7 +44,7 @@ def decode(path: Path, size: int) -> torch.Tensor:
 
 def to_float(images: torch.Tensor, normalize: bool) -> torch.Tensor:
     """uint8 (..., 3, S, S) -> float in [0, 1] as ``ToTensor`` gives it (+ ImageNet statistics when asked)."""
-    pixels = images.float().div_(255)
+    pixels = images.float().div(255)
     if normalize:
         mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
         pixels = (pixels - mean) / torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
