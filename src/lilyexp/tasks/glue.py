@@ -59,6 +59,11 @@ class GlueSettings(TaskSettings):
     data_dir: Optional[str] = knob(None, help="a glue_data/ folder (<TASK>/train.tsv, dev.tsv); None = the hub")
     max_length: int = knob(512)
     subsample_seed: int = knob(0, help="seed of the train_limit subsample (the same for every run)")
+    val_fraction: Optional[float] = knob(None, help="hold out this fraction of the training file as the selection "
+                                                    "split; the GLUE dev split is then tested once (None: select "
+                                                    "on dev, as the paper)")
+    val_max: Optional[int] = knob(None, help="at most this many held-out examples (with val_fraction)")
+    val_seed: int = knob(0, help="seed of the held-out split (the same for every run)")
 
 
 def label_of(value: Any, subset: GlueSubset) -> float | int:
@@ -124,18 +129,42 @@ def load_hub(name: str, subset: GlueSubset) -> tuple[list[dict], list[dict]]:
     return from_hub_rows(data["train"], subset), from_hub_rows(data[subset.hub_validation], subset)
 
 
+def carve_validation(train: list, fraction: float, limit: int | None, seed: int) -> tuple[list, list]:
+    """Split the training examples in two with a permutation seeded by ``seed`` alone: the held-out part
+    (``fraction`` of them, at most ``limit``) and the rest. The same for every run, method and training seed."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    size = min(max(1, round(fraction * len(train))), limit or len(train))
+    held_out = set(order[:size])
+    return ([e for i, e in enumerate(train) if i not in held_out], [train[i] for i in sorted(held_out)])
+
+
+def check_split_settings(**values: float | int | None) -> None:
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"task.{key} must be positive, got {value}.")
+    fraction = values.get("val_fraction")
+    if fraction is not None and not fraction < 1:
+        raise ConfigError(f"task.val_fraction is the share of the training file held out, in (0, 1); got {fraction}.")
+
+
 class GlueTask:
-    """One GLUE subset: training and validation examples ({text_a, text_b, label}), metric, label count."""
+    """One GLUE subset: training and validation examples ({text_a, text_b, label}), metric, label count.
+
+    By default the checkpoint is selected on the dev split, which is also the split reported (the paper's rule,
+    ``best_epoch``). With ``val_fraction`` a part of the training file is held out for selection and the dev split
+    is tested once with the selected weights (``val_selected``): dev then never informs a choice."""
 
     def __init__(self, subset: str, data_dir: str | None = None, max_length: int = 512,
-                 train_limit: int | None = None, eval_limit: int | None = None, subsample_seed: int = 0):
+                 train_limit: int | None = None, eval_limit: int | None = None, subsample_seed: int = 0,
+                 val_fraction: float | None = None, val_max: int | None = None, val_seed: int = 0):
         """``train_limit`` keeps a random subsample of that size, drawn with ``subsample_seed`` (fixed across
-        runs, so every method and seed trains on the same examples); ``eval_limit`` keeps the first examples."""
+        runs, so every method and seed trains on the same examples) from what the held-out split left;
+        ``eval_limit`` keeps the first examples of each evaluation split."""
         if subset not in SUBSETS:
             raise ConfigError(f"unknown GLUE task '{subset}'; one of {sorted(SUBSETS)}.")
-        for key, value in {"max_length": max_length, "train_limit": train_limit, "eval_limit": eval_limit}.items():
-            if value is not None and value <= 0:
-                raise ConfigError(f"task.{key} must be positive, got {value}.")
+        check_split_settings(max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
+                             val_fraction=val_fraction, val_max=val_max)
         self.name, self.subset, self.max_length = subset, SUBSETS[subset], max_length
         if data_dir is None:
             train, validation = load_hub(subset, self.subset)
@@ -145,9 +174,19 @@ class GlueTask:
                 raise ConfigError(f"task.data_dir '{folder.parent}' does not exist.")
             train, validation = read_tsv(folder / "train.tsv", self.subset), read_tsv(folder / self.subset.dev_file,
                                                                                       self.subset)
+        held_out = None
+        if val_fraction is not None:
+            train, held_out = carve_validation(train, val_fraction, val_max, val_seed)
         if train_limit is not None and train_limit < len(train):
             train = random.Random(subsample_seed).sample(train, train_limit)
-        self.train, self.validation = train, validation[:eval_limit]
+        self.train = train
+        if held_out is None:
+            self.validation, self.final = validation[:eval_limit], None
+        else:
+            self.validation, self.final = held_out[:eval_limit], validation[:eval_limit]
+            self.splits = {"train": f"train minus held-out {val_fraction:g} (val_seed {val_seed})",
+                           "selection": "held-out part of train", "final": "validation (GLUE dev)"}
+            self.selection_rule = "val_selected"
         self.model_kwargs = {"num_labels": self.subset.num_labels}
 
     @property
@@ -172,8 +211,8 @@ class GlueTask:
         scores = self.metric.compute(predictions=predictions, references=references)
         return {f"{split}/{k}": v for k, v in scores.items()}
 
-    # What the shared classification loop (recipes/classify.py) asks of a task.
-    final = None             # GLUE reports the validation split itself: no separate final test
+    # What the shared classification loop (recipes/classify.py) asks of a task (the paper's rule; a held-out
+    # selection split replaces the last three in __init__).
     splits = {"train": "train", "selection": "validation", "final": None}
     selection_rule = "best_epoch"
     selection_split = "val"

@@ -1,0 +1,58 @@
+"""The cells of a study: a grid point of a method on a task at a seed, as the runner's overrides.
+
+Two stages: ``tune`` (every grid point at the tune seeds) and ``confirm`` (the selected grid point at the confirm
+seeds). A cell is identified by the runner itself (``lilyexp.settings.cell_identity``), so a study finds the
+records its cells wrote, also under another study that ran the same cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from lilyexp.study.settings import StudySettings
+
+
+@dataclass(frozen=True)
+class Cell:
+    stage: str
+    task: str
+    method: str
+    point: tuple[tuple[str, str], ...]  # (override key, value) per grid dimension
+    seed: int
+
+    def overrides(self, study: StudySettings, extra: tuple[str, ...] = ()) -> list[str]:
+        method = study.methods[self.method]
+        return [*study.base, *study.tasks[self.task].overrides, *method.overrides,
+                *method.per_task.get(self.task, []), *(f"{k}={v}" for k, v in self.point),
+                f"seed={self.seed}", f"group={study.group}", *extra]
+
+    @property
+    def label(self) -> str:
+        point = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.point)
+        return f"{self.stage} {self.task} {self.method} {point} seed {self.seed}"
+
+
+def grid_points(study: StudySettings, method: str) -> list[tuple[tuple[str, str], ...]]:
+    grid = study.methods[method].grid
+    keys = list(grid)
+    return [tuple(zip(keys, map(str, values))) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def task_order(study: StudySettings) -> list[str]:
+    return list(study.order or study.tasks)
+
+
+def tune_cells(study: StudySettings, task: str) -> list[Cell]:
+    return [Cell("tune", task, method, point, seed) for method in study.methods
+            for point in grid_points(study, method) for seed in study.tune_seeds]
+
+
+def confirm_cells(study: StudySettings, task: str, selected: dict[str, tuple]) -> list[Cell]:
+    """The confirm cells of the methods whose grid point is selected (``selected``: method -> point)."""
+    return [Cell("confirm", task, method, selected[method], seed) for method in study.methods
+            if method in selected for seed in study.confirm_seeds]
+
+
+def command(cell: Cell, study: StudySettings) -> str:
+    return "python -m lilyexp.run " + " ".join(cell.overrides(study))

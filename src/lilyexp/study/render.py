@@ -1,0 +1,215 @@
+"""A study's report: ``<out>/<name>.md`` (the protocol in words, the verdicts, per-endpoint tables with
+intervals, the selection, the cost), ``.csv`` (one row per endpoint × method), ``.json`` (everything the
+analysis computed, the selection included) and two figures: learning-rate (grid) sensitivity and a forest plot
+of the paired differences."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from lilyexp.figures.plots import METHOD_LABELS, new_figure
+from lilyexp.records import atomic_write_text
+from lilyexp.study.analyse import SELECTION_RULE
+from lilyexp.study.plan import grid_points
+from lilyexp.study.settings import StudySettings
+
+COLORS = {"lily": "tab:red", "lora": "tab:blue", "pissa": "tab:green", "milora": "tab:purple"}
+
+
+def label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def interval(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    low, high = entry["ci_t"]
+    if not math.isfinite(low):
+        return f"{entry['mean']:.2f} (n={entry['n']})"
+    return f"{entry['mean']:.2f} [{low:.2f}, {high:.2f}] (n={entry['n']})"
+
+
+def signed(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    low, high = entry["estimate"]["ci_t"]
+    mean = entry["estimate"]["mean"]
+    span = f" [{low:+.2f}, {high:+.2f}]" if math.isfinite(low) else ""
+    return f"{mean:+.2f}{span} (n={entry['estimate']['n']}): {entry['verdict']}"
+
+
+def verdict_lines(study: StudySettings, result: dict) -> list[str]:
+    lines = []
+    for name, methods in result["pools"].items():
+        for method, entry in methods.items():
+            lines.append(f"- **{label(method)} vs {label(study.reference)}, {name}**: {signed(entry)}")
+    return lines
+
+
+def endpoint_table(study: StudySettings, result: dict) -> list[str]:
+    rows = [f"| endpoint | method | mean [95% t interval] (n seeds) | paired difference to {label(study.reference)} "
+            "[95% t interval]: verdict |", "|---|---|---|---|"]
+    for name, endpoint in result["endpoints"].items():
+        for method, entry in endpoint["methods"].items():
+            rows.append(f"| {name} | {label(method)} | {interval(entry.get('estimate'))} | "
+                        f"{signed(entry.get('difference')) if method != study.reference else '(reference)'} |")
+    return rows
+
+
+def selection_table(study: StudySettings, result: dict) -> list[str]:
+    rows = ["| task | method | grid point: mean tune metric (seeds) | chosen |", "|---|---|---|---|"]
+    for task, methods in result["selection"].items():
+        for method, selection in methods.items():
+            points = "; ".join(f"{' '.join(f'{k.rsplit(chr(46), 1)[-1]}={v}' for k, v in p['point'].items())}: "
+                               f"{format_score(p['mean'])}" for p in selection["points"])
+            chosen = selection["chosen"]
+            rows.append(f"| {task} | {label(method)} | {points} | "
+                        f"{' '.join(f'{v}' for v in chosen.values()) if chosen else 'pending'} |")
+    return rows
+
+
+def format_score(value) -> str:
+    if value is None:
+        return "pending"
+    if not math.isfinite(value):
+        return "diverged"
+    return f"{value:.4f}"
+
+
+def cost_table(result: dict) -> list[str]:
+    rows = ["| method | budget | adapter parameters | time per step (median) | peak memory (median) | runs |",
+            "|---|---|---|---|---|---|"]
+    for method, entry in result["cost"].items():
+        params = ", ".join(f"{p:,}" for p in entry["adapter_params"]) or "—"
+        step = f"{entry['step_s_median']:.3f} s" if entry["step_s_median"] else "—"
+        peak = f"{entry['peak_mem_mib_median']:.0f} MiB" if entry["peak_mem_mib_median"] else "—"
+        rows.append(f"| {label(method)} | {entry['budget']} | {params} | {step} | {peak} | {entry['runs']} |")
+    return rows
+
+
+def markdown(study: StudySettings, result: dict, figures: list[str]) -> str:
+    cells = result["cells"]
+    done = cells.get("finished", 0) + cells.get("diverged", 0)
+    parts = [f"# Study `{study.name}`", "", study.description.strip(), "",
+             f"Regenerate: `python -m lilyexp.study {study.name}` (or `make study STUDY={study.name}`); finished "
+             f"cells are kept, the same command continues an interrupted study.", "",
+             "## Verdicts", "",
+             f"Paired differences to {label(study.reference)} in points (metric × {study.scale:g}), mean over the "
+             f"confirm seeds with a {study.confidence:.0%} Student-t interval over seeds; \"better\"/\"worse\" only "
+             "when the interval excludes 0.", "", *(verdict_lines(study, result) or ["- pending (no confirm runs yet)"]),
+             "", f"Cells: {done} of {cells['planned']} ended ({cells.get('diverged', 0)} diverged, "
+             f"{cells.get('failed', 0)} failed, {cells.get('missing', 0)} not run yet).", "",
+             "## Protocol", "", study.protocol.strip(), "",
+             f"- **Tune**: every grid point at seed(s) {', '.join(map(str, study.tune_seeds))}, scored on each "
+             "task's held-out validation metric (never the reported split).",
+             f"- **Select**: {SELECTION_RULE}.",
+             f"- **Confirm**: the chosen point at seeds {', '.join(map(str, study.confirm_seeds))} (a seed fixes the "
+             "data order and initialisation; every method sees the same order for the same seed), reported once on "
+             "the reported split with the checkpoint chosen on the held-out split.",
+             f"- **Intervals**: Student's t over seeds (reported); a percentile bootstrap over seeds (10,000 "
+             "resamples) is in the JSON. Each interval is a separate 95% interval (no multiplicity correction). "
+             "Pooled comparisons average each seed's paired differences over the endpoints first.", "",
+             "## Per endpoint", "", *endpoint_table(study, result), "",
+             "## Selection", "", *selection_table(study, result), "",
+             "## Cost", "", *cost_table(result), ""]
+    parts += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(parts) + "\n"
+
+
+def csv_text(result: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["endpoint", "method", "n", "mean", "ci_low", "ci_high", "diff_mean", "diff_low", "diff_high",
+                     "verdict"])
+    for name, endpoint in result["endpoints"].items():
+        for method, entry in endpoint["methods"].items():
+            est, diff = entry.get("estimate") or {}, entry.get("difference") or {}
+            d = diff.get("estimate") or {}
+            writer.writerow([name, method, est.get("n"), est.get("mean"), *(est.get("ci_t") or [None, None]),
+                             d.get("mean"), *(d.get("ci_t") or [None, None]), diff.get("verdict")])
+    return buffer.getvalue()
+
+
+def sensitivity_figure(study: StudySettings, result: dict, index, path: Path) -> None:
+    """Tune metric vs the first grid dimension (log scale when numeric), a line per method through the seed
+    means, every seed a point, the chosen point circled."""
+    from lilyexp.study.analyse import metric_of
+    from lilyexp.study.plan import tune_cells
+
+    tasks = list(result["selection"])
+    figure = new_figure(3.6 * len(tasks), 3.4)
+    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        spec = study.tasks[task]
+        for method in study.methods:
+            key = next(iter(study.methods[method].grid))
+            xs, means = [], []
+            for point, entry in zip(grid_points(study, method), result["selection"][task][method]["points"]):
+                x = float(dict(point)[key])
+                cells = [c for c in tune_cells(study, task) if c.method == method and c.point == point]
+                values = [metric_of(index.state(c).record, spec.tune_metric) for c in cells]
+                ax.scatter([x] * len([v for v in values if v is not None]), [v for v in values if v is not None],
+                           s=10, color=COLORS.get(method), alpha=0.5)
+                if entry["mean"] is not None and math.isfinite(entry["mean"]):
+                    xs.append(x)
+                    means.append(entry["mean"])
+                chosen = result["selection"][task][method]["chosen"]
+                if chosen and dict(point) == chosen and entry["mean"] is not None:
+                    ax.scatter([x], [entry["mean"]], s=90, facecolors="none", edgecolors=COLORS.get(method))
+            ax.plot(xs, means, marker="o", ms=3, color=COLORS.get(method), label=label(method))
+        grid_values = [float(v) for m in study.methods.values() for v in next(iter(m.grid.values()))]
+        ax.set_xscale("log")
+        ax.set_xlim(min(grid_values) / 1.5, max(grid_values) * 1.5)
+        ax.set_title(task)
+        ax.set_xlabel(next(iter(next(iter(study.methods.values())).grid)))
+        ax.set_ylabel(f"{spec.tune_metric} (held-out validation)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{study.name}: tune metric vs learning rate (line: mean over tune seeds; dots: seeds; "
+                    "circle: chosen)", fontsize=9)
+    figure.savefig(path, dpi=110)
+
+
+def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
+    """Each method's paired difference to the reference per endpoint and pooled, with its interval."""
+    rows = [(name, entry["methods"]) for name, entry in result["endpoints"].items()]
+    rows += [(f"pooled: {name}", {m: {"difference": e} for m, e in methods.items()})
+             for name, methods in result["pools"].items()]
+    others = [m for m in study.methods if m != study.reference]
+    step = 0.8 / len(others) if len(others) > 1 else 0.0
+    figure = new_figure(7.5, 1.3 + 0.3 * len(rows) * max(1, len(others)))
+    ax = figure.subplots()
+    for y, (name, methods) in enumerate(reversed(rows)):
+        for offset, method in enumerate(others):
+            diff = (methods.get(method) or {}).get("difference")
+            if diff and math.isfinite(diff["estimate"]["ci_t"][0]):
+                mean, (low, high) = diff["estimate"]["mean"], diff["estimate"]["ci_t"]
+                ax.errorbar([mean], [y + offset * step], xerr=[[mean - low], [high - mean]], fmt="o",
+                            color=COLORS.get(method), capsize=3, label=label(method))
+    ax.set_yticks([y + step * (len(others) - 1) / 2 for y in range(len(rows))], [n for n, _ in reversed(rows)],
+                  fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"paired difference to {label(study.reference)} (points, {study.confidence:.0%} t interval "
+                  "over seeds)")
+    handles, names = ax.get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    ax.set_title(f"{study.name}: method − {label(study.reference)}", fontsize=10)
+    figure.savefig(path, dpi=110)
+
+
+def write_report(study: StudySettings, result: dict, index, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    sensitivity, forest = out / f"{study.name}_sensitivity.png", out / f"{study.name}_forest.png"
+    sensitivity_figure(study, result, index, sensitivity)
+    forest_figure(study, result, forest)
+    paths = [out / f"{study.name}.{suffix}" for suffix in ("md", "csv", "json")]
+    atomic_write_text(paths[0], markdown(study, result, [str(sensitivity), str(forest)]))
+    atomic_write_text(paths[1], csv_text(result))
+    atomic_write_text(paths[2], json.dumps(result, indent=1, default=str) + "\n")
+    atomic_write_text(out / f"{study.name}.selection.json",
+                      json.dumps({"rule": SELECTION_RULE, "selection": result["selection"]}, indent=1) + "\n")
+    return [*paths, sensitivity, forest]
