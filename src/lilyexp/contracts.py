@@ -76,6 +76,7 @@ class InstructionTask(Task, Protocol):
     train_on_inputs: bool
     align_eval_prompt: bool
     generation: dict
+    scoring: str  # generation | loglikelihood | both
 
     def train_text(self, example: dict) -> str: ...
 
@@ -86,6 +87,8 @@ class InstructionTask(Task, Protocol):
     def extract(self, split: str, decoded: str) -> tuple[str, str]: ...
 
     def is_correct(self, prediction: str, answer: str) -> bool: ...
+
+    def choices(self, split: str, example: dict) -> tuple[str, list[str], int]: ...
 
 
 class Recipe(Protocol):

@@ -59,6 +59,15 @@ def routing_groups(model: nn.Module, group_ids: torch.Tensor) -> Iterator[int]:
             module.set_routing_groups(value)
 
 
+def current_routing_groups(model: nn.Module) -> torch.Tensor | None:
+    """The group ids the model's routing modules hold now (None: none set), leaving them as they are."""
+    modules = grouped_modules(model)
+    previous = [module.set_routing_groups(None) for module in modules]
+    for module, value in reversed(list(zip(modules, previous))):
+        module.set_routing_groups(value)
+    return next((value for value in previous if value is not None), None)
+
+
 def evaluation_routing(model: nn.Module) -> str | None:
     """What the model's batch-coupled routers pool over in evaluation, for the record: ``per_group`` (a batched
     evaluation reproduces batch 1), ``per_call`` (the official coupling to the whole forward call), ``per_row``,

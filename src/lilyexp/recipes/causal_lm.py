@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from lilyexp.errors import ConfigError
 from lilyexp.methods.routing import beam_groups, routing_groups, routing_record, warn_if_batch_coupled
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, selected_evaluation
+from lilyexp.recipes.loglikelihood import loglikelihood_accuracy
 from lilyexp.recipes.loop import fit
+from lilyexp.recipes.prefill import PrefillCount, prefill_once
 from lilyexp.records import run_metrics
 
 IGNORE_INDEX = -100
@@ -72,22 +74,28 @@ def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, b
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], settings: dict, device) -> list[str]:
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], settings: dict, device,
+             prefill: PrefillCount | None = None) -> list[str]:
     """Decoded prompt + generation per prompt (left padding, KV cache, beam search or greedy). Each prompt's
-    beams form one routing group: with per-group routing a batch generates what batch 1 generates."""
+    beams form one routing group: with per-group routing a batch generates what batch 1 generates. Beam search
+    prefills one copy of each prompt (:mod:`lilyexp.recipes.prefill`; ``prefill`` counts how the prefills ran)."""
     encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    with routing_groups(model, beam_groups(len(prompts), settings["num_beams"], device)):
+    beams = settings["num_beams"]
+    with routing_groups(model, beam_groups(len(prompts), beams, device)), prefill_once(model, beams) as count:
         output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
                                 num_beams=settings["num_beams"], do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    if prefill is not None:
+        prefill.once, prefill.per_beam = prefill.once + count.once, prefill.per_beam + count.per_beam
     return tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
-def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], device) -> tuple[dict, list[dict]]:
+def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], device, prefill: PrefillCount
+                    ) -> tuple[dict, list[dict]]:
     """The task's score on one test set and one prediction line per example."""
     batch_size, lines = task.generation["batch_size"], []
     for start in tqdm(range(0, len(examples), batch_size), desc=f"eval {name}", leave=False):
         chunk = examples[start:start + batch_size]
-        decoded = generate(model, tokenizer, [task.prompt(e) for e in chunk], task.generation, device)
+        decoded = generate(model, tokenizer, [task.prompt(e) for e in chunk], task.generation, device, prefill)
         for offset, (example, text) in enumerate(zip(chunk, decoded)):
             response, prediction = task.extract(name, text)
             lines.append({"id": start + offset, "eval_set": name, "generation": response, "prediction": prediction,
@@ -97,14 +105,15 @@ def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], dev
 
 
 def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predictions_path: Path | None,
-                        device) -> dict:
+                        device, prefill: PrefillCount | None = None) -> dict:
     """The task's score per test set and their mean; one JSON line per example goes to ``predictions_path``."""
+    prefill = prefill if prefill is not None else PrefillCount()
     model.eval()
     tokenizer.padding_side = "left"
     warn_if_batch_coupled(model, task.generation["batch_size"], "the official evaluation at batch size 1")
     metrics, lines = {}, []
     for name, examples in task.eval_sets.items():
-        score, answered = answer_test_set(model, tokenizer, task, name, examples, device)
+        score, answered = answer_test_set(model, tokenizer, task, name, examples, device, prefill)
         metrics.update(score)
         lines += answered
     metrics["test/accuracy/avg"] = sum(metrics.values()) / max(len(metrics), 1)
@@ -112,6 +121,17 @@ def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predi
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
         predictions_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return metrics
+
+
+def scoring_record(task: Any, model: torch.nn.Module, batch_size: int) -> dict:
+    """How the test sets were scored, for the record."""
+    record = {"scoring": task.scoring}
+    if task.scoring != "generation":
+        record["loglikelihood"] = {
+            "protocol": "not the paper's: the option with the highest log-probability after the training prompt "
+                        "and 'the correct answer is' (mc_accuracy: summed; mc_accuracy_norm: per byte)",
+            "batch_size": batch_size, "routing": routing_record(model, "each option")}
+    return record
 
 
 def run(inputs: RecipeInputs) -> Outcome:
@@ -126,9 +146,16 @@ def run(inputs: RecipeInputs) -> Outcome:
     pad_id, eval_bs = tokenizer.pad_token_id, trainer.eval_batch_size or trainer.batch_size
     main = accelerator.is_main_process
 
+    prefill = PrefillCount()
+
     def test(model: torch.nn.Module, tag: str) -> dict:
         path = inputs.run.work_dir / f"{tag}.jsonl" if main else None
-        return generation_accuracy(accelerator.unwrap_model(model), tokenizer, task, path, accelerator.device)
+        model, metrics = accelerator.unwrap_model(model), {}
+        if task.scoring in ("generation", "both"):
+            metrics.update(generation_accuracy(model, tokenizer, task, path, accelerator.device, prefill))
+        if task.scoring in ("loglikelihood", "both"):
+            metrics.update(loglikelihood_accuracy(model, tokenizer, task, eval_bs, accelerator.device))
+        return metrics
 
     def validate(model: torch.nn.Module) -> dict:
         if not val_features:  # no held-out split: nothing to select on, the last weights are kept
@@ -148,7 +175,9 @@ def run(inputs: RecipeInputs) -> Outcome:
              "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
     beams = task.generation["num_beams"]
     routing = routing_record(inputs.model, f"each prompt's {beams} beams" if beams > 1 else "each prompt")
-    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt, "routing": routing},
+    extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt, "routing": routing,
+                            "prefill": prefill.mode},
+             "evaluation": scoring_record(task, inputs.model, eval_bs),
              "data": sizes,
              "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "batch": result.batch}
     return Outcome(metrics, extra)

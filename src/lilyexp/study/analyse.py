@@ -15,7 +15,8 @@ from lilyexp.study.stats import estimate, paired_differences, verdict
 
 SELECTION_RULE = ("per task and method, the grid point with the best mean of the task's tune metric over the tune "
                   "seeds (a diverged run counts as the worst value); ties go to the point listed first in the grid; "
-                  "a point is chosen only when all of its method's tune cells on that task have ended")
+                  "a point is chosen only when all of its method's tune cells on that task have ended; a method "
+                  "with a single grid point is run at it without tuning")
 
 
 @dataclass
@@ -56,6 +57,10 @@ def select(study: StudySettings, task: str, index: CellIndex) -> dict[str, Selec
     selections = {}
     for method in study.methods:
         selection, complete = Selection(), True
+        if len(grid_points(study, method)) == 1:
+            point = grid_points(study, method)[0]
+            selections[method] = Selection([{"point": dict(point), "mean": None, "values": ["not tuned"]}], point)
+            continue
         for point in grid_points(study, method):
             states = [index.state(c) for c in cells if c.method == method and c.point == point]
             score, values = point_score(states, spec.tune_metric, spec.tune_mode)

@@ -8,6 +8,7 @@ records its cells wrote, also under another study that ran the same cell.
 from __future__ import annotations
 
 import itertools
+import shlex
 from dataclasses import dataclass
 
 from lilyexp.study.settings import StudySettings
@@ -44,7 +45,8 @@ def task_order(study: StudySettings) -> list[str]:
 
 
 def tune_cells(study: StudySettings, task: str) -> list[Cell]:
-    return [Cell("tune", task, method, point, seed) for method in study.methods
+    """Every grid point at the tune seeds; a method with a single grid point has nothing to tune."""
+    return [Cell("tune", task, method, point, seed) for method in study.methods if len(grid_points(study, method)) > 1
             for point in grid_points(study, method) for seed in study.tune_seeds]
 
 
@@ -55,4 +57,4 @@ def confirm_cells(study: StudySettings, task: str, selected: dict[str, tuple]) -
 
 
 def command(cell: Cell, study: StudySettings) -> str:
-    return "python -m lilyexp.run " + " ".join(cell.overrides(study))
+    return "python -m lilyexp.run " + " ".join(shlex.quote(o) for o in cell.overrides(study))

@@ -74,7 +74,7 @@ def selection_table(study: StudySettings, result: dict) -> list[str]:
 
 def format_score(value) -> str:
     if value is None:
-        return "pending"
+        return "pending (or not tuned: a single point)"
     if not math.isfinite(value):
         return "diverged"
     return f"{value:.4f}"
@@ -204,12 +204,15 @@ def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
 def write_report(study: StudySettings, result: dict, index, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     sensitivity, forest = out / f"{study.name}_sensitivity.png", out / f"{study.name}_forest.png"
-    sensitivity_figure(study, result, index, sensitivity)
+    figures = [forest]
+    if any(len(grid_points(study, method)) > 1 for method in study.methods):
+        sensitivity_figure(study, result, index, sensitivity)
+        figures.insert(0, sensitivity)
     forest_figure(study, result, forest)
     paths = [out / f"{study.name}.{suffix}" for suffix in ("md", "csv", "json")]
-    atomic_write_text(paths[0], markdown(study, result, [str(sensitivity), str(forest)]))
+    atomic_write_text(paths[0], markdown(study, result, [str(f) for f in figures]))
     atomic_write_text(paths[1], csv_text(result))
     atomic_write_text(paths[2], json.dumps(result, indent=1, default=str) + "\n")
     atomic_write_text(out / f"{study.name}.selection.json",
                       json.dumps({"rule": SELECTION_RULE, "selection": result["selection"]}, indent=1) + "\n")
-    return [*paths, sensitivity, forest]
+    return [*paths, *figures]

@@ -53,6 +53,30 @@ ANSWER_PATTERNS = {
 }
 
 
+SCORINGS = ("generation", "loglikelihood", "both")
+ANSWER_FORMAT_LINE = re.compile(r"Answer format: *([^\n]+?)\s*$")
+
+
+def answer_options(instruction: str, answer_format: str) -> list[str]:
+    """The options a question offers: its "Answer format: a/b/c" line (ARC has 4, SIQA 3), else the format's
+    alternatives."""
+    found = ANSWER_FORMAT_LINE.search(instruction)
+    return found.group(1).split("/") if found else list(ANSWER_PATTERNS[answer_format])
+
+
+def scoring_choices(example: dict, options: list[str]) -> tuple[str, list[str], int]:
+    """(context, continuations, index of the right one) for log-likelihood scoring: the training prompt and the
+    response up to the answer (``the correct answer is``), then each option with its leading space — the text
+    training taught, so the score reads the answer token where training put it."""
+    output, answer = example["output"], example["answer"]
+    prefix = output[:-len(answer)] if answer and output.endswith(answer) else "the correct answer is "
+    context = train_prompt(example) + prefix.rstrip()
+    space = prefix[len(prefix.rstrip()):] or " "
+    if answer not in options:
+        raise ConfigError(f"answer {answer!r} is none of the question's options {options}.")
+    return context, [space + option for option in options], options.index(answer)
+
+
 @dataclass
 class GenerationSettings:
     """How the test questions are answered: the official evaluation is 4-beam search at batch size 1."""
@@ -73,6 +97,10 @@ class InstructionSettings(TaskSettings):
     ignore_case: bool = knob(False, help="match answers ignoring case (evaluate_mamba.py) or not (evaluate_llama.py)")
     align_eval_prompt: bool = knob(False, help="drop the eval prompt's last space (see eval_prompt)")
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={"kind": "knob"})
+    scoring: str = knob("generation", choices=SCORINGS,
+                        help="generation: the paper's protocol (generate, extract the answer); loglikelihood: pick "
+                             "the option the model finds most likely (lm-evaluation-harness style, not the "
+                             "paper's); both: each, side by side")
 
 
 @dataclass
@@ -238,7 +266,7 @@ class CommonsenseTask:
                  val_size: int = 120, split_seed: int = 42, train_limit: int | None = None,
                  eval_limit: int | None = None, cutoff_len: int = 256, token_scale: int = 1,
                  train_on_inputs: bool = True, ignore_case: bool = False, align_eval_prompt: bool = False,
-                 generation: dict | None = None):
+                 generation: dict | None = None, scoring: str = "generation"):
         names = checked_eval_sets(data, formats, subset)
         check_positive(cutoff_len=cutoff_len, train_limit=train_limit, eval_limit=eval_limit)
         if val_size < 0 or val_size >= len(data.train):
@@ -251,6 +279,9 @@ class CommonsenseTask:
         self.cutoff_len = cutoff_len * token_scale
         self.train_on_inputs, self.ignore_case, self.align_eval_prompt = train_on_inputs, ignore_case, align_eval_prompt
         self.generation = {**vars(GenerationSettings()), **(generation or {})}
+        if scoring not in SCORINGS:
+            raise ConfigError(f"task.scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}.")
+        self.scoring = scoring
 
     @staticmethod
     def train_text(example: dict) -> str:
@@ -270,6 +301,10 @@ class CommonsenseTask:
 
     def is_correct(self, prediction: str, answer: str) -> bool:
         return is_correct(prediction, answer, self.ignore_case)
+
+    def choices(self, eval_set: str, example: dict) -> tuple[str, list[str], int]:
+        """Log-likelihood scoring of one question: (context, continuations, index of the right one)."""
+        return scoring_choices(example, answer_options(example["instruction"], self.formats[eval_set]))
 
     def score(self, split: str, predictions: list[str], references: list[str]) -> dict[str, float]:
         """Accuracy of the extracted answers of one test set (``split``) against its answers."""
