@@ -8,7 +8,8 @@ round, so a slow phase of the machine hits both), with a bootstrap 95% interval;
 intervals of the comparisons that matter (our Lily vs LoRA, our Lily vs upstream peft Lily) are within
 ``--halfwidth`` (2%) or ``--max-rounds`` is reached. Peak memory is parameters, buffers and optimizer state plus the
 peak a training step allocates on top. Also times the Eq. 3 expert combination against the naive N_e-matmul one at
-the paper's example size. Writes results/bench/latest.json and latest.md.
+the paper's example size. Writes results/bench/latest.json and latest.md (``--out`` elsewhere; ``--smoke``: tiny shapes, one round, a
+temporary folder, for the test suite).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,14 @@ SHAPES = {
                       cuda_only=True, one_at_a_time=True,
                       config=LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)),
+    # --smoke: the same code on tiny shapes (seconds), for the test suite
+    "tiny-roberta": dict(cls=AutoModelForSequenceClassification, targets=["query", "value"], lora_r=8, smoke=True,
+                         config=RobertaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=4,
+                                              num_attention_heads=2, intermediate_size=128,
+                                              max_position_embeddings=64, type_vocab_size=1)),
+    "tiny-llama": dict(cls=AutoModelForCausalLM, targets=["q_proj", "k_proj", "v_proj"], lora_r=8, smoke=True,
+                       config=LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2)),
 }
 
 
@@ -329,7 +339,11 @@ def markdown(rows: list[dict], eq3: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def wanted(spec: dict, device: str, smoke: bool) -> bool:
+    return bool(spec.get("smoke")) == smoke and (device == "cuda" or not spec.get("cuda_only"))
+
+
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-rounds", type=int, default=20)
     parser.add_argument("--max-rounds", type=int, default=150)
@@ -338,18 +352,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--render", action="store_true", help="only re-render latest.md from latest.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help=f"default: {OUT} (--smoke: a temporary folder)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round (seconds)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.min_rounds = args.max_rounds = 1
+        args.batch, args.seq, args.threads = args.batch or 2, args.seq or 8, 1
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="bench_smoke_"))
+    out = args.out or OUT
     if args.render:
-        saved = json.loads((OUT / "latest.json").read_text())
-        (OUT / "latest.md").write_text(markdown(saved["rows"], saved["eq3_vs_naive"], saved["meta"]))
-        return
+        saved = json.loads((out / "latest.json").read_text())
+        (out / "latest.md").write_text(markdown(saved["rows"], saved["eq3_vs_naive"], saved["meta"]))
+        return out / "latest.json"
     device, dtype = device_and_dtype()
     args.batch = args.batch or (16 if device == "cuda" else 4)
     args.seq = args.seq or (512 if device == "cuda" else 128)
     torch.set_num_threads(args.threads)
     rows = []
     for shape, spec in SHAPES.items():
-        if spec.get("cuda_only") and device != "cuda":
+        if not wanted(spec, device, args.smoke):
             continue
         shape_rows = time_shape(shape, args, device, dtype)
         lora = next(r for r in shape_rows if r["method"] == "peft lora")
@@ -359,15 +380,16 @@ def main() -> None:
             print(f"{shape:14s} {row['method']:30s} {row['step_s_median']:.4f}s ×{row['ratio_to_lora']:.3f} "
                   f"mem ×{row['mem_ratio_to_lora']:.3f}", flush=True)
         rows += shape_rows
-    eq3 = eq3_vs_naive(device)
+    eq3 = eq3_vs_naive(device, repeats=2 if args.smoke else 30)
     meta = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.machine()}, "
             f"{torch.get_num_threads()} threads)", "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
             "seq": args.seq, "threads": args.threads, "halfwidth": args.halfwidth, "max_rounds": args.max_rounds,
             "torch": torch.__version__}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows, "eq3_vs_naive": eq3}, indent=2) + "\n")
-    (OUT / "latest.md").write_text(markdown(rows, eq3, meta))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows, "eq3_vs_naive": eq3}, indent=2) + "\n")
+    (out / "latest.md").write_text(markdown(rows, eq3, meta))
     print(markdown(rows, eq3, meta))
+    return out / "latest.json"
 
 
 if __name__ == "__main__":

@@ -145,12 +145,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=None, help="default: results/bench (--smoke: a temporary folder)")
+    parser.add_argument("--smoke", action="store_true", help=f"{BATCH} images, one repeat (seconds)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.repeats = BATCH, 1
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="bench_data_smoke_"))
+    args.out = args.out or Path("results/bench")
+    if args.images < BATCH:
+        parser.error(f"--images {args.images} is fewer than one training batch of {BATCH}: the epoch would be empty.")
     with tempfile.TemporaryDirectory() as folder:
         paths = make_images(Path(folder), args.images)
         torch.set_num_threads(1)  # batching is memory-bound; one thread, like each DataLoader worker
@@ -160,6 +167,7 @@ def main(argv: list[str]) -> None:
     (args.out / "data.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "data.md").write_text(markdown(result))
     print(markdown(result))
+    return args.out / "data.json"
 
 
 if __name__ == "__main__":
