@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lilyexp-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast dreambooth dreambooth-cpu fig2 bench bench-data bench-eval glue-cpu commonsense-cpu tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
+.PHONY: venv demo test test-fast dreambooth dreambooth-cpu fig2 bench bench-data bench-eval study tables paper table1 table2 table3 table16 table17 table4 table5 table15 clean-venv
 
 venv: $(STAMP)
 
@@ -24,21 +24,14 @@ demo: venv
 	$(BIN)/python -m lilyexp.tables demo
 	@cat results/tables/demo.md
 
-# Real CPU-scale GLUE replication (MiniLM, Lily vs LoRA, 3 seeds; about an hour on 2 cores). Finished cells are kept.
-glue-cpu: venv
-	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lily
-	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lora
-	$(BIN)/python -m lilyexp.run -m experiment=glue_minilm/lora_matched_lr
-	$(BIN)/python -m lilyexp.tables cpu_glue_minilm
-
-# Real CPU-scale commonsense replication (SmolLM2-135M; Lily and LoRA 2 seeds, PiSSA and MiLoRA 1; about 80
-# minutes on 2 cores). Finished cells are kept.
-commonsense-cpu: venv
-	$(BIN)/python -m lilyexp.run -m experiment=commonsense_smollm2/lily
-	$(BIN)/python -m lilyexp.run -m experiment=commonsense_smollm2/lora
-	$(BIN)/python -m lilyexp.run experiment=commonsense_smollm2/pissa
-	$(BIN)/python -m lilyexp.run experiment=commonsense_smollm2/milora
-	$(BIN)/python -m lilyexp.tables cpu_commonsense_smollm2
+# A study: tuned, seeded, paired comparisons with intervals (conf/study/$(STUDY).yaml): tune each method's grid on a
+# held-out split, confirm the chosen points over fresh seeds, report verdicts in results/studies/. Finished cells
+# are kept; the same command continues an interrupted study. STUDY=glue_minilm (about 4 h on 2 cores) or
+# commonsense_smollm2 (about 2 h). STUDY_ARGS passes runner overrides to every cell.
+STUDY ?= glue_minilm
+STUDY_ARGS ?=
+study: venv
+	$(BIN)/python -m lilyexp.study $(STUDY) $(STUDY_ARGS)
 
 # Paper tables. `make tableN` runs the cells of table N's experiment files (every file of conf/experiment/tableN
 # but base.yaml) that have no finished record (a failed cell is retried, a failing one does not stop the others),
@@ -117,7 +110,7 @@ clean-venv:
 # also runs Table 1's cells (its LLM setting), Fig. 9 Table 2's Lily cell; Figs. 5 and 12 are Table 4 cells.
 # FIG12_IMAGES=<folder> draws Figs. 12-13 on those images instead of Caltech101 test images.
 # `make figures-cpu`: the CPU-scale replication of Figs. 3, 4 and 6 (all-MiniLM-L6-v2 on real GLUE, about 90
-# minutes on 2 cores), rendered as figN_figures_minilm (Fig. 6 adds `make commonsense-cpu`'s records if present).
+# minutes on 2 cores), rendered as figN_figures_minilm (Fig. 6 adds the commonsense_smollm2 records if present).
 .PHONY: fig3 fig4 fig5 fig6 fig9 fig12 figures figures-cpu
 FIGURES_OUT ?= results/figures
 FIG12_IMAGES ?=

@@ -139,6 +139,15 @@ def test_table_figure_and_budget_commands_run(command, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m lilyexp.study")])
+def test_study_commands_compose_every_cell(command, tmp_path):
+    """A study runs for hours: here it composes every cell it would run (``--commands``) without running one."""
+    words = [w for w in shlex.split(command)[1:] if w not in ("--commands", "--report")]
+    result = run([sys.executable, *words, f"paths.results_dir={tmp_path}/results", "--commands"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "python -m lilyexp.run" in result.stdout
+
+
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("make ")])
 def test_make_targets_exist(command, tmp_path):
     result = run(["make", "-n", *shlex.split(command)[1:]], tmp_path, timeout=60)
