@@ -210,3 +210,28 @@ def test_a_tiny_study_end_to_end_and_its_resume(shared_data, tmp_path, monkeypat
 
     ran.clear()
     assert study_cli.main([*study_args(shared_data, tmp_path), "--report"]) == 0 and not ran
+
+
+@pytest.mark.slow
+def test_a_sweep_printed_by_the_study_runs_the_study_cells(shared_data, tmp_path, capsys):
+    """--sweeps prints Hydra multiruns (any launcher); the cells they run are the study's own cells."""
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = study_args(shared_data, tmp_path)[:-2]
+    assert study_cli.main([*args, "--sweeps"]) == 0
+    sweeps = capsys.readouterr().out.strip().splitlines()
+    assert len(sweeps) == 4 and all(" -m " in line and "trainer.lr=0.001,0.01" in line for line in sweeps)
+    words = shlex.split(sweeps[0])[1:] + [f"hydra.sweep.dir={tmp_path}/sweep"]
+    result = subprocess.run([sys.executable, *words], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert study_cli.main([*args, "--commands"]) == 0
+    remaining = capsys.readouterr().out.strip().splitlines()
+    swept = [line for line in remaining if "subset=mrpc" in line and "method=lora" in line and "seed=0" in line]
+    assert not swept  # the sweep's two cells are found as the study's tune cells ...
+    confirm = [line for line in remaining if "subset=mrpc" in line and "method=lora" in line]
+    assert len(confirm) == 2  # ... so LoRA's point on MRPC is chosen and its confirm cells are due

@@ -6,7 +6,8 @@ task, so a study cut short still shows what it has. Finished cells are kept: the
 interrupted study. Overrides after the name go to every cell (``paths.results_dir=...``, ``debug=smoke``).
 
 ``--report`` only analyses the records that exist; ``--commands`` prints the runner command of every cell that
-has not ended (to run them elsewhere: Hydra multirun, SLURM), then exits.
+has not ended, ``--sweeps`` the same as one Hydra multirun per task, method and stage (to run them elsewhere:
+another launcher, SLURM), then exits; the confirm sweeps appear once the tune cells have ended.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from lilyexp.errors import ConfigError, RunInterrupted
 from lilyexp.study.analyse import analyse, chosen_points, select
-from lilyexp.study.plan import Cell, command, confirm_cells, task_order, tune_cells
+from lilyexp.study.plan import Cell, command, confirm_cells, grid_points, sweep_command, task_order, tune_cells
 from lilyexp.study.render import write_report
 from lilyexp.study.run_cells import CellIndex, Progress, run_cell
 from lilyexp.study.settings import StudySettings, load_study
@@ -76,6 +77,22 @@ def pending_commands(study: StudySettings, index: CellIndex) -> list[str]:
     return lines
 
 
+def pending_sweeps(study: StudySettings, index: CellIndex) -> list[str]:
+    """One multirun per task, method and stage that still has cells to run (confirm only once selected)."""
+    lines = []
+    for task in task_order(study):
+        chosen = chosen_points(select(study, task, index))
+        for method in study.methods:
+            tune = [c for c in tune_cells(study, task) if c.method == method]
+            if any(index.state(c).status not in ENDED for c in tune):
+                lines.append(sweep_command(study, task, method, grid_points(study, method), study.tune_seeds,
+                                           index.extra))
+            confirm = [c for c in confirm_cells(study, task, chosen) if c.method == method]
+            if any(index.state(c).status not in ENDED for c in confirm):
+                lines.append(sweep_command(study, task, method, [chosen[method]], study.confirm_seeds, index.extra))
+    return lines
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lilyexp.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="a study in conf/study (e.g. glue_minilm) or a yaml path")
@@ -83,6 +100,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="results/studies", help="where the report goes")
     parser.add_argument("--report", action="store_true", help="analyse the existing records only")
     parser.add_argument("--commands", action="store_true", help="print the commands of the cells not yet ended")
+    parser.add_argument("--sweeps", action="store_true", help="print them as one Hydra multirun per task, method "
+                        "and stage (append hydra/launcher=submitit_slurm for SLURM); rerun after the tune sweeps "
+                        "for the confirm ones")
     return parser.parse_args(argv)
 
 
@@ -92,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.name)
         index = CellIndex(study, tuple(args.overrides))
-        if args.commands:
-            print("\n".join(pending_commands(study, index)))
+        if args.commands or args.sweeps:
+            print("\n".join(pending_sweeps(study, index) if args.sweeps else pending_commands(study, index)))
             return 0
         if args.report:
             report(study, index, Path(args.out))

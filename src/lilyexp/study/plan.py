@@ -58,3 +58,15 @@ def confirm_cells(study: StudySettings, task: str, selected: dict[str, tuple]) -
 
 def command(cell: Cell, study: StudySettings) -> str:
     return "python -m lilyexp.run " + " ".join(shlex.quote(o) for o in cell.overrides(study))
+
+
+def sweep_command(study: StudySettings, task: str, method: str, points: list[tuple], seeds: list[int],
+                  extra: tuple[str, ...] = ()) -> str:
+    """One Hydra multirun over ``points`` x ``seeds`` of a method on a task (any launcher: append
+    ``hydra/launcher=submitit_slurm`` for SLURM). Grid dimensions become comma-separated sweeps."""
+    keys = [k for k, _ in points[0]]
+    swept = [f"{k}={','.join(dict.fromkeys(dict(p)[k] for p in points))}" for k in keys]
+    probe = Cell("tune", task, method, (), seeds[0])
+    fixed = [o for o in probe.overrides(study, extra) if not o.startswith(("seed=", *(f"{k}=" for k in keys)))]
+    return "python -m lilyexp.run -m " + " ".join(shlex.quote(o) for o in
+                                                   [*fixed, *swept, f"seed={','.join(map(str, seeds))}"])
