@@ -287,3 +287,62 @@ def test_a_collapse_to_the_uniform_prediction_is_warned(tiny_run, tmp_path, capl
         execute(compose_run(["backbone=tiny_llama", "trainer.max_steps=24", "trainer.lr=1e6", "trainer.eval_every=24",
                              "trainer.warmup_steps=0", *tiny_run], tmp_path))
     assert any("a uniform prediction, for 20 steps" in r.getMessage() for r in caplog.records)
+
+
+# ---- round 2 -------------------------------------------------------------------------------------------------------
+
+def test_an_evaluation_only_run_of_another_methods_export_is_refused(tiny_run, tmp_path):
+    trained = ["backbone=tiny_llama", *tiny_run, "trainer.max_steps=1", "method=lora", "method.r=4"]
+    record = json.loads(execute(compose_run(trained, tmp_path), trained).read_text())
+    export = record["adapter"]["path"]
+    evaluate = ["backbone=tiny_llama", *tiny_run, "trainer.max_steps=0", f"method.load_from={export}"]
+    for wrong, message in ((["method=lily", "method.ne_1=2"], "made with method=lora"),
+                           (["method=lora"], "method.r=4")):  # the same method at other settings: another cell
+        overrides = [*evaluate, *wrong]
+        with pytest.raises(ConfigError, match=message):
+            execute(compose_run(overrides, tmp_path), overrides)
+    right = [*evaluate, "method=lora", "method.r=4"]
+    assert json.loads(execute(compose_run(right, tmp_path), right).read_text())["status"] == "finished"
+
+
+def test_a_commonsense_answer_that_is_none_of_its_options_is_refused_when_loaded(tmp_path):
+    record = {"instruction": "Is it?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is yes",
+              "answer": "yes"}
+    data = cs.InstructionData([dict(record, answer="true")] * 4, {"boolq": [dict(record, answer="true"), record]})
+    with pytest.raises(ConfigError, match="'boolq' record 1: answer 'yes' is none of its options true/false"):
+        cs.CommonsenseTask(data, formats={"boolq": "true_false"}, val_size=0)
+
+
+@pytest.mark.parametrize("key", ["num_beams", "max_new_tokens", "batch_size"])
+def test_generation_settings_of_zero_are_refused_before_training(key, tiny_run, tmp_path, no_model_loading):
+    overrides = ["backbone=tiny_llama", *tiny_run, f"task.generation.{key}=0"]
+    with pytest.raises(ConfigError, match=f"task.generation.{key} must be positive"):
+        execute(compose_run(overrides, tmp_path), overrides)
+
+
+def test_a_negative_seed_is_refused_in_one_sentence(tiny_run, tmp_path, no_model_loading):
+    overrides = ["backbone=tiny_llama", *tiny_run, "seed=-1"]
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\)"):
+        execute(compose_run(overrides, tmp_path), overrides)
+
+
+def test_an_export_loaded_into_a_base_with_fewer_layers_is_refused(tmp_path):
+    import copy
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lilyexp.methods.export import load_adapter
+
+    def base(layers: int):
+        cfg = compose_run(["backbone=tiny_llama", "method=lora", "method.r=4",
+                           f"backbone.load.config.num_hidden_layers={layers}"])
+        return cfg, instantiate(cfg.backbone.load).model
+
+    cfg, deep = base(4)
+    node = OmegaConf.to_container(cfg.method.adapter, resolve=True)
+    method = instantiate(node)
+    method.export(method.apply(copy.deepcopy(deep)), tmp_path / "adapter", node)
+    with pytest.raises(ConfigError, match="fit no module of this model.*another base model"):
+        load_adapter(base(2)[1], tmp_path / "adapter")
+    assert load_adapter(base(4)[1], tmp_path / "adapter") is not None

@@ -38,7 +38,7 @@ class Digits:
 
     pad_token_id = 0
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": [int(t) for t in text.split()]}
 
 
@@ -59,10 +59,11 @@ def test_batched_option_logprobs_equal_one_at_a_time(build, one_torch_thread):
 
 def test_a_bpe_merge_across_the_boundary_is_split_on_the_joint_encoding():
     class Merging(Digits):
-        def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-            return {"input_ids": [len(word) for word in text.split(" ") if word]}
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+            bos = [99] if add_special_tokens else []  # a BOS, as LLaMA-3's tokenizer adds one
+            return {"input_ids": bos + [len(word) for word in text.split(" ") if word]}
     head, tail = loglikelihood.continuation_ids(Merging(), "ab cd", " efg")
-    assert (head, tail) == ([2, 2], [3])
+    assert (head, tail) == ([99, 2, 2], [3])  # the context as training encodes it, BOS included
 
 
 class FixedTask:

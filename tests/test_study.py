@@ -13,7 +13,7 @@ from scipy import stats as scipy_stats
 
 from lilyexp.errors import ConfigError, RunInterrupted
 from lilyexp.study import __main__ as study_cli
-from lilyexp.study.analyse import select
+from lilyexp.study.analyse import Seeds, compare, select
 from lilyexp.study.plan import Cell, confirm_cells, grid_points, tune_cells
 from lilyexp.study.run_cells import CellState
 from lilyexp.study.settings import StudyMethod, StudySettings, StudyTask, load_study
@@ -107,6 +107,48 @@ def test_selection_minimises_a_loss_and_waits_for_every_tune_cell():
     del values[("b", "2", 1)]
     pending = select(study, "t", tune_table(study, values))
     assert pending["b"].chosen is None and pending["a"].chosen is not None
+
+
+def test_a_metric_that_is_not_a_number_is_the_worst_and_a_missing_key_is_refused():
+    study = small_study()
+    values = {(m, str(lr), s): 0.5 for m in "ab" for lr in (1, 2, 3) for s in (0, 1)}
+    values[("a", "1", 0)] = float("nan")  # e.g. STS-B's Pearson of constant predictions
+    values[("a", "2", 1)] = 0.9
+    chosen = select(study, "t", tune_table(study, values))
+    assert chosen["a"].points[0]["mean"] == -math.inf and dict(chosen["a"].chosen) == {"trainer.lr": "2"}
+    states = tune_table(study, values).states
+    first = next(iter(states))
+    states[first] = CellState("finished", {"status": "finished", "run_name": "x", "metrics": {"final": {"v": 1}}},
+                              Path("r.json"))
+    with pytest.raises(ConfigError, match="reports no 'val/accuracy' \\(it has v\\)"):
+        select(study, "t", FakeIndex(states))
+
+
+def test_no_point_is_chosen_when_every_point_diverged_and_an_edge_choice_is_flagged():
+    study = small_study()
+    values = {(m, str(lr), s): "diverged" for m in "ab" for lr in (1, 2, 3) for s in (0, 1)}
+    values.update({("b", "2", 0): 0.7, ("b", "2", 1): 0.7})
+    chosen = select(study, "t", tune_table(study, values))
+    assert chosen["a"].chosen is None and chosen["a"].all_diverged
+    assert dict(chosen["b"].chosen) == {"trainer.lr": "2"} and chosen["b"].at_edge  # b's grid is [1, 2]
+
+
+def test_a_seed_that_ended_without_a_number_withholds_the_verdict():
+    study = small_study()
+    seeds = {"a": Seeds({2: 50.0, 3: 52.0}), "b": Seeds({2: 60.0}, lost=[3])}
+    entry = compare(study, seeds)["b"]["difference"]
+    assert entry["verdict"].startswith("no verdict: seeds [3]")  # b diverged on seed 3: not judged on seed 2 alone
+    pending = compare(study, {"a": Seeds({2: 50.0, 3: 52.0}), "b": Seeds({2: 60.0})})["b"]["difference"]
+    assert pending["verdict"] == "pending (1 of 2 seeds)"
+    done = compare(study, {"a": Seeds({2: 50.0, 3: 52.0}), "b": Seeds({2: 60.0, 3: 63.0})})["b"]["difference"]
+    assert done["verdict"] == "better" or done["verdict"].startswith("no detectable")
+
+
+def test_overlapping_tune_and_confirm_seeds_are_refused(tmp_path):
+    path = tmp_path / "overlap.yaml"
+    path.write_text(TINY.read_text().replace("confirm_seeds: [1, 2]", "confirm_seeds: [0, 1]"))
+    with pytest.raises(ConfigError, match="confirm seeds must differ from its tune seeds"):
+        load_study(str(path))
 
 
 def test_confirm_cells_use_the_chosen_point_and_the_confirm_seeds():

@@ -120,3 +120,7 @@ def check_evaluation_only(cfg: DictConfig) -> None:
         raise ConfigError(f"method.load_from evaluates the adapter in {load_from}: add trainer.max_steps=0.")
     if not (Path(load_from).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(f"method.load_from={load_from} holds no exported adapter (adapter_config.json).")
+    from lilyexp.methods.export import check_export_matches
+    from lilyexp.settings import cell_identity
+
+    check_export_matches(Path(load_from).expanduser(), cell_identity(OmegaConf.to_container(cfg, resolve=True)) or {})

@@ -25,7 +25,7 @@ from lilyexp.backbones import skeleton
 from lilyexp.compose import CONF_DIR, build, check_combination
 from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
 from lilyexp.loggers import NullLogger
-from lilyexp.methods.export import load_adapter
+from lilyexp.methods.export import load_adapter, write_export_cell
 from lilyexp.recipes.core import RecipeInputs
 from lilyexp.recipes.loop import Checkpointer
 from lilyexp.records import RunContext, count_parameters, is_main_process, read_record
@@ -111,9 +111,11 @@ def check_structure(cfg: DictConfig, method, task) -> None:
 
 
 def export_adapter(method, model, run: RunContext, node: dict) -> dict:
-    """The selected adapter in peft's layout, under the run's checkpoint folder; the record names it."""
+    """The selected adapter in peft's layout, under the run's checkpoint folder, with the method settings that
+    made it (an evaluation-only run is checked against them); the record names it."""
     directory = run.work_dir / "adapter"
     method.export(model, directory, node)
+    write_export_cell(directory, run.identity)
     return {"path": str(directory), "load": "lilyexp.load_adapter(model, path)"}
 
 

@@ -97,6 +97,8 @@ def check_settings(cfg: DictConfig, overrides: list[str] | None = None) -> None:
         check_node(cfg[group], schema_of(cfg[group], group), group)
     top = {key: plain(cfg, key) for key in cfg if key not in NESTED}
     check_values(top, RunSettings, "")
+    if isinstance(top.get("seed"), int) and not 0 <= top["seed"] < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32) (numpy's seeding range), got {top['seed']}.")
 
 
 def plain(cfg: DictConfig, key: str) -> Any:

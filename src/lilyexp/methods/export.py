@@ -51,6 +51,35 @@ def read_config(directory: str | Path) -> dict:
 
 
 MISSING_KEYS_WARNING = "Found missing adapter keys"
+CELL_FILE = "lilyexp_cell.json"  # the method settings that made an export (beside peft's files, which ignore it)
+
+
+def method_settings(identity: dict) -> dict:
+    """The part of a cell identity that decides what an adapter is: the method and its settings."""
+    return {k: v for k, v in identity.items() if (k == "method" or k.startswith("method.")) and k != "method.load_from"}
+
+
+def write_export_cell(directory: str | Path, identity: dict) -> None:
+    (Path(directory) / CELL_FILE).write_text(json.dumps(method_settings(identity), indent=2, default=str) + "\n")
+
+
+def check_export_matches(directory: str | Path, identity: dict) -> None:
+    """An evaluation-only cell must evaluate what its command names: refuse an export made by another method or
+    other method settings (its record would file one method's numbers under another's cell). Exports written
+    before lilyexp recorded this are accepted."""
+    path = Path(directory) / CELL_FILE
+    if not path.is_file():
+        return
+    made, asked = json.loads(path.read_text()), method_settings(identity)
+    if made != asked:
+        differing = sorted(k for k in set(made) | set(asked) if made.get(k) != asked.get(k))
+        raise ConfigError(f"method.load_from={directory} holds an adapter made with {describe(made, differing)}, but "
+                          f"this command evaluates {describe(asked, differing)}; give the export's method settings, "
+                          f"so the record is filed under the cell that made it.")
+
+
+def describe(settings: dict, keys: list[str]) -> str:
+    return ", ".join(f"{key}={settings.get(key, '(default)')}" for key in keys)
 
 
 def load_adapter(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
@@ -78,6 +107,25 @@ def load_peft(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
             # peft only warns and leaves those weights at their initialisation: every output would be silently
             # wrong (e.g. an adapter written by an older lilyexp in peft's layout with lilyexp-only fields).
             raise ConfigError(f"cannot load the adapter in {directory}: its weights do not match the adapter its "
-                              f"adapter_config.json builds (peft found missing adapter keys); re-export it.")
+                              f"adapter_config.json builds (peft found missing adapter keys): was it exported from "
+                              f"another base model (other layers or module names), or its files changed since?")
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    refuse_unused_tensors(loaded, directory)
     return loaded
+
+
+def refuse_unused_tensors(loaded: torch.nn.Module, directory: str | Path) -> None:
+    """peft drops saved tensors that no module of the base takes (a base with fewer layers): refuse instead."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        saved = set(handle.keys())
+    unused = sorted(saved - set(get_peft_model_state_dict(loaded)))
+    if unused:
+        raise ConfigError(f"cannot load the adapter in {directory}: {len(unused)} of its tensors fit no module of "
+                          f"this model (e.g. {unused[0]}); it was probably exported from another base model (more "
+                          f"layers or other module names).")

@@ -16,10 +16,11 @@ from lilyexp.methods.routing import routing_groups, row_groups, warn_if_batch_co
 
 
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of the context and of the continuation, split on the joint encoding (so a BPE merge across the
+    """Token ids of the context (with the tokenizer's special tokens, e.g. LLaMA-3's BOS, as training and
+    generation encode it) and of the continuation, split on the joint encoding (so a BPE merge across the
     boundary is tokenised as the model reads the whole text)."""
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation)["input_ids"]
+    head = tokenizer(context)["input_ids"]
     if whole[:len(head)] != head or len(whole) == len(head):
         return head, tokenizer(continuation, add_special_tokens=False)["input_ids"]
     return head, whole[len(head):]
@@ -39,12 +40,13 @@ def option_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[li
     batch = {k: v.to(device) for k, v in right_padded(rows, tokenizer.pad_token_id).items()}
     with routing_groups(model, row_groups(len(rows), device)):
         logits = model(**batch).logits
-        logprobs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # fp16 -> fp32
     scores = []
-    for row, (context, continuation) in enumerate(pairs):
+    for row, (context, continuation) in enumerate(pairs):  # only the continuation's positions: a vocabulary-wide
         positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
+        picked = logits[row, positions]  # log-softmax over every position would hold rows x length x vocabulary
+        logprobs = picked.to(torch.promote_types(picked.dtype, torch.float32)).log_softmax(-1)  # fp16 -> fp32
         targets = torch.tensor(continuation, device=device)
-        scores.append(logprobs[row, positions, targets].sum().item())
+        scores.append(logprobs[torch.arange(len(continuation), device=device), targets].sum().item())
     return scores
 
 

@@ -18,20 +18,13 @@ import sys
 from pathlib import Path
 
 from lilyexp.errors import ConfigError, RunInterrupted
-from lilyexp.study.analyse import analyse, chosen_points, select
+from lilyexp.study.analyse import analyse, chosen_points, planned_total, select
 from lilyexp.study.plan import Cell, command, confirm_cells, grid_points, sweep_command, task_order, tune_cells
 from lilyexp.study.render import write_report
-from lilyexp.study.run_cells import CellIndex, Progress, run_cell
+from lilyexp.study.run_cells import ENDED, CellIndex, Progress, run_cell
 from lilyexp.study.settings import StudySettings, load_study
 
 log = logging.getLogger("lilyexp.study")
-ENDED = ("finished", "diverged")
-
-
-def planned_total(study: StudySettings) -> int:
-    return sum(len(tune_cells(study, t)) + len(study.methods) * len(study.confirm_seeds) for t in study.tasks)
-
-
 def remaining_by_task(study: StudySettings, index: CellIndex, progress: Progress) -> dict[str, int]:
     per_task = {t: len(tune_cells(study, t)) + len(study.methods) * len(study.confirm_seeds) for t in study.tasks}
     done: dict[str, int] = {}
@@ -73,7 +66,7 @@ def pending_commands(study: StudySettings, index: CellIndex) -> list[str]:
     lines = []
     for task in task_order(study):
         cells = tune_cells(study, task) + confirm_cells(study, task, chosen_points(select(study, task, index)))
-        lines += [command(c, study) for c in cells if index.state(c).status not in ENDED]
+        lines += [command(c, study, index.extra) for c in cells if index.state(c).status not in ENDED]
     return lines
 
 

@@ -9,14 +9,16 @@ import statistics
 from dataclasses import dataclass, field
 
 from lilyexp.study.plan import Cell, confirm_cells, grid_points, task_order, tune_cells
-from lilyexp.study.run_cells import CellIndex, CellState
+from lilyexp.errors import ConfigError
+from lilyexp.study.run_cells import ENDED, CellIndex, CellState
 from lilyexp.study.settings import StudySettings
 from lilyexp.study.stats import estimate, paired_differences, verdict
 
 SELECTION_RULE = ("per task and method, the grid point with the best mean of the task's tune metric over the tune "
-                  "seeds (a diverged run counts as the worst value); ties go to the point listed first in the grid; "
-                  "a point is chosen only when all of its method's tune cells on that task have ended; a method "
-                  "with a single grid point is run at it without tuning")
+                  "seeds (a diverged run, or a metric that is not a number, counts as the worst value); ties go to "
+                  "the point listed first in the grid; a point is chosen only when all of its method's tune cells "
+                  "on that task have ended, and none when every point diverged; a method with a single grid point "
+                  "is run at it without tuning")
 
 
 @dataclass
@@ -26,27 +28,37 @@ class Selection:
 
     points: list[dict] = field(default_factory=list)
     chosen: tuple | None = None
+    at_edge: bool = False        # the best point is the grid's first or last: the optimum may lie outside
+    all_diverged: bool = False   # nothing to confirm
 
     def as_dict(self) -> dict:
-        return {"points": self.points, "chosen": None if self.chosen is None else dict(self.chosen)}
+        return {"points": [{**p, "mean": p["mean"] if p["mean"] is None or math.isfinite(p["mean"]) else None}
+                           for p in self.points],
+                "chosen": None if self.chosen is None else dict(self.chosen), "at_grid_edge": self.at_edge,
+                "all_diverged": self.all_diverged}
 
 
 def metric_of(record: dict | None, key: str) -> float | None:
-    value = ((record or {}).get("metrics") or {}).get("final", {}).get(key)
+    """A finite number of the record's ``final`` metrics; None when it is not a finite number. A finished record
+    without the key is a mistyped study: refused with the keys it has."""
+    final = ((record or {}).get("metrics") or {}).get("final", {})
+    if record and record.get("status") == "finished" and key not in final:
+        raise ConfigError(f"run {record.get('run_name')} reports no '{key}' (it has {', '.join(sorted(final))}); "
+                          f"fix the study's tune_metric or report keys.")
+    value = final.get(key)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def point_score(states: list[CellState], key: str, mode: str) -> tuple[float | None, list]:
-    """The mean over the tune seeds (None while a cell has not ended; -inf/+inf with a diverged one)."""
-    values = []
+    """The mean over the tune seeds (None while a cell has not ended; -inf/+inf with a diverged run or a metric
+    that is not a number, e.g. STS-B's Pearson of constant predictions)."""
+    values: list = []
     for state in states:
-        if state.status == "diverged":
-            values.append("diverged")
-        elif state.status == "finished" and metric_of(state.record, key) is not None:
-            values.append(metric_of(state.record, key))
-        else:
+        if state.status not in ENDED:
             return None, values
-    if "diverged" in values:
+        value = metric_of(state.record, key) if state.status == "finished" else None
+        values.append(value if value is not None else state.status if state.status == "diverged" else "not a number")
+    if any(isinstance(v, str) for v in values):
         return (-math.inf if mode == "max" else math.inf), values
     return statistics.fmean(values), values
 
@@ -66,48 +78,72 @@ def select(study: StudySettings, task: str, index: CellIndex) -> dict[str, Selec
             score, values = point_score(states, spec.tune_metric, spec.tune_mode)
             complete &= score is not None
             selection.points.append({"point": dict(point), "mean": score, "values": values})
-        if complete:
+        if complete and any(math.isfinite(p["mean"]) for p in selection.points):
             sign = 1 if spec.tune_mode == "max" else -1
             best = max(range(len(selection.points)), key=lambda i: (sign * selection.points[i]["mean"], -i))
             selection.chosen = grid_points(study, method)[best]
+            selection.at_edge = best in (0, len(selection.points) - 1)
+        elif complete:
+            selection.all_diverged = True
         selections[method] = selection
     return selections
 
 
+@dataclass
+class Seeds:
+    """A method's confirm values on one endpoint: seed -> value × scale, and the seeds whose run ended without a
+    number (diverged, failed, a metric that is not a number)."""
+
+    values: dict[int, float] = field(default_factory=dict)
+    lost: list[int] = field(default_factory=list)
+
+
 def confirm_values(study: StudySettings, task: str, selections: dict[str, Selection], index: CellIndex
-                   ) -> dict[str, dict[str, dict[int, float]]]:
-    """endpoint label -> method -> seed -> value × scale, from the finished confirm cells."""
-    chosen = {m: s.chosen for m, s in selections.items() if s.chosen is not None}
-    out: dict[str, dict[str, dict[int, float]]] = {label: {} for label in study.tasks[task].report}
-    for cell in confirm_cells(study, task, chosen):
+                   ) -> dict[str, dict[str, Seeds]]:
+    """endpoint label -> method -> its confirm seeds."""
+    out: dict[str, dict[str, Seeds]] = {label: {} for label in study.tasks[task].report}
+    for cell in confirm_cells(study, task, chosen_points(selections)):
         state = index.state(cell)
         for label, key in study.tasks[task].report.items():
+            seeds = out[label].setdefault(cell.method, Seeds())
             value = metric_of(state.record, key) if state.status == "finished" else None
             if value is not None:
-                out[label].setdefault(cell.method, {})[cell.seed] = value * study.scale
+                seeds.values[cell.seed] = value * study.scale
+            elif state.status in ENDED:
+                seeds.lost.append(cell.seed)
     return out
 
 
-def compare(study: StudySettings, values: dict[str, dict[int, float]]) -> dict:
-    """Per method: its estimate, and against the reference the paired difference per seed with its verdict."""
-    reference = values.get(study.reference, {})
+def compare(study: StudySettings, seeds: dict[str, Seeds]) -> dict:
+    """Per method: its estimate, and against the reference the paired difference per seed with its verdict —
+    given only when every confirm seed of both has ended with a number (a dropped seed would flatter a method)."""
+    planned = len(study.confirm_seeds)
+    reference = seeds.get(study.reference, Seeds())
     methods = {}
     for method in study.methods:
-        mine = values.get(method, {})
-        entry: dict = {"values": mine, "estimate": estimate(list(mine.values()), study.confidence).as_dict()
-                       if mine else None}
-        if method != study.reference and mine and reference:
-            differences = paired_differences(mine, reference)
-            entry["difference"] = difference_entry(differences, study.confidence)
+        mine = seeds.get(method, Seeds())
+        entry: dict = {"values": mine.values, "lost_seeds": mine.lost,
+                       "estimate": estimate(list(mine.values.values()), study.confidence).as_dict()
+                       if mine.values else None}
+        if method != study.reference and mine.values and reference.values:
+            entry["difference"] = difference_entry(paired_differences(mine.values, reference.values),
+                                                   study.confidence, planned, mine.lost + reference.lost)
         methods[method] = entry
     return methods
 
 
-def difference_entry(differences: dict[int, float], confidence: float) -> dict | None:
+def difference_entry(differences: dict[int, float], confidence: float, planned: int, lost: list[int]
+                     ) -> dict | None:
     if not differences:
         return None
     result = estimate(list(differences.values()), confidence)
-    return {"values": differences, "estimate": result.as_dict(), "verdict": verdict(result)}
+    if lost:
+        said = f"no verdict: seeds {sorted(set(lost))} ended without a number (diverged or failed)"
+    elif len(differences) < planned:
+        said = f"pending ({len(differences)} of {planned} seeds)"
+    else:
+        said = verdict(result)
+    return {"values": differences, "estimate": result.as_dict(), "verdict": said}
 
 
 def pooled(study: StudySettings, endpoints: dict[str, dict], members: list[str]) -> dict:
@@ -117,11 +153,13 @@ def pooled(study: StudySettings, endpoints: dict[str, dict], members: list[str])
     for method in study.methods:
         if method == study.reference:
             continue
-        per_endpoint = [(endpoints[label]["methods"].get(method, {}).get("difference") or {}).get("values", {})
-                        for label in members]
+        entries = [endpoints[label]["methods"].get(method, {}) for label in members]
+        reference = [endpoints[label]["methods"].get(study.reference, {}) for label in members]
+        per_endpoint = [(e.get("difference") or {}).get("values", {}) for e in entries]
         seeds = set.intersection(*(set(d) for d in per_endpoint)) if per_endpoint else set()
         differences = {seed: statistics.fmean(d[seed] for d in per_endpoint) for seed in sorted(seeds)}
-        out[method] = difference_entry(differences, study.confidence)
+        lost = [seed for e in entries + reference for seed in e.get("lost_seeds", [])]
+        out[method] = difference_entry(differences, study.confidence, len(study.confirm_seeds), lost)
     return out
 
 
@@ -129,9 +167,9 @@ def cost(study: StudySettings, index: CellIndex, selections: dict[str, dict[str,
     """Per method, from its confirm records: adapter parameters per task, median time per step and peak memory."""
     out = {}
     for method in study.methods:
-        records = [index.state(c).record for task in task_order(study)
-                   for c in confirm_cells(study, task, chosen_points(selections[task]))
-                   if c.method == method and index.state(c).status == "finished"]
+        states = [index.state(c) for task in task_order(study)
+                  for c in confirm_cells(study, task, chosen_points(selections[task])) if c.method == method]
+        records = [state.record for state in states if state.status == "finished"]
         timing = [r.get("timing") or {} for r in records]
         steps = [t["step_s"] for t in timing if t.get("step_s")]
         peaks = [t["peak_mem_bytes"] for t in timing if t.get("peak_mem_bytes")]
@@ -153,8 +191,12 @@ def cell_counts(study: StudySettings, index: CellIndex, selections: dict[str, di
         for cell in cells:
             status = index.state(cell).status
             counts[status] = counts.get(status, 0) + 1
-    expected = sum(len(tune_cells(study, t)) + len(study.methods) * len(study.confirm_seeds) for t in study.tasks)
-    return {"planned": expected, **counts}
+    return {"planned": planned_total(study), **counts}
+
+
+def planned_total(study: StudySettings) -> int:
+    """Every cell a study runs: its tune cells and each method's confirm seeds on every task."""
+    return sum(len(tune_cells(study, t)) + len(study.methods) * len(study.confirm_seeds) for t in study.tasks)
 
 
 def analyse(study: StudySettings, index: CellIndex) -> dict:

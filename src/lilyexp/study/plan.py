@@ -1,8 +1,8 @@
 """The cells of a study: a grid point of a method on a task at a seed, as the runner's overrides.
 
 Two stages: ``tune`` (every grid point at the tune seeds) and ``confirm`` (the selected grid point at the confirm
-seeds). A cell is identified by the runner itself (``lilyexp.settings.cell_identity``), so a study finds the
-records its cells wrote, also under another study that ran the same cell.
+seeds). A cell is identified by the runner itself (``lilyexp.settings.cell_identity``) within the study's record
+group, so the study finds the records its cells wrote however they were run (the study, --commands, --sweeps).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def confirm_cells(study: StudySettings, task: str, selected: dict[str, tuple]) -
             if method in selected for seed in study.confirm_seeds]
 
 
-def command(cell: Cell, study: StudySettings) -> str:
-    return "python -m lilyexp.run " + " ".join(shlex.quote(o) for o in cell.overrides(study))
+def command(cell: Cell, study: StudySettings, extra: tuple[str, ...] = ()) -> str:
+    return "python -m lilyexp.run " + " ".join(shlex.quote(o) for o in cell.overrides(study, extra))
 
 
 def sweep_command(study: StudySettings, task: str, method: str, points: list[tuple], seeds: list[int],

@@ -43,11 +43,29 @@ def signed(entry: dict | None) -> str:
 
 
 def verdict_lines(study: StudySettings, result: dict) -> list[str]:
+    """The pooled comparisons (the primary verdicts); without pools, each endpoint's."""
     lines = []
     for name, methods in result["pools"].items():
         for method, entry in methods.items():
             lines.append(f"- **{label(method)} vs {label(study.reference)}, {name}**: {signed(entry)}")
+    if not result["pools"]:
+        for name, endpoint in result["endpoints"].items():
+            for method, entry in endpoint["methods"].items():
+                if method != study.reference:
+                    lines.append(f"- **{label(method)} vs {label(study.reference)}, {name}**: "
+                                 f"{signed(entry.get('difference'))}")
     return lines
+
+
+def finite(value):
+    """The result with every non-finite number as None (JSON has no infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def endpoint_table(study: StudySettings, result: dict) -> list[str]:
@@ -55,7 +73,8 @@ def endpoint_table(study: StudySettings, result: dict) -> list[str]:
             "[95% t interval]: verdict |", "|---|---|---|---|"]
     for name, endpoint in result["endpoints"].items():
         for method, entry in endpoint["methods"].items():
-            rows.append(f"| {name} | {label(method)} | {interval(entry.get('estimate'))} | "
+            lost = f" (no number on seeds {entry['lost_seeds']})" if entry.get("lost_seeds") else ""
+            rows.append(f"| {name} | {label(method)} | {interval(entry.get('estimate'))}{lost} | "
                         f"{signed(entry.get('difference')) if method != study.reference else '(reference)'} |")
     return rows
 
@@ -67,16 +86,16 @@ def selection_table(study: StudySettings, result: dict) -> list[str]:
             points = "; ".join(f"{' '.join(f'{k.rsplit(chr(46), 1)[-1]}={v}' for k, v in p['point'].items())}: "
                                f"{format_score(p['mean'])}" for p in selection["points"])
             chosen = selection["chosen"]
-            rows.append(f"| {task} | {label(method)} | {points} | "
-                        f"{' '.join(f'{v}' for v in chosen.values()) if chosen else 'pending'} |")
+            said = " ".join(f"{v}" for v in chosen.values()) if chosen else (
+                "none: every point diverged" if selection.get("all_diverged") else "pending")
+            edge = " (at the grid's edge)" if selection.get("at_grid_edge") else ""
+            rows.append(f"| {task} | {label(method)} | {points} | {said}{edge} |")
     return rows
 
 
 def format_score(value) -> str:
     if value is None:
-        return "pending (or not tuned: a single point)"
-    if not math.isfinite(value):
-        return "diverged"
+        return "pending, not tuned (a single point) or diverged"
     return f"{value:.4f}"
 
 
@@ -141,11 +160,12 @@ def sensitivity_figure(study: StudySettings, result: dict, index, path: Path) ->
     from lilyexp.study.plan import tune_cells
 
     tasks = list(result["selection"])
+    tuned = [m for m in study.methods if len(grid_points(study, m)) > 1]
     figure = new_figure(3.6 * len(tasks), 3.4)
     axes = figure.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks):
         spec = study.tasks[task]
-        for method in study.methods:
+        for method in tuned:
             key = next(iter(study.methods[method].grid))
             xs, means = [], []
             for point, entry in zip(grid_points(study, method), result["selection"][task][method]["points"]):
@@ -161,16 +181,27 @@ def sensitivity_figure(study: StudySettings, result: dict, index, path: Path) ->
                 if chosen and dict(point) == chosen and entry["mean"] is not None:
                     ax.scatter([x], [entry["mean"]], s=90, facecolors="none", edgecolors=COLORS.get(method))
             ax.plot(xs, means, marker="o", ms=3, color=COLORS.get(method), label=label(method))
-        grid_values = [float(v) for m in study.methods.values() for v in next(iter(m.grid.values()))]
+        grid_values = [float(v) for m in tuned for v in next(iter(study.methods[m].grid.values()))]
         ax.set_xscale("log")
         ax.set_xlim(min(grid_values) / 1.5, max(grid_values) * 1.5)
         ax.set_title(task)
-        ax.set_xlabel(next(iter(next(iter(study.methods.values())).grid)))
+        ax.set_xlabel(next(iter(study.methods[tuned[0]].grid)))
         ax.set_ylabel(f"{spec.tune_metric} (held-out validation)")
     axes[0].legend(fontsize=8)
     figure.suptitle(f"{study.name}: tune metric vs learning rate (line: mean over tune seeds; dots: seeds; "
                     "circle: chosen)", fontsize=9)
     figure.savefig(path, dpi=110)
+
+
+def numeric_grids(study: StudySettings) -> bool:
+    """Whether the methods that are tuned all sweep one numeric setting first (what the sensitivity figure
+    draws on a log axis)."""
+    firsts = [next(iter(study.methods[name].grid.items())) for name in study.methods
+              if len(grid_points(study, name)) > 1]
+    try:
+        return bool(firsts) and len({k for k, _ in firsts}) == 1 and all(float(v) > 0 for _, vs in firsts for v in vs)
+    except (TypeError, ValueError):
+        return False
 
 
 def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
@@ -205,14 +236,14 @@ def write_report(study: StudySettings, result: dict, index, out: Path) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     sensitivity, forest = out / f"{study.name}_sensitivity.png", out / f"{study.name}_forest.png"
     figures = [forest]
-    if any(len(grid_points(study, method)) > 1 for method in study.methods):
+    if numeric_grids(study):
         sensitivity_figure(study, result, index, sensitivity)
         figures.insert(0, sensitivity)
     forest_figure(study, result, forest)
     paths = [out / f"{study.name}.{suffix}" for suffix in ("md", "csv", "json")]
     atomic_write_text(paths[0], markdown(study, result, [str(f) for f in figures]))
     atomic_write_text(paths[1], csv_text(result))
-    atomic_write_text(paths[2], json.dumps(result, indent=1, default=str) + "\n")
+    atomic_write_text(paths[2], json.dumps(finite(result), indent=1, default=str) + "\n")
     atomic_write_text(out / f"{study.name}.selection.json",
-                      json.dumps({"rule": SELECTION_RULE, "selection": result["selection"]}, indent=1) + "\n")
+                      json.dumps(finite({"rule": SELECTION_RULE, "selection": result["selection"]}), indent=1) + "\n")
     return [*paths, *figures]

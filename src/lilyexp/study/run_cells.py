@@ -22,6 +22,7 @@ from lilyexp.study.settings import StudySettings
 log = logging.getLogger("lilyexp.study")
 # Passed to every cell: not part of a cell's identity (bookkeeping), so records stay the same cells.
 RESUME = ("trainer.resume=true",)
+ENDED = ("finished", "diverged")  # a cell that is not run again
 
 
 @dataclass
@@ -45,6 +46,7 @@ class CellIndex:
     def __init__(self, study: StudySettings, extra: tuple[str, ...] = ()):
         self.study, self.extra = study, extra
         self._contexts: dict[Cell, RunContext] = {}
+        self._finished: dict[Cell, CellState] = {}
 
     def overrides(self, cell: Cell) -> list[str]:
         return cell.overrides(self.study, self.extra)
@@ -56,10 +58,13 @@ class CellIndex:
         return self._contexts[cell]
 
     def state(self, cell: Cell) -> CellState:
+        if cell in self._finished:  # a finished record does not change: read once
+            return self._finished[cell]
         context = self.context(cell)
         record = context.finished_record()
         if record is not None:
-            return CellState("finished", record, context.record_path)
+            self._finished[cell] = CellState("finished", record, context.record_path)
+            return self._finished[cell]
         record = read_record(context.record_path) if context.record_path.exists() else None
         if record and record.get("status") == "failed" and record.get("error_type") == "TrainingDiverged":
             return CellState("diverged", record, context.record_path)
@@ -78,11 +83,11 @@ def run_cell(index: CellIndex, cell: Cell) -> None:
         execute(compose_cell(overrides), overrides)
     except CellBusy as exc:
         log.warning("skipped: %s", exc)
-    except ConfigError:
-        raise
     except RunInterrupted:
         raise
-    except Exception as exc:  # the failed record holds the reason and traceback
+    except Exception as exc:  # a failed record holds the reason (and traceback); a refused command wrote none
+        if isinstance(exc, ConfigError) and index.state(cell).status == "missing":
+            raise  # the study's own settings are wrong: every cell would be refused alike
         log.error("cell failed (%s: %s); the study goes on", type(exc).__name__, str(exc).splitlines()[0])
     finally:
         gc.collect()

@@ -102,6 +102,9 @@ def check_study(study: StudySettings, path: Path) -> None:
             problems.append(f"pool {pool} names unknown endpoints {sorted(set(members) - set(labels))}")
     if not study.confirm_seeds or not study.tune_seeds:
         problems.append("it needs tune and confirm seeds")
+    if set(study.tune_seeds) & set(study.confirm_seeds):
+        problems.append("its confirm seeds must differ from its tune seeds (the run that won the tuning would be "
+                        "counted again, biased upwards)")
     if problems:
         raise ConfigError(f"study {path}: " + "; ".join(problems) + ".")
 

@@ -70,7 +70,7 @@ def paired_differences(values: dict[int, float], reference: dict[int, float]) ->
 
 def verdict(difference: Estimate) -> str:
     """"better" / "worse" only when the interval excludes 0; otherwise no detectable difference, with the
-    interval's half-width (what the study could have detected)."""
+    interval's half-width (a true difference must be somewhat larger than it to be found reliably)."""
     if difference.n < 2:
         return "not enough seeds"
     if difference.low > 0:

@@ -279,6 +279,9 @@ class CommonsenseTask:
         self.cutoff_len = cutoff_len * token_scale
         self.train_on_inputs, self.ignore_case, self.align_eval_prompt = train_on_inputs, ignore_case, align_eval_prompt
         self.generation = {**vars(GenerationSettings()), **(generation or {})}
+        check_positive(**{f"generation.{k}": v for k, v in self.generation.items()})
+        for name in names:
+            check_answers(name, self.eval_sets[name], formats[name], ignore_case)
         if scoring not in SCORINGS:
             raise ConfigError(f"task.scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}.")
         self.scoring = scoring
@@ -321,6 +324,18 @@ def checked_eval_sets(data: InstructionData, formats: dict[str, str], subset: li
     if bad:
         raise ConfigError(f"unknown answer format(s) {bad}; known: {sorted(ANSWER_PATTERNS)}.")
     return names
+
+
+def check_answers(name: str, records: list[dict], answer_format: str, ignore_case: bool) -> None:
+    """Every test answer is one of its question's options: an answer the extraction can never produce (a BoolQ
+    file with "yes" for "true") would score 0 without a word."""
+    fold = str.lower if ignore_case else (lambda text: text)
+    for number, record in enumerate(records):
+        options = answer_options(record["instruction"], answer_format)
+        if fold(record["answer"]) not in map(fold, options):
+            raise ConfigError(f"test set '{name}' record {number}: answer {record['answer']!r} is none of its "
+                              f"options {'/'.join(options)} (format '{answer_format}'); such an answer can never "
+                              f"be extracted and would score 0.")
 
 
 def check_positive(**values: int | None) -> None:
