@@ -346,3 +346,27 @@ def test_an_export_loaded_into_a_base_with_fewer_layers_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="fit no module of this model.*another base model"):
         load_adapter(base(2)[1], tmp_path / "adapter")
     assert load_adapter(base(4)[1], tmp_path / "adapter") is not None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=lily", "method.ne_2=0"], "lily ne_2 \\(B experts per target\\) must be at least 2"),
+    (["task=commonsense", "task.subset=boolq"], "task.subset takes a list: write task.subset=\\[boolq\\]"),
+])
+def test_messages_name_the_setting_the_user_typed(overrides, message, tmp_path, no_model_loading):
+    overrides = ["backbone=tiny_llama", "debug=smoke", *overrides]
+    with pytest.raises(ConfigError, match=message):
+        execute(compose_run(overrides, tmp_path), overrides)
+
+
+def test_a_cutoff_too_short_is_quoted_as_typed(tiny_run, tmp_path):
+    overrides = ["backbone=tiny_llama", *tiny_run, "task.cutoff_len=1"]
+    with pytest.raises(ConfigError, match="task.cutoff_len=1 \\(4 tokens of this backbone's tokenizer"):
+        execute(compose_run(overrides, tmp_path), overrides)
+
+
+@pytest.mark.parametrize("backbone, message", [("nope", "no backbone 'nope'; one of: "),
+                                               ("tiny_sdxl", "cannot count backbone 'tiny_sdxl' without its weights")])
+def test_the_budget_helper_refuses_in_one_sentence(backbone, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lilyexp.budget", f"backbone={backbone}"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr

@@ -15,10 +15,11 @@ from collections import Counter
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 
 
 from lilyexp.backbones import skeleton
-from lilyexp.compose import CONF_DIR
+from lilyexp.compose import CONF_DIR, group_options
 from lilyexp.errors import ConfigError
 
 RANKS, EXPERTS = (4, 8, 16, 24, 32, 40, 48, 64, 96, 128), range(2, 9)
@@ -81,10 +82,19 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
+    name = args.get("backbone", "smollm2")
+    if name not in group_options("backbone"):
+        raise SystemExit(f"no backbone '{name}'; one of: {', '.join(group_options('backbone'))}.")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="run", overrides=[f"backbone={args.get('backbone', 'smollm2')}"])
+        cfg = compose(config_name="run", overrides=[f"backbone={name}"])
     lora_r, top = int(args.get("lora_r", 8)), int(args.get("top", 15))
-    model = skeleton(cfg.backbone)
+    try:
+        model = skeleton(cfg.backbone)
+    except (InstantiationException, NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
+        exc = exc.__cause__ or exc
+        raise SystemExit(f"cannot count backbone '{name}' without its weights ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); the budget helper counts the text and "
+                         f"vision backbones.") from None
     lora_shapes = target_shapes(model, list(cfg.backbone.adapter_targets.lora))
     lily_shapes = target_shapes(model, list(cfg.backbone.adapter_targets.lily))
     print(f"{cfg.backbone.name}: LoRA r={lora_r} on {list(cfg.backbone.adapter_targets.lora)} = "

@@ -124,6 +124,8 @@ def check_values(values: dict, schema: type, path: str) -> None:
     except (ValidationError, ConfigKeyError) as exc:
         key = getattr(exc, "full_key", "") or ""
         value = OmegaConf.select(OmegaConf.create(data), key) if key else None
+        if key in fields and "list" in str(fields[key].type) and isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}{key} takes a list: write {where}{key}=[{value}].") from None
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{where}{key}: {value!r} is not a valid value ({reason}).") from None
     for name, value in data.items():

@@ -73,6 +73,9 @@ class LilyVariantConfig(LilyConfig):
                            "y = module(x) + s·Δ(x) (the ViT MLP adapter)"})
 
     def __post_init__(self) -> None:
+        if self.num_B < 2:  # upstream's own check names its field num_B; the user typed method.ne_2
+            raise ConfigError(f"lily ne_2 (B experts per target) must be at least 2 for the router to learn, got "
+                              f"{self.num_B}.")
         super().__post_init__()
         if self.router not in ROUTER_PLACEMENTS:
             raise ConfigError(f"lily router must be one of {ROUTER_PLACEMENTS}, got '{self.router}'.")

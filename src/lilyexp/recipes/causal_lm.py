@@ -141,8 +141,10 @@ def run(inputs: RecipeInputs) -> Outcome:
                                 for e in tqdm(task.train, desc="tokenise", leave=False))
     val_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.validation)
     if not train_features:
-        raise ConfigError(f"no training example keeps an answer token within task.cutoff_len={task.cutoff_len} "
-                          f"tokens; raise task.cutoff_len.")
+        scale = getattr(task, "token_scale", 1)
+        raise ConfigError(f"no training example keeps an answer token within task.cutoff_len="
+                          f"{task.cutoff_len // scale}" + (f" ({task.cutoff_len} tokens of this backbone's tokenizer, "
+                          f"{scale} per BPE token)" if scale != 1 else " tokens") + "; raise task.cutoff_len.")
     pad_id, eval_bs = tokenizer.pad_token_id, trainer.eval_batch_size or trainer.batch_size
     main = accelerator.is_main_process
 

@@ -276,7 +276,7 @@ class CommonsenseTask:
         self.eval_sets = {n: data.eval_sets[n][:eval_limit] for n in names}
         self.formats = {n: formats[n] for n in names}
         # the tokenizer's tokens per BPE token (byte-level test tokenizers need ~4x the official 256)
-        self.cutoff_len = cutoff_len * token_scale
+        self.cutoff_len, self.token_scale = cutoff_len * token_scale, token_scale
         self.train_on_inputs, self.ignore_case, self.align_eval_prompt = train_on_inputs, ignore_case, align_eval_prompt
         self.generation = {**vars(GenerationSettings()), **(generation or {})}
         check_positive(**{f"generation.{k}": v for k, v in self.generation.items()})
