@@ -370,3 +370,23 @@ def test_the_budget_helper_refuses_in_one_sentence(backbone, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "lilyexp.budget", f"backbone={backbone}"], capture_output=True,
                             text=True, timeout=120, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tables_refuse_a_missing_results_folder_or_group_and_name_foreign_files(tmp_path, caplog):
+    from lilyexp.tables.__main__ import main as tables
+    from lilyexp.tables.build import read_records
+
+    for argv, message in ((["table3", "--results", str(tmp_path / "none")], "is not a folder of run records"),
+                          (["--group", "nosuchgroup", "--results", str(tmp_path)], "no record group 'nosuchgroup'")):
+        with pytest.raises(SystemExit):
+            tables([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing rendered, nothing overwritten
+    group = tmp_path / "g"
+    group.mkdir()
+    (group / "broken.json").write_text("{not json")
+    (group / "foreign.json").write_text('{"hello": 1}')
+    (group / "run.delta_w.json").write_text('{"side": "file"}')  # beside a record: not one, not warned about
+    with caplog.at_level(logging.WARNING, logger="lilyexp.tables"):
+        assert read_records(tmp_path, ["g"]) == []
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "broken.json" in warned and "foreign.json" in warned and "delta_w" not in warned

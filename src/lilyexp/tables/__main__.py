@@ -26,12 +26,17 @@ def render(name: str, results_dir: Path, out_dir: Path, spec: dict | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lilyexp.tables", description=__doc__.splitlines()[0])
     parser.add_argument("tables", nargs="*", help=f"default: all ({', '.join(spec_names())})")
     parser.add_argument("--results", type=Path, default=Path("results/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/tables"))
     parser.add_argument("--group", help="summarise the records of this group (results/runs/<group>) instead")
     args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        parser.error(f"--results {args.results} is not a folder of run records (results/runs/<group>/*.json).")
+    if args.group and not (args.results / args.group).is_dir():
+        groups = sorted(p.name for p in args.results.iterdir() if p.is_dir())
+        parser.error(f"no record group '{args.group}' in {args.results}; groups there: {', '.join(groups)}.")
     if args.group:
         spec = group_spec(args.group, read_records(args.results, [args.group]))
         print(Path(render(spec["name"], args.results, args.out, spec)).read_text())

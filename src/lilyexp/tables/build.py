@@ -9,6 +9,7 @@ and the selection rules it prints. Nothing is computed from anything but records
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ SELECTIONS = {
     "initial": (None, "initial", "the untuned model, tested before training"),  # a row may read it (demo)
 }
 PROVENANCE_MARKS = {"primary": "", "secondary": "†", "repo-derived": "‡", "reference": "§", "not recovered": ""}
+
+log = logging.getLogger("lilyexp.tables")
 
 
 def spec_names() -> list[str]:
@@ -77,10 +80,18 @@ def matches(record: dict, where: dict) -> bool:
 
 
 def read_records(results_dir: Path, groups: list[str]) -> list[dict]:
-    """Every record (finished or failed) in the table's groups, oldest first, with its path."""
-    paths = [p for group in groups for p in (results_dir / group).glob("*.json")]
-    records = [read_record(path) for path in sorted(paths, key=lambda p: p.stat().st_mtime)]
-    return [record for record in records if record is not None]
+    """Every record (finished or failed) in the table's groups, oldest first, with its path. Files beside the
+    records (``<run>.<kind>.json``) are not records; any other JSON file that is not one is skipped with a
+    warning naming it."""
+    paths = [p for group in groups for p in (results_dir / group).glob("*.json") if "." not in p.stem]
+    records = []
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime):
+        record = read_record(path)
+        if record is None or not isinstance(record.get("config"), dict) or "status" not in record:
+            log.warning("skipped %s: not a lilyexp run record (unreadable JSON, or no status and config)", path)
+            continue
+        records.append(record)
+    return records
 
 
 @dataclass
