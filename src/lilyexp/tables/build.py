@@ -79,11 +79,16 @@ def matches(record: dict, where: dict) -> bool:
     return all(same(lookup(record["config"], key), wanted) for key, wanted in where.items())
 
 
+def beside_a_record(path: Path) -> bool:
+    """``<run>.<kind>.json`` next to ``<run>.json``: a file a run saved beside its record (captures)."""
+    return "." in path.stem and path.with_name(f"{path.stem.rsplit('.', 1)[0]}.json").exists()
+
+
 def read_records(results_dir: Path, groups: list[str]) -> list[dict]:
     """Every record (finished or failed) in the table's groups, oldest first, with its path. Files beside the
     records (``<run>.<kind>.json``) are not records; any other JSON file that is not one is skipped with a
     warning naming it."""
-    paths = [p for group in groups for p in (results_dir / group).glob("*.json") if "." not in p.stem]
+    paths = [p for group in groups for p in (results_dir / group).glob("*.json") if not beside_a_record(p)]
     records = []
     for path in sorted(paths, key=lambda p: p.stat().st_mtime):
         record = read_record(path)
