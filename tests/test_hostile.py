@@ -250,11 +250,12 @@ def test_impossible_settings_are_refused_on_the_architecture_before_weights_load
     cfg = compose_run(["backbone=llama3", "task=commonsense", f"task.data_dir={tmp_path}", "task.val_size=2",
                        *overrides], tmp_path)
     commonsense_files(tmp_path, [{"instruction": "q", "input": "", "output": "o", "answer": "true"}])
-    for name in ("piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"):
+    answers = {"boolq": "true", "piqa": "solution1", "social_i_qa": "answer1", "hellaswag": "ending1",
+               "winogrande": "option1", "ARC-Easy": "answer1", "ARC-Challenge": "answer1", "openbookqa": "answer1"}
+    for name, answer in answers.items():  # each set's answer in its own format (checked when the data loads)
         (tmp_path / name).mkdir()
-        (tmp_path / name / "test.json").write_text((tmp_path / "data" / "boolq" / "test.json").read_text())
-    (tmp_path / "boolq").mkdir()
-    (tmp_path / "boolq" / "test.json").write_text((tmp_path / "data" / "boolq" / "test.json").read_text())
+        (tmp_path / name / "test.json").write_text(json.dumps([{"instruction": "q", "input": "", "output": "o",
+                                                                 "answer": answer}]))
     cfg.task.train_file = str(tmp_path / "data" / "train.json")
     with pytest.raises(ConfigError, match=message) as info:
         execute(cfg)

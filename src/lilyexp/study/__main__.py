@@ -96,7 +96,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweeps", action="store_true", help="print them as one Hydra multirun per task, method "
                         "and stage (append hydra/launcher=submitit_slurm for SLURM); rerun after the tune sweeps "
                         "for the confirm ones")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may stand among the runner overrides
 
 
 def main(argv: list[str] | None = None) -> int:
