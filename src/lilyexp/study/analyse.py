@@ -32,7 +32,7 @@ class Selection:
     all_diverged: bool = False   # nothing to confirm
 
     def as_dict(self) -> dict:
-        return {"points": [{**p, "mean": p["mean"] if p["mean"] is None or math.isfinite(p["mean"]) else None}
+        return {"points": [{**p, "mean": p["mean"] if p["mean"] is None or math.isfinite(p["mean"]) else "worst"}
                            for p in self.points],
                 "chosen": None if self.chosen is None else dict(self.chosen), "at_grid_edge": self.at_edge,
                 "all_diverged": self.all_diverged}

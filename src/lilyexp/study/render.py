@@ -35,7 +35,7 @@ def interval(entry: dict | None) -> str:
 
 def signed(entry: dict | None) -> str:
     if not entry:
-        return "—"
+        return "pending"
     low, high = entry["estimate"]["ci_t"]
     mean = entry["estimate"]["mean"]
     span = f" [{low:+.2f}, {high:+.2f}]" if math.isfinite(low) else ""
@@ -84,7 +84,7 @@ def selection_table(study: StudySettings, result: dict) -> list[str]:
     for task, methods in result["selection"].items():
         for method, selection in methods.items():
             points = "; ".join(f"{' '.join(f'{k.rsplit(chr(46), 1)[-1]}={v}' for k, v in p['point'].items())}: "
-                               f"{format_score(p['mean'])}" for p in selection["points"])
+                               f"{format_score(p)}" for p in selection["points"])
             chosen = selection["chosen"]
             said = " ".join(f"{v}" for v in chosen.values()) if chosen else (
                 "none: every point diverged" if selection.get("all_diverged") else "pending")
@@ -93,10 +93,14 @@ def selection_table(study: StudySettings, result: dict) -> list[str]:
     return rows
 
 
-def format_score(value) -> str:
-    if value is None:
-        return "pending, not tuned (a single point) or diverged"
-    return f"{value:.4f}"
+def format_score(point: dict) -> str:
+    """A grid point's mean tune metric, or why there is none."""
+    mean, values = point["mean"], point["values"]
+    if mean == "worst":
+        return f"worst ({', '.join(str(v) for v in values if isinstance(v, str))})"
+    if mean is None:
+        return "not tuned (a single point)" if values == ["not tuned"] else "pending"
+    return f"{mean:.4f}"
 
 
 def cost_table(result: dict) -> list[str]:
@@ -113,6 +117,7 @@ def cost_table(result: dict) -> list[str]:
 def markdown(study: StudySettings, result: dict, figures: list[str]) -> str:
     cells = result["cells"]
     done = cells.get("finished", 0) + cells.get("diverged", 0)
+    waiting = cells["planned"] - done - cells.get("failed", 0)
     parts = [f"# Study `{study.name}`", "", study.description.strip(), "",
              f"Regenerate: `python -m lilyexp.study {study.name}` (or `make study STUDY={study.name}`); finished "
              f"cells are kept, the same command continues an interrupted study.", "",
@@ -121,7 +126,7 @@ def markdown(study: StudySettings, result: dict, figures: list[str]) -> str:
              f"confirm seeds with a {study.confidence:.0%} Student-t interval over seeds; \"better\"/\"worse\" only "
              "when the interval excludes 0.", "", *(verdict_lines(study, result) or ["- pending (no confirm runs yet)"]),
              "", f"Cells: {done} of {cells['planned']} ended ({cells.get('diverged', 0)} diverged, "
-             f"{cells.get('failed', 0)} failed, {cells.get('missing', 0)} not run yet).", "",
+             f"{cells.get('failed', 0)} failed, {waiting} not run yet).", "",
              "## Protocol", "", study.protocol.strip(), "",
              f"- **Tune**: every grid point at seed(s) {', '.join(map(str, study.tune_seeds))}, scored on each "
              "task's held-out validation metric (never the reported split).",
@@ -174,20 +179,26 @@ def sensitivity_figure(study: StudySettings, result: dict, index, path: Path) ->
                 values = [metric_of(index.state(c).record, spec.tune_metric) for c in cells]
                 ax.scatter([x] * len([v for v in values if v is not None]), [v for v in values if v is not None],
                            s=10, color=COLORS.get(method), alpha=0.5)
-                if entry["mean"] is not None and math.isfinite(entry["mean"]):
+                if isinstance(entry["mean"], (int, float)):
                     xs.append(x)
                     means.append(entry["mean"])
                 chosen = result["selection"][task][method]["chosen"]
-                if chosen and dict(point) == chosen and entry["mean"] is not None:
+                if chosen and dict(point) == chosen and isinstance(entry["mean"], (int, float)):
                     ax.scatter([x], [entry["mean"]], s=90, facecolors="none", edgecolors=COLORS.get(method))
-            ax.plot(xs, means, marker="o", ms=3, color=COLORS.get(method), label=label(method))
+            if xs:
+                ax.plot(xs, means, marker="o", ms=3, color=COLORS.get(method), label=label(method))
         grid_values = [float(v) for m in tuned for v in next(iter(study.methods[m].grid.values()))]
+        if not ax.lines:
+            ax.text(0.5, 0.5, "pending", transform=ax.transAxes, ha="center", va="center", color="grey")
+            ax.set_yticks([])
         ax.set_xscale("log")
         ax.set_xlim(min(grid_values) / 1.5, max(grid_values) * 1.5)
         ax.set_title(task)
         ax.set_xlabel(next(iter(study.methods[tuned[0]].grid)))
         ax.set_ylabel(f"{spec.tune_metric} (held-out validation)")
-    axes[0].legend(fontsize=8)
+    drawn = [ax for ax in axes if ax.lines]
+    if drawn:
+        drawn[0].legend(fontsize=8)
     figure.suptitle(f"{study.name}: tune metric vs learning rate (line: mean over tune seeds; dots: seeds; "
                     "circle: chosen)", fontsize=9)
     figure.savefig(path, dpi=110)
@@ -214,12 +225,18 @@ def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
     figure = new_figure(7.5, 1.3 + 0.3 * len(rows) * max(1, len(others)))
     ax = figure.subplots()
     for y, (name, methods) in enumerate(reversed(rows)):
-        for offset, method in enumerate(others):
+        drawn = False
+        for offset, method in enumerate(others):  # the first method on top within a row, as in the legend
             diff = (methods.get(method) or {}).get("difference")
-            if diff and math.isfinite(diff["estimate"]["ci_t"][0]):
+            if diff and diff["estimate"]["ci_t"][0] is not None and math.isfinite(diff["estimate"]["ci_t"][0]):
                 mean, (low, high) = diff["estimate"]["mean"], diff["estimate"]["ci_t"]
-                ax.errorbar([mean], [y + offset * step], xerr=[[mean - low], [high - mean]], fmt="o",
-                            color=COLORS.get(method), capsize=3, label=label(method))
+                ax.errorbar([mean], [y + (len(others) - 1 - offset) * step], xerr=[[mean - low], [high - mean]],
+                            fmt="o", color=COLORS.get(method), capsize=3, label=label(method))
+                drawn = True
+        if not drawn:
+            ax.text(0.02, y + step * (len(others) - 1) / 2, "pending", transform=ax.get_yaxis_transform(),
+                    va="center", fontsize=8, color="grey")
+    ax.set_ylim(-0.5, len(rows) - 0.5 + step * (len(others) - 1))
     ax.set_yticks([y + step * (len(others) - 1) / 2 for y in range(len(rows))], [n for n, _ in reversed(rows)],
                   fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
