@@ -84,3 +84,16 @@ def test_the_recipe_generates_with_prefill_once_and_counts_it(prompts):
         plain = model.generate(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False,
                                max_new_tokens=12, pad_token_id=0)
     assert answers == Tokens().batch_decode(plain, True)
+
+
+def test_a_first_call_with_a_per_row_input_the_hook_does_not_know_runs_unchanged():
+    from transformers import DynamicCache
+
+    from lilyexp.recipes.prefill import is_beam_prefill
+
+    ids = torch.tensor([[5, 6]] * 4)
+    known = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": DynamicCache(),
+             "position_ids": torch.arange(2)[None], "cache_position": torch.arange(4)}  # shared, any length
+    assert is_beam_prefill(known, 4, None)
+    assert not is_beam_prefill({**known, "pixel_values": torch.zeros(4, 3)}, 4, None)
+    assert not is_beam_prefill({**known, "input_ids": torch.tensor([[5, 6]] * 3 + [[5, 7]])}, 4, None)

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache
 from lilyexp.methods.routing import current_routing_groups, routing_groups
 
 BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+SHARED_KEYS = ("cache_position",)  # one entry per position, whatever its length
 
 
 @dataclass
@@ -70,13 +71,23 @@ def repeats_rows(tensor: torch.Tensor | None, copies: int) -> bool:
     return bool(torch.equal(grouped, grouped[:, :1].expand_as(grouped)))
 
 
+def per_row(kwargs: dict, rows: int) -> list[str]:
+    """The inputs that hold one entry per row (a position tensor of shape (1, length) is shared, not per row)."""
+    return [k for k in BATCH_KEYS if torch.is_tensor(kwargs.get(k)) and kwargs[k].dim() and kwargs[k].shape[0] == rows]
+
+
 def is_beam_prefill(kwargs: dict, copies: int, groups: torch.Tensor | None) -> bool:
-    """The first call of a generation whose rows (and routing groups) come in runs of identical copies."""
+    """The first call of a generation whose rows (and routing groups) come in runs of identical copies, with no
+    other per-row input the hook would not shrink."""
     ids = kwargs.get("input_ids")
     cache = cache_of(kwargs)
-    return (ids is not None and expandable(cache) and cache.get_seq_length() == 0 and ids.shape[0] % copies == 0
-            and all(repeats_rows(kwargs.get(k), copies) for k in BATCH_KEYS if torch.is_tensor(kwargs.get(k)))
-            and (groups is None or (len(groups) == ids.shape[0] and repeats_rows(groups, copies))))
+    if ids is None or not expandable(cache) or cache.get_seq_length() != 0 or ids.shape[0] % copies:
+        return False
+    rows = ids.shape[0]
+    unknown = [k for k, v in kwargs.items() if torch.is_tensor(v) and v.dim() and v.shape[0] == rows
+               and k not in BATCH_KEYS + SHARED_KEYS]
+    return (not unknown and all(repeats_rows(kwargs[k], copies) for k in per_row(kwargs, rows))
+            and (groups is None or (len(groups) == rows and repeats_rows(groups, copies))))
 
 
 def expand_output(output: Any, copies: int, rows: int) -> Any:
@@ -105,7 +116,8 @@ def prefill_once(model: nn.Module, num_beams: int) -> Iterator[PrefillCount]:
             if cache_of(kwargs) is not None and cache_of(kwargs).get_seq_length() == 0:
                 count.per_beam += 1
             return None
-        shrunk = {k: v[::num_beams] if k in BATCH_KEYS and torch.is_tensor(v) else v for k, v in kwargs.items()}
+        rows = per_row(kwargs, kwargs["input_ids"].shape[0])
+        shrunk = {k: v[::num_beams] if k in rows else v for k, v in kwargs.items()}
         stack = contextlib.ExitStack()
         rows = shrunk["input_ids"].shape[0]
         if groups is not None:  # one copy per group; without groups the call pools over all rows, as before
