@@ -392,3 +392,14 @@ def test_tables_refuse_a_missing_results_folder_or_group_and_name_foreign_files(
         assert [Path(r["_path"]).name for r in read_records(tmp_path, ["g"])] == ["run.json"]
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "broken.json" in warned and "foreign.json" in warned and "delta_w" not in warned
+
+
+@pytest.mark.parametrize("override, message", [("+paths.result_dir=/tmp/x", "unknown setting paths.result_dir"),
+                                               ("+logger.projcet=foo", "unknown setting logger.projcet")])
+def test_paths_and_logger_keys_are_checked(override, message, tiny_run, tmp_path, no_model_loading):
+    overrides = ["backbone=tiny_llama", *tiny_run, override]
+    with pytest.raises(ConfigError, match=message):
+        execute(compose_run(overrides, tmp_path), overrides)
+    wandb = ["backbone=tiny_llama", *tiny_run, "logger=wandb", "+logger.projcet=foo"]
+    with pytest.raises(ConfigError, match="unknown setting logger.projcet \\(the logger takes: project"):
+        execute(compose_run(wandb, tmp_path), wandb)

@@ -79,6 +79,14 @@ class RunSettings:
     lookup: Any = plumbing()  # free values experiment files interpolate into knobs (e.g. s per GLUE task)
 
 
+@dataclass
+class PathsSettings:
+    """conf/paths: where records and checkpoints go (bookkeeping, never identity)."""
+
+    results_dir: str = bookkeeping("results/runs")
+    checkpoint_dir: str = bookkeeping("checkpoints")
+
+
 NESTED = ("backbone", "task", "method", "trainer", "logger", "paths", "hydra")
 
 
@@ -97,8 +105,23 @@ def check_settings(cfg: DictConfig, overrides: list[str] | None = None) -> None:
         check_node(cfg[group], schema_of(cfg[group], group), group)
     top = {key: plain(cfg, key) for key in cfg if key not in NESTED}
     check_values(top, RunSettings, "")
+    check_values(plain(cfg, "paths"), PathsSettings, "paths")
+    check_logger(OmegaConf.to_container(cfg.logger, resolve=False))
     if isinstance(top.get("seed"), int) and not 0 <= top["seed"] < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32) (numpy's seeding range), got {top['seed']}.")
+
+
+def check_logger(node: dict) -> None:
+    """The logger node's keys are its class's arguments (``+logger.projcet=x`` would be a TypeError at start)."""
+    import inspect
+
+    accepted = inspect.signature(get_class(node["_target_"])).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
+    unknown = sorted(k for k in node if not (k.startswith("_") and k.endswith("_")) and k not in accepted)
+    if unknown:
+        raise ConfigError(f"unknown setting logger.{unknown[0]} (the logger takes: "
+                          f"{', '.join(k for k in accepted if k != 'self') or 'nothing'}).")
 
 
 def plain(cfg: DictConfig, key: str) -> Any:
