@@ -303,7 +303,9 @@ def test_an_evaluation_only_run_of_another_methods_export_is_refused(tiny_run, t
         with pytest.raises(ConfigError, match=message):
             execute(compose_run(overrides, tmp_path), overrides)
     right = [*evaluate, "method=lora", "method.r=4"]
-    assert json.loads(execute(compose_run(right, tmp_path), right).read_text())["status"] == "finished"
+    evaluated = json.loads(execute(compose_run(right, tmp_path), right).read_text())
+    assert evaluated["status"] == "finished"
+    assert evaluated["params"]["adapter"] == record["params"]["adapter"] > 0  # the trained counts, not 0
 
 
 def test_a_commonsense_answer_that_is_none_of_its_options_is_refused_when_loaded(tmp_path):

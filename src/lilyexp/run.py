@@ -25,7 +25,7 @@ from lilyexp.backbones import skeleton
 from lilyexp.compose import CONF_DIR, build, check_combination
 from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
 from lilyexp.loggers import NullLogger
-from lilyexp.methods.export import load_adapter, write_export_cell
+from lilyexp.methods.export import export_cell, load_adapter, write_export_cell
 from lilyexp.recipes.core import RecipeInputs
 from lilyexp.recipes.loop import Checkpointer
 from lilyexp.records import RunContext, count_parameters, is_main_process, read_record
@@ -77,6 +77,8 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     model = load_adapter(backbone.model, load_from) if load_from else method.apply(backbone.model)
     head_modules = list(cfg.backbone.head_modules)
     params.update(count_parameters(model, head_modules))
+    if load_from:  # a loaded adapter is frozen: its counts are those of the run that trained it
+        params.update(((export_cell(load_from) or {}).get("params")) or {})
     summary = method.summary(model) if not load_from else None
     log.info("parameters: %s %s", params, summary or "")
     logger.start(run.name, {**run.config, "params": params}, run_id=run.wandb_id)
@@ -92,7 +94,8 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
         return run.record_path
     extra = {"adapter_summary": summary} if summary is not None else {}
     if not load_from:
-        extra["adapter"] = export_adapter(method, model, run, OmegaConf.to_container(cfg.method.adapter, resolve=True))
+        extra["adapter"] = export_adapter(method, model, run, OmegaConf.to_container(cfg.method.adapter, resolve=True),
+                                          params)
     path = run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**extra, **outcome.extra})
     if not trainer.keep_checkpoint:  # the export holds the selected weights; the optimizer state can be large
@@ -110,12 +113,12 @@ def check_structure(cfg: DictConfig, method, task) -> None:
         method.check(skeleton(cfg.backbone, **task.model_kwargs))
 
 
-def export_adapter(method, model, run: RunContext, node: dict) -> dict:
+def export_adapter(method, model, run: RunContext, node: dict, params: dict) -> dict:
     """The selected adapter in peft's layout, under the run's checkpoint folder, with the method settings that
     made it (an evaluation-only run is checked against them); the record names it."""
     directory = run.work_dir / "adapter"
     method.export(model, directory, node)
-    write_export_cell(directory, run.identity)
+    write_export_cell(directory, run.identity, params)
     return {"path": str(directory), "load": "lilyexp.load_adapter(model, path)"}
 
 

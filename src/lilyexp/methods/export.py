@@ -59,18 +59,25 @@ def method_settings(identity: dict) -> dict:
     return {k: v for k, v in identity.items() if (k == "method" or k.startswith("method.")) and k != "method.load_from"}
 
 
-def write_export_cell(directory: str | Path, identity: dict) -> None:
-    (Path(directory) / CELL_FILE).write_text(json.dumps(method_settings(identity), indent=2, default=str) + "\n")
+def write_export_cell(directory: str | Path, identity: dict, params: dict) -> None:
+    """The method settings that made the export and its parameter counts as trained."""
+    cell = {"settings": method_settings(identity), "params": params}
+    (Path(directory) / CELL_FILE).write_text(json.dumps(cell, indent=2, default=str) + "\n")
+
+
+def export_cell(directory: str | Path) -> dict | None:
+    path = Path(directory) / CELL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def check_export_matches(directory: str | Path, identity: dict) -> None:
     """An evaluation-only cell must evaluate what its command names: refuse an export made by another method or
     other method settings (its record would file one method's numbers under another's cell). Exports written
     before lilyexp recorded this are accepted."""
-    path = Path(directory) / CELL_FILE
-    if not path.is_file():
+    cell = export_cell(directory)
+    if cell is None:
         return
-    made, asked = json.loads(path.read_text()), method_settings(identity)
+    made, asked = cell["settings"], method_settings(identity)
     if made != asked:
         differing = sorted(k for k in set(made) | set(asked) if made.get(k) != asked.get(k))
         raise ConfigError(f"method.load_from={directory} holds an adapter made with {describe(made, differing)}, but "
