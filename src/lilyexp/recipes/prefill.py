@@ -111,13 +111,15 @@ def prefill_once(model: nn.Module, num_beams: int) -> Iterator[PrefillCount]:
     pending: list[contextlib.ExitStack] = []
 
     def before(module: nn.Module, args: tuple, kwargs: dict):
-        groups = current_routing_groups(model)
-        if args or not is_beam_prefill(kwargs, num_beams, groups):
-            if cache_of(kwargs) is not None and cache_of(kwargs).get_seq_length() == 0:
-                count.per_beam += 1
+        cache = cache_of(kwargs)
+        if args or cache is None or cache.get_seq_length() != 0:  # a decode step: the common, cheap exit
             return None
-        rows = per_row(kwargs, kwargs["input_ids"].shape[0])
-        shrunk = {k: v[::num_beams] if k in rows else v for k, v in kwargs.items()}
+        groups = current_routing_groups(model)
+        if not is_beam_prefill(kwargs, num_beams, groups):
+            count.per_beam += 1
+            return None
+        keys = per_row(kwargs, kwargs["input_ids"].shape[0])
+        shrunk = {k: v[::num_beams] if k in keys else v for k, v in kwargs.items()}
         stack = contextlib.ExitStack()
         rows = shrunk["input_ids"].shape[0]
         if groups is not None:  # one copy per group; without groups the call pools over all rows, as before
