@@ -77,3 +77,56 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------- GPU paths, simulated
+# On a CPU accelerate silently turns fp16 into "no autocast, no scaler", so the fp16 path a GPU run takes is
+# never exercised. These fixtures force it: fp16 autocast and a GradScaler on the CPU, and half-precision backbone
+# weights, through the same Accelerator object and runner the CLI uses.
+
+def simulated_fp16_accelerator(mixed_precision: str = "no", **kwargs):
+    """An Accelerator that behaves as accelerate's CUDA fp16 setup: autocast to float16 around every forward
+    and a GradScaler on the optimizer (unscaled before clipping), whatever the run's own setting."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision="fp16", **kwargs)
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    return accelerator
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """Every recipe trains under :func:`simulated_fp16_accelerator`; the backbone's weights are cast to
+    ``fp16_on_cpu.dtype`` (default float16) as the paper's LLaMA3/Falcon-Mamba/SDXL loads are."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    import lilyexp.recipes.devices as devices
+    import lilyexp.run as runner
+    from lilyexp.backbones import Backbone
+
+    class Simulation:
+        dtype = torch.float16
+        scalers: list = []
+
+    def accelerator(mixed_precision: str = "no", **kwargs):
+        made = simulated_fp16_accelerator(**kwargs)
+        Simulation.scalers.append(made.scaler)
+        return made
+
+    build = runner.build
+
+    def half_precision_build(node, **kwargs):
+        built = build(node, **kwargs)
+        if isinstance(built, Backbone):
+            built.model.to(Simulation.dtype)
+        return built
+
+    monkeypatch.setattr(devices, "Accelerator", accelerator)
+    monkeypatch.setattr(runner, "build", half_precision_build)
+    yield Simulation
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -21,17 +21,23 @@ CELL = ["backbone=tiny_llama", "trainer.max_steps=3", "task.n_train=120", "task.
 pytestmark = pytest.mark.slow  # real CLI subprocesses
 
 
-def launch(tmp_path, processes: int, batch_size: int) -> list[dict]:
-    out = tmp_path / f"p{processes}"
+def launch_cell(out, processes: int, cell: list[str]) -> dict:
+    """``cell`` run by ``processes`` gloo processes (torch.distributed.run), results under ``out``; its record."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", str(29500 + processes)] if processes > 1 else [sys.executable]
-    command = [*launcher, "-m", "lilyexp.run", *CELL, f"trainer.batch_size={batch_size}",
+    command = [*launcher, "-m", "lilyexp.run", *cell,
                f"paths.results_dir={out}/results", f"paths.checkpoint_dir={out}/checkpoints", f"hydra.run.dir={out}/hydra"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     records = list((out / "results").rglob("*.json"))
     assert len(records) == 1
+    return json.loads(records[0].read_text())
+
+
+def launch(tmp_path, processes: int, batch_size: int) -> list[dict]:
+    out = tmp_path / f"p{processes}"
+    launch_cell(out, processes, [*CELL, f"trainer.batch_size={batch_size}"])
     steps = next((out / "results").rglob("*.steps.jsonl")).read_text().splitlines()
     return [json.loads(line) for line in steps]
 
@@ -44,3 +50,21 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert set(one) == set(two)
         for key in one:
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (one["step"], key)
+
+
+def test_dreambooth_trains_and_samples_on_two_processes(shared_data, tmp_path):
+    """The UNet arrives wrapped in DDP's module; the pipeline needs the bare diffusers UNet."""
+    cell = ["experiment=dreambooth_cpu/lora", f"task.data_dir={shared_data / 'dreambooth'}", "task.subset=duck_toy",
+            "task.resolution=32", "task.eval_limit=1", "task.sampling.images_per_prompt=1", "task.sampling.steps=2",
+            "task.metrics.dino=random", "task.metrics.clip=random", "trainer.max_steps=2", "trainer.batch_size=1",
+            "task.train_limit=3"]
+    record = launch_cell(tmp_path, 2, cell)
+    assert record["status"] == "finished" and record["steps"] == 2 and record["batch"]["processes"] == 2
+
+
+def test_an_evaluation_only_run_on_two_processes_is_not_wrapped_in_ddp(tmp_path):
+    """DDP refuses a model with nothing to train; the loaded adapter is evaluated as one process would."""
+    trained = launch_cell(tmp_path / "train", 1, [*CELL, "trainer.batch_size=4"])
+    evaluate = [*CELL, "trainer.max_steps=0", f"method.load_from={trained['adapter']['path']}"]
+    one, two = launch_cell(tmp_path / "one", 1, evaluate), launch_cell(tmp_path / "two", 2, evaluate)
+    assert two["status"] == "finished" and two["metrics"]["final"] == one["metrics"]["final"]

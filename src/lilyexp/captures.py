@@ -197,6 +197,12 @@ def pooled_mixture(probabilities: torch.Tensor, logits: torch.Tensor, pooling: s
     return summed.softmax(-1).mean(0)
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside backward: activation checkpointing replaying a block, whose routing was
+    already told once (a private torch call; -1 outside any backward pass)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class RoutingTap:
     """What a Lily holder's router gives each batch, told to listeners: the holder's ``mix`` (the Eq. 3
     combination every forward calls) is wrapped once, however many captures listen; unwrapped when the last
@@ -221,7 +227,7 @@ class RoutingTap:
             self.holder.__dict__.pop("routing_tap", None)
 
     def mix(self, hidden, experts, router, pooling, token_weights=None, groups=None):
-        if router is not None and self.listeners:
+        if router is not None and self.listeners and not recomputing():
             with torch.no_grad():
                 self.tell(hidden, router, pooling, token_weights, groups)
         return self.original(hidden, experts, router, pooling, token_weights, groups)

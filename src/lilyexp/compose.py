@@ -8,17 +8,19 @@ and the `modalities` it supports. Everything here reads those fields; nothing br
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import dataclasses
-
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.errors import ConfigError
+from lilyexp.placement import training_device
 
 CONF_DIR = Path(str(resources.files("lilyexp.conf")))  # the repo's conf/, shipped as package data
 
@@ -57,6 +59,20 @@ def backbones_providing(modality: str) -> list[str]:
             if modality in load_option("backbone", name).get("provides", [])]
 
 
+def check_gpu_kernels(cfg: DictConfig, device: torch.device | None = None) -> None:
+    """A backbone whose GPU training needs fused kernels (``backbone.gpu_kernels``: Mamba's selective scan) is
+    refused on a GPU without them, before its weights load, unless activation checkpointing bounds the pure-PyTorch
+    fallback's memory to one layer's."""
+    needs = cfg.backbone.get("gpu_kernels") or {}
+    device = device or training_device()
+    if device.type != "cuda" or not needs or cfg.trainer.gradient_checkpointing or cfg.trainer.max_steps == 0:
+        return
+    missing = [name for name in needs["modules"] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"backbone '{cfg.backbone.name}' on a GPU needs {', '.join(missing)} ({needs['install']}): "
+                          f"without them {needs['why']}; install them, or set trainer.gradient_checkpointing=true.")
+
+
 def check_combination(cfg: DictConfig) -> None:
     """Refuse a backbone × task × method combination that cannot run, in one sentence naming both sides."""
     backbone, task, method = cfg.backbone, cfg.task, cfg.method
@@ -82,6 +98,7 @@ def check_combination(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.head_lr is set, but backbone '{backbone.name}' has no task head "
                           f"(backbone.head_modules is empty); leave trainer.head_lr unset.")
     check_evaluation_only(cfg)
+    check_gpu_kernels(cfg)
     size, wanted = backbone.get("image_size"), task.get("image_size")
     if size is not None and wanted is not None and size != wanted:
         raise ConfigError(f"backbone '{backbone.name}' takes {size}x{size} images, but task.image_size={wanted}; "

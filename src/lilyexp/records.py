@@ -46,6 +46,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.errors import CellBusy, ConfigError, RunInterrupted
+from lilyexp.placement import numerics
 from lilyexp.settings import cell_identity, identity_hash
 
 SCHEMA_VERSION = 2
@@ -217,7 +218,7 @@ def environment() -> dict[str, Any]:
             versions[package] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     return {"git_sha": git_sha(), "packages": versions, "python": platform.python_version(), "device": device,
-            "torch_threads": torch.get_num_threads(), "hostname": platform.node()}
+            "torch_threads": torch.get_num_threads(), "hostname": platform.node(), "numerics": numerics()}
 
 
 CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from lilyexp.compose import CONF_DIR, build, check_combination
 from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
 from lilyexp.loggers import NullLogger
 from lilyexp.methods.export import export_cell, load_adapter, write_export_cell
+from lilyexp.placement import training_device
 from lilyexp.recipes.core import RecipeInputs
 from lilyexp.recipes.loop import Checkpointer
 from lilyexp.records import RunContext, count_parameters, is_main_process, read_record
@@ -74,7 +76,8 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     set_seed(cfg.seed)
     backbone = build(cfg.backbone.load, **task.model_kwargs)
     load_from = cfg.method.get("load_from")
-    model = load_adapter(backbone.model, load_from) if load_from else method.apply(backbone.model)
+    base = backbone.model.to(training_device())  # a method's initialisation (PiSSA's SVDs) runs on the GPU
+    model = load_adapter(base, load_from) if load_from else method.apply(base)
     head_modules = list(cfg.backbone.head_modules)
     params.update(count_parameters(model, head_modules))
     if load_from:  # a loaded adapter is frozen: its counts are those of the run that trained it
@@ -150,6 +153,15 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def hand_on(signal_name: str) -> None:
+    """Give the signal that stopped training to the handler that was installed before the loop's (submitit's
+    requeue-and-exit on a SLURM time-out), now that the step is checkpointed and the record written."""
+    signum = signal.Signals[signal_name]
+    handler = signal.getsignal(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
+
+
 class CellFailed(RuntimeError):
     """Raised inside a sweep, so Hydra's launcher records the failure and goes on with the other cells."""
 
@@ -169,7 +181,8 @@ def main(cfg: DictConfig) -> float | None:
     except RunInterrupted as exc:  # also ends a sweep: the whole job was asked to stop
         print(f"interrupted by {exc.signal_name} after step {exc.step}; record: {exc.record}\n"
               f"resume with the same command and trainer.resume=true", file=sys.stderr, flush=True)
-        sys.exit(130 if exc.signal_name == "SIGINT" else 143)
+        hand_on(exc.signal_name)
+        sys.exit(128 + signal.Signals[exc.signal_name].value)
     except Exception as exc:
         if in_sweep():  # sys.exit would end the whole sweep; Hydra reports this after the other cells ran
             raise CellFailed(one_line(exc)) from None

@@ -32,6 +32,8 @@ class BackboneSettings:
     latent_scale: Optional[int] = meta(None)  # pixels per latent of an image generator's VAE (SDXL: 8)
     image_size: Optional[int] = meta(None)  # the input size an image classifier was built for (ViT-B/16: 224)
     random_init: bool = meta(False)  # random weights built from a config (the tiny_* test backbones)
+    # modules a GPU run needs unless trainer.gradient_checkpointing=true: {modules, install, why} (Mamba's kernels)
+    gpu_kernels: dict = meta({})
     architecture: Any = plumbing()  # shapes only, for parameter accounting on the meta device
     load: Any = plumbing()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lilyexp.backbones import Backbone
 from lilyexp.backbones.location import unavailable
@@ -131,6 +132,13 @@ class VisionMamba(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (timm's switch name): the pure-PyTorch selective scan
+        then holds one block's intermediate states instead of every block's."""
+        self.grad_checkpointing = enable
+
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
@@ -140,7 +148,10 @@ class VisionMamba(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.tokens(images), None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+            if self.grad_checkpointing and self.training:  # drop-path's mask is replayed: RNG state preserved
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual)
         residual = residual + self.drop_path(hidden).float()
         return self.norm_f(residual.to(self.norm_f.weight.dtype))[:, self.cls_position]
 

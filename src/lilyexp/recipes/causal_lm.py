@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lilyexp.errors import ConfigError
 from lilyexp.methods.routing import beam_groups, routing_groups, routing_record, warn_if_batch_coupled
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, selected_evaluation
+from lilyexp.recipes.devices import make_accelerator
 from lilyexp.recipes.loglikelihood import loglikelihood_accuracy
 from lilyexp.recipes.loop import fit
 from lilyexp.recipes.prefill import PrefillCount, prefill_once
@@ -136,7 +136,7 @@ def scoring_record(task: Any, model: torch.nn.Module, batch_size: int) -> dict:
 
 def run(inputs: RecipeInputs) -> Outcome:
     tokenizer, task, trainer = inputs.processor, inputs.task, inputs.trainer
-    accelerator = Accelerator(mixed_precision=trainer.mixed_precision)
+    accelerator = make_accelerator(trainer)
     train_features = supervised(tokenize_for_training(tokenizer, task, e)
                                 for e in tqdm(task.train, desc="tokenise", leave=False))
     val_features = supervised(tokenize_for_training(tokenizer, task, e) for e in task.validation)

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lilyexp.methods.routing import routing_groups, routing_record, row_groups
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, StepPlan, TrainerConfig, selected_evaluation
+from lilyexp.recipes.devices import make_accelerator
 from lilyexp.recipes.loop import fit
 from lilyexp.records import run_metrics
 
@@ -58,7 +58,7 @@ def with_epoch_evaluation(trainer: TrainerConfig, task: Any, train_size: int, wo
 
 def run(inputs: RecipeInputs) -> Outcome:
     task, processor = inputs.task, inputs.processor
-    accelerator = Accelerator(mixed_precision=inputs.trainer.mixed_precision)
+    accelerator = make_accelerator(inputs.trainer)
     train = task.prepare(processor, task.train)
     selection = task.prepare(processor, task.validation)
     eval_bs = task.eval_batch_size or inputs.trainer.eval_batch_size or inputs.trainer.batch_size

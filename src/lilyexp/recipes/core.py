@@ -44,7 +44,11 @@ class TrainerConfig:
     eval_before_training: bool = knob(False, help="also test the untuned model (metrics.initial)")
     eval_at_end: bool = knob(True, help="also validate after the last step when it is not an eval_every step "
                                         "(false: the HF Trainer's schedule, which the official commonsense runs used)")
-    gradient_checkpointing: bool = knob(False)
+    gradient_checkpointing: bool = knob(False, help="the backbone library's own activation checkpointing")
+    tf32: Optional[bool] = knob(None, help="TF32 matmuls and convolutions on GPUs; None: PyTorch's defaults "
+                                           "(matmul off, cuDNN on), as the official scripts ran")
+    deterministic: bool = knob(False, help="deterministic GPU kernels (slower), so a resumed run equals an "
+                                           "uninterrupted one exactly")
     checkpoint_every: int = bookkeeping(100)
     resume: bool = bookkeeping(False)
     log_every: int = bookkeeping(1)
@@ -98,8 +102,16 @@ class StepPlan:
         groups = []
         for micro in range(first, last):
             chunk = order[micro * per_micro:(micro + 1) * per_micro].tolist()
-            groups.append(chunk[self.rank::self.world])
+            groups.append(self.padded(chunk, order)[self.rank::self.world])
         return groups
+
+    def padded(self, chunk: list[int], order: torch.Tensor) -> list[int]:
+        """An epoch's short last micro-batch, filled up to a multiple of the process count with the epoch's first
+        examples (as torch's DistributedSampler pads): no process gets an empty batch (which would crash it and
+        hang the others in the gradient all-reduce), and all hold equally many, so the mean of their mean losses
+        is the batch's mean. One process never pads."""
+        missing = -len(chunk) % self.world
+        return chunk + order[:missing].tolist()
 
 
 @dataclass

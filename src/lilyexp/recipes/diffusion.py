@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs
+from lilyexp.recipes.devices import make_accelerator
 from lilyexp.methods.routing import routing_record
 from lilyexp.recipes.diffusion_steps import (add_time_ids, cache_latents, encode_prompts, sample_images,
                                              training_loss)
@@ -83,7 +84,7 @@ def generate_and_score(inputs: RecipeInputs, accelerator: Accelerator) -> tuple[
 
 
 def run(inputs: RecipeInputs) -> Outcome:
-    accelerator = Accelerator(mixed_precision=inputs.trainer.mixed_precision)
+    accelerator = make_accelerator(inputs.trainer)
     batches = InstanceBatches(inputs.processor, inputs.task, accelerator.device)
     objective = Objective(plan_size=len(inputs.task.instance), collate=batches.collate, compute_loss=batches.loss,
                           validate=lambda model: {}, select_metric="train/loss", select_mode="min")

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -89,10 +90,10 @@ def cache_latents(vae: nn.Module, pixel_values: torch.Tensor, batch_size: int = 
 
 
 def bare_unet(unet: nn.Module) -> nn.Module:
-    """The diffusers UNet inside a peft wrapper (PeftModel, LoraModel, LilyVariantModel). peft injects adapters in
-    place, so the bare UNet carries them and a pipeline can take it."""
+    """The diffusers UNet inside DDP's wrapper and peft's (PeftModel, LoraModel, LilyVariantModel). peft injects
+    adapters in place, so the bare UNet carries them and a pipeline can take it."""
     diffusers = require_diffusers()
-    module = unet
+    module = extract_model_from_parallel(unet)
     while not isinstance(module, diffusers.UNet2DConditionModel):
         inner = next((module._modules[name] for name in ("base_model", "model") if name in module._modules), None)
         if inner is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import random
 import shutil
@@ -28,6 +29,8 @@ from tqdm.auto import tqdm
 from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
 from lilyexp.recipes.core import (FitResult, Objective, RecipeInputs, StepPlan, build_optimizer, build_scheduler,
                                   load_trainable_state, trainable_state)
+from lilyexp.recipes.devices import (enable_gradient_checkpointing, make_accelerator, upcast_trainable,
+                                     warn_unscaled_half_precision)
 from lilyexp.records import RunContext
 
 log = logging.getLogger("lilyexp")
@@ -54,15 +57,26 @@ class Checkpointer:
     def __init__(self, run: RunContext):
         self.dir = run.work_dir / "checkpoint"
 
+    @property
+    def staging(self) -> Path:
+        return self.dir.with_name("checkpoint.tmp")
+
+    def begin(self) -> None:
+        """Main process: an empty staging folder for the next checkpoint."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+
+    def save_rng(self, rank: int) -> None:
+        """Every process: its own RNG states (each GPU's generator is its process's), into the staging folder."""
+        torch.save(rng_state(), self.staging / f"rng-{rank}.pt")
+
     def save(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
-        tmp = self.dir.with_name("checkpoint.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        """Main process, after every process saved its RNG: the rest, then the staging folder swapped in."""
+        tmp = self.staging
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         if best_state is not None:
             save_file(best_state, tmp / "best.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state))
         old = self.dir.with_name("checkpoint.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -82,7 +96,7 @@ class Checkpointer:
                 return candidate
         return None
 
-    def load(self, model, optimizer, scheduler) -> tuple[dict, dict | None]:
+    def load(self, model, optimizer, scheduler, rank: int = 0) -> tuple[dict, dict | None]:
         path = self.latest()
         try:
             load_trainable_state(model, load_file(path / "trainable.safetensors"))
@@ -91,7 +105,7 @@ class Checkpointer:
             best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
             optimizer.load_state_dict(extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
-            set_rng_state(extra["rng"])
+            set_rng_state(saved_rng(path, rank, extra))
         except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
             raise ConfigError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to start over.") from None
@@ -99,16 +113,36 @@ class Checkpointer:
 
 
 def rng_state() -> dict:
+    """This process's generators; on a GPU, its own device's only (so a resume on fewer GPUs restores each
+    process's state without indexing devices that are gone)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def saved_rng(path: Path, rank: int, extra: dict) -> dict:
+    """The RNG states process ``rank`` saved; a process that did not exist when the checkpoint was written takes
+    process 0's; checkpoints written before per-process files hold process 0's in ``optimizer.pt``."""
+    for candidate in (path / f"rng-{rank}.pt", path / "rng-0.pt"):
+        if candidate.exists():
+            if candidate.name != f"rng-{rank}.pt":
+                log.info("the checkpoint has no RNG state of process %d: process 0's is restored", rank)
+            return torch.load(candidate, weights_only=False)
+    return extra["rng"]
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):  # an older checkpoint's every-device list: this process's device, if saved
+        device = torch.cuda.current_device()
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda)
 
 
 class StepLog:
@@ -151,15 +185,15 @@ class TrainingLoop:
     def __init__(self, inputs: RecipeInputs, objective: Objective, accelerator: Accelerator | None = None):
         trainer = inputs.trainer
         self.inputs, self.objective, self.trainer = inputs, objective, trainer
-        self.accelerator = accelerator or Accelerator(mixed_precision=trainer.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(trainer)
         self.plan = StepPlan(objective.plan_size, trainer.batch_size, trainer.grad_accum, inputs.seed,
                              self.accelerator.num_processes, self.accelerator.process_index, trainer.drop_last)
         self.total = trainer.max_steps if trainer.max_steps is not None else trainer.epochs * self.plan.steps_per_epoch
         self.eval_every = trainer.eval_every or self.plan.steps_per_epoch
         if self.total:
             self.model, self.optimizer, self.scheduler = self.prepare(inputs.model)
-        else:  # trainer.max_steps=0: evaluate a loaded adapter, nothing trains
-            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(inputs.model), None, None
+        else:  # trainer.max_steps=0: evaluate a loaded adapter; DDP refuses to wrap a model with nothing to train
+            self.model, self.optimizer, self.scheduler = inputs.model.to(self.accelerator.device), None, None
         self.main = self.accelerator.is_main_process
         self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
         self.result, self.best_state, self.start, self.collapsed = FitResult(), None, 0, 0
@@ -167,9 +201,10 @@ class TrainingLoop:
         self.result.batch = self.layout
 
     def prepare(self, model: torch.nn.Module):
-        if self.trainer.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
+        if self.trainer.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        upcast_trainable(model)
+        warn_unscaled_half_precision(model, self.accelerator)
         optimizer = build_optimizer(model, self.trainer, self.inputs.head_modules)
         warmup = self.trainer.warmup_steps or math.ceil(self.trainer.warmup_ratio * self.total)
         scheduler = build_scheduler(optimizer, self.trainer, warmup, self.total, self.plan.steps_per_epoch)
@@ -199,8 +234,9 @@ class TrainingLoop:
         return self.result
 
     def train(self, stop: "StopRequests") -> None:
-        """The steps from ``start`` to ``total``; on SIGINT/SIGTERM the last completed step is checkpointed and
-        :class:`RunInterrupted` raised, so ``trainer.resume=true`` continues exactly there."""
+        """The steps from ``start`` to ``total``; on SIGINT/SIGTERM (or SLURM's preemption signal) the last
+        completed step is checkpointed and :class:`RunInterrupted` raised, so ``trainer.resume=true`` (implied
+        after a SLURM requeue) continues exactly there."""
         done = self.start
         progress = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc="train",
                         disable=not self.main)
@@ -240,10 +276,12 @@ class TrainingLoop:
                         COLLAPSE_STEPS, done, self.trainer.lr)
 
     def resume_or_start(self) -> None:
-        if self.trainer.resume and self.checkpointer.latest() is None:
+        resume = self.trainer.resume or requeued()
+        if resume and self.checkpointer.latest() is None:
             log.info("trainer.resume=true, but %s holds no checkpoint: starting from step 0.", self.checkpointer.dir)
-        if self.trainer.resume and self.checkpointer.latest() is not None:
-            state, self.best_state = self.checkpointer.load(self.unwrapped, self.optimizer, self.scheduler)
+        if resume and self.checkpointer.latest() is not None:
+            state, self.best_state = self.checkpointer.load(self.unwrapped, self.optimizer, self.scheduler,
+                                                           self.accelerator.process_index)
             self.start = state["step"]
             self.result = FitResult(state["history"], state["best"], state["initial"], self.start,
                                     resumed_from=self.start, batch=self.layout,
@@ -315,11 +353,26 @@ class TrainingLoop:
         state = {"step": done, "history": self.result.history, "best": self.result.best,
                  "initial": self.result.initial, "step_seconds": self.result.step_seconds}
         if self.main:
+            self.checkpointer.begin()
+        self.accelerator.wait_for_everyone()
+        self.checkpointer.save_rng(self.accelerator.process_index)
+        self.accelerator.wait_for_everyone()
+        if self.main:
             self.checkpointer.save(self.unwrapped, self.optimizer, self.scheduler, state, self.best_state)
         self.accelerator.wait_for_everyone()
 
 
 COLLAPSE_STEPS = 20
+
+
+def requeued() -> bool:
+    """SLURM requeued this job (after a time-out or preemption; submitit requeues with the same command): the
+    run continues from its checkpoint as if ``trainer.resume=true`` had been given."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if restarts.isdigit() and int(restarts) > 0:
+        log.info("SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming from the last checkpoint", restarts)
+        return True
+    return False
 
 
 def batch_layout(processes: int, trainer) -> dict:
@@ -356,15 +409,23 @@ class StopRequests:
             raise StopRequested(self.requested)
 
 
+def preemption_signal() -> signal.Signals:
+    """What SLURM sends ahead of a time-out or preemption when submitit asked for it (``--signal=USR2@90``;
+    submitit's ``SUBMITIT_PREEMPT_SIGNAL`` names another)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+
+
 class stop_requests:
-    """Install the SIGINT/SIGTERM handlers for the loop (main thread only) and restore the previous ones after."""
+    """Install the SIGINT/SIGTERM and preemption-signal handlers for the loop (main thread only) and restore the
+    previous ones after. submitit's own preemption handler requeues the job and exits at once, mid-step; ours
+    runs first, so the step finishes and is checkpointed, and the runner hands the signal on to it afterwards."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> StopRequests:
         self.requests, self.previous = StopRequests(), {}
         try:
-            self.previous = {s: signal.signal(s, self.requests.handle) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, self.requests.handle) for s in (*self.SIGNALS, preemption_signal())}
         except ValueError:  # not the main thread: nothing to install
             pass
         return self.requests

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from lilyexp.backbones.location import unavailable
 from lilyexp.errors import ConfigError
+from lilyexp.placement import training_device
 
 DINO_MODEL = "facebook/dino-vits16"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -100,18 +101,18 @@ def _load(cls: Any, name_or_path: str, switch: str, **kwargs: Any) -> Any:
         raise unavailable(name_or_path, exc, switch) from None
 
 
-def load_dino(name_or_path: str = DINO_MODEL, device: str = "cpu") -> DinoEmbedder:
+def load_dino(name_or_path: str = DINO_MODEL, device: str | torch.device | None = None) -> DinoEmbedder:
     from transformers import AutoImageProcessor, ViTModel
 
     model = _load(ViTModel, name_or_path, DINO_SWITCH, add_pooling_layer=False)
-    return DinoEmbedder(model.to(device), _load(AutoImageProcessor, name_or_path, DINO_SWITCH))
+    return DinoEmbedder(model.to(device or training_device()), _load(AutoImageProcessor, name_or_path, DINO_SWITCH))
 
 
-def load_clip(name_or_path: str = CLIP_MODEL, device: str = "cpu") -> ClipEmbedder:
+def load_clip(name_or_path: str = CLIP_MODEL, device: str | torch.device | None = None) -> ClipEmbedder:
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     model = _load(CLIPModel, name_or_path, CLIP_SWITCH)
-    return ClipEmbedder(model.to(device), _load(CLIPImageProcessor, name_or_path, CLIP_SWITCH),
+    return ClipEmbedder(model.to(device or training_device()), _load(CLIPImageProcessor, name_or_path, CLIP_SWITCH),
                         _load(AutoTokenizer, name_or_path, CLIP_SWITCH))
 
 
