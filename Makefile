@@ -93,6 +93,12 @@ bench-data: venv
 bench-eval: venv
 	$(BIN)/python scripts/bench_eval.py
 
+# On a GPU machine: one or two steps of every paradigm at the paper's shapes and precision (random weights when the
+# hub is unreachable), DDP on two processes when two GPUs are visible; status, s/step, peak memory per cell.
+# GPU_CHECK_ARGS: e.g. --dreambooth-dir /data/dreambooth/dataset, --only llama3-lily-fp16, --tiny (a CPU).
+gpu-check: venv
+	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
 # The whole suite (what CI runs), offline on CPU; test-fast leaves out the end-to-end and subprocess tests.
 test: venv
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)

@@ -68,3 +68,27 @@ def test_an_evaluation_only_run_on_two_processes_is_not_wrapped_in_ddp(tmp_path)
     evaluate = [*CELL, "trainer.max_steps=0", f"method.load_from={trained['adapter']['path']}"]
     one, two = launch_cell(tmp_path / "one", 1, evaluate), launch_cell(tmp_path / "two", 2, evaluate)
     assert two["status"] == "finished" and two["metrics"]["final"] == one["metrics"]["final"]
+
+
+SHARDED_EVALUATION = """
+import json, os, sys
+from accelerate import Accelerator
+from lilyexp.recipes.sharding import map_batches
+state = Accelerator()  # as a recipe creates it before evaluating
+seen = []
+results = map_batches(list(range(7)), 2, lambda batch: (seen.append(list(batch)), [10 * i for i in batch])[1])
+print(json.dumps({"rank": state.process_index, "seen": seen, "results": results}), flush=True)
+"""
+
+
+def test_evaluation_batches_are_dealt_whole_to_the_processes_and_gathered_in_order(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+               str(tmp_path / "deal.py")]
+    (tmp_path / "deal.py").write_text(SHARDED_EVALUATION)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                     key=lambda report: report["rank"])
+    assert [r["seen"] for r in reports] == [[[0, 1], [4, 5]], [[2, 3], [6]]]  # the one-process batches, dealt
+    assert all(r["results"] == [0, 10, 20, 30, 40, 50, 60] for r in reports)

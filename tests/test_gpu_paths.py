@@ -52,6 +52,7 @@ def test_fp16_autocast_with_a_grad_scaler_trains_on_half_precision_weights(fp16_
     assert record["status"] == "finished", record.get("error")
     assert len(losses(tmp_path)) == 3 and all(torch.isfinite(torch.tensor(losses(tmp_path))))
     assert fp16_on_cpu.scalers[-1]._scale is not None  # the scaler scaled the loss: the fp16 path ran
+    assert record["precision"] == {"requested": "no", "autocast": "fp16", "grad_scaler": True}  # what ran
 
 
 @pytest.mark.slow
@@ -311,3 +312,48 @@ def test_the_record_states_the_numerics_flags(tmp_path):
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = False, True
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+# ------------------------------------------------------------------------------ make gpu-check
+
+def gpu_check(tmp_path, *args: str, timeout: int = 600):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_gpu_check_composes_every_paper_scale_cell_with_random_weights_of_the_real_shapes(tmp_path):
+    done = gpu_check(tmp_path, "--dry-run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    cells = [line.split(": ", 1) for line in done.stdout.splitlines() if not line.startswith("skipping")]
+    loaders = {name: command.split()[0] for name, command in cells}
+    assert loaders == {"llama3-lily-fp16": "lilyexp.backbones.hf.from_config",
+                       "llama3-pissa-fp16": "lilyexp.backbones.hf.from_config",
+                       "falcon_mamba-lily-fp16": "lilyexp.backbones.hf.from_config",
+                       "roberta_large-lily-fp32": "lilyexp.backbones.hf.from_config",
+                       "roberta_large-full-fp16": "lilyexp.backbones.hf.from_config",
+                       "vit-lily-fp32": "lilyexp.backbones.timm_vision.load", "vim-lily-bf16": "lilyexp.backbones.vim.load"}
+    assert "skipping the DDP cell: 0 GPU(s) visible, it needs 2" in done.stdout
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu_in_one_sentence(tmp_path):
+    done = gpu_check(tmp_path)
+    assert done.returncode == 1 and done.stderr.strip().startswith("error: no GPU visible;")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_cells_on_the_tiny_backbones_and_reports_each(tmp_path):
+    done = gpu_check(tmp_path, "--tiny", "--only", "llama3-pissa-fp16", "roberta_large-full-fp16",
+                     "llama3-lily-fp16-ddp2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(row["cell"], row["status"], row["steps"], row["processes"]) for row in rows] == [
+        ("llama3-pissa-fp16", "finished", 2, 1), ("roberta_large-full-fp16", "finished", 2, 1),
+        ("llama3-lily-fp16-ddp2", "finished", 2, 2)]
+    assert all(row["peak_mem_gib"] > 0 and row["step_s"] > 0 for row in rows)
+    assert "| llama3-pissa-fp16 | finished | 2 |" in (tmp_path / "gpu_check.md").read_text()

@@ -405,3 +405,12 @@ def test_paths_and_logger_keys_are_checked(override, message, tiny_run, tmp_path
     wandb = ["backbone=tiny_llama", *tiny_run, "logger=wandb", "+logger.projcet=foo"]
     with pytest.raises(ConfigError, match="unknown setting logger.projcet \\(the logger takes: project"):
         execute(compose_run(wandb, tmp_path), wandb)
+
+
+def test_fp16_asked_for_on_a_cpu_warns_and_the_record_says_fp32_ran(tiny_run, tmp_path, caplog):
+    """accelerate silently runs fp16 as fp32 on a CPU (no autocast, no scaler): the record must not say fp16."""
+    overrides = ["backbone=tiny_llama", "trainer.max_steps=1", "trainer.mixed_precision=fp16", *tiny_run]
+    with caplog.at_level(logging.WARNING, logger="lilyexp"):
+        record = json.loads(execute(compose_run(overrides, tmp_path), overrides).read_text())
+    assert record["precision"] == {"requested": "fp16", "autocast": "no", "grad_scaler": False}
+    assert any("trainer.mixed_precision=fp16 does not run on cpu" in r.getMessage() for r in caplog.records)

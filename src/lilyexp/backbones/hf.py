@@ -54,11 +54,13 @@ def pretrained_config(name_or_path: str, *, package: str | None = None, gguf_fil
 
 
 def from_config(config: Any, *, auto_class: str, tokenizer: Any, pad_token_id: int | None = None,
-                **task_model_kwargs: Any) -> Backbone:
-    """Random-init model of ``config`` (a transformers config object); no download."""
+                dtype: str | None = None, **task_model_kwargs: Any) -> Backbone:
+    """Random-init model of ``config`` (a transformers config object), in ``dtype`` when given; no download."""
     for key, value in task_model_kwargs.items():
         setattr(config, key, value)
     model = get_class(auto_class).from_config(config)
+    if dtype is not None:
+        model.to(torch_dtype(dtype))
     return Backbone(model, _with_pad_token(tokenizer, model, pad_token_id))
 
 

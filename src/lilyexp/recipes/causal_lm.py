@@ -22,6 +22,7 @@ from lilyexp.recipes.devices import make_accelerator
 from lilyexp.recipes.loglikelihood import loglikelihood_accuracy
 from lilyexp.recipes.loop import fit
 from lilyexp.recipes.prefill import PrefillCount, prefill_once
+from lilyexp.recipes.sharding import map_batches
 from lilyexp.records import run_metrics
 
 IGNORE_INDEX = -100
@@ -64,13 +65,13 @@ def language_model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, batch_size: int, device) -> dict:
     model.eval()
-    total, count = 0.0, 0
-    for start in tqdm(range(0, len(features), batch_size), desc="eval val/loss", leave=False):
-        chunk = features[start:start + batch_size]
+
+    def batch_loss(chunk: list[dict]) -> list[float]:  # the batch's mean loss, once per example in it
         batch = {k: v.to(device) for k, v in left_pad(chunk, pad_id).items()}
-        total += language_model_loss(model, batch).float().item() * len(chunk)
-        count += len(chunk)
-    return {"val/loss": total / max(count, 1)}
+        return [language_model_loss(model, batch).float().item()] * len(chunk)
+
+    losses = map_batches(features, batch_size, batch_loss, desc="eval val/loss")
+    return {"val/loss": sum(losses) / max(len(losses), 1)}
 
 
 @torch.no_grad()
@@ -92,14 +93,13 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], setting
 def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], device, prefill: PrefillCount
                     ) -> tuple[dict, list[dict]]:
     """The task's score on one test set and one prediction line per example."""
-    batch_size, lines = task.generation["batch_size"], []
-    for start in tqdm(range(0, len(examples), batch_size), desc=f"eval {name}", leave=False):
-        chunk = examples[start:start + batch_size]
-        decoded = generate(model, tokenizer, [task.prompt(e) for e in chunk], task.generation, device, prefill)
-        for offset, (example, text) in enumerate(zip(chunk, decoded)):
-            response, prediction = task.extract(name, text)
-            lines.append({"id": start + offset, "eval_set": name, "generation": response, "prediction": prediction,
-                          "answer": example["answer"], "correct": task.is_correct(prediction, example["answer"])})
+    decoded = map_batches(examples, task.generation["batch_size"], lambda chunk: generate(
+        model, tokenizer, [task.prompt(e) for e in chunk], task.generation, device, prefill), desc=f"eval {name}")
+    lines = []
+    for index, (example, text) in enumerate(zip(examples, decoded)):
+        response, prediction = task.extract(name, text)
+        lines.append({"id": index, "eval_set": name, "generation": response, "prediction": prediction,
+                      "answer": example["answer"], "correct": task.is_correct(prediction, example["answer"])})
     score = task.score(name, [line["prediction"] for line in lines], [line["answer"] for line in lines])
     return score, lines
 
@@ -180,6 +180,5 @@ def run(inputs: RecipeInputs) -> Outcome:
     extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt, "routing": routing,
                             "prefill": prefill.mode},
              "evaluation": scoring_record(task, inputs.model, eval_bs),
-             "data": sizes,
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "batch": result.batch}
+             "data": sizes, **result.record_fields()}
     return Outcome(metrics, extra)

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lilyexp.methods.routing import routing_groups, routing_record, row_groups
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, StepPlan, TrainerConfig, selected_evaluation
 from lilyexp.recipes.devices import make_accelerator
 from lilyexp.recipes.loop import fit
+from lilyexp.recipes.sharding import map_batches
 from lilyexp.records import run_metrics
 
 
@@ -38,14 +38,16 @@ def classification_loss(task: Any, model: torch.nn.Module, batch: dict) -> torch
 def evaluate_split(model: torch.nn.Module, processor: Any, task: Any, features: list, batch_size: int, device,
                    split: str) -> dict:
     model.eval()
-    predictions, references = [], []
-    for start in tqdm(range(0, len(features), batch_size), desc=f"eval {split}", leave=False):
-        batch = {k: v.to(device) for k, v in task.collate(processor, features[start:start + batch_size]).items()}
+
+    def predict(chunk: list) -> list[tuple]:
+        batch = {k: v.to(device) for k, v in task.collate(processor, chunk).items()}
         with routing_groups(model, row_groups(len(batch["labels"]), device)):
             logits = task.logits(model, batch)
-        predictions += (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).tolist()
-        references += batch["labels"].tolist()
-    return task.score(split, predictions, references)
+        predicted = (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).tolist()
+        return list(zip(predicted, batch["labels"].tolist()))
+
+    pairs = map_batches(features, batch_size, predict, desc=f"eval {split}")
+    return task.score(split, [p for p, _ in pairs], [r for _, r in pairs])
 
 
 def with_epoch_evaluation(trainer: TrainerConfig, task: Any, train_size: int, world: int) -> TrainerConfig:
@@ -83,7 +85,6 @@ def run(inputs: RecipeInputs) -> Outcome:
                           history=result.history)
     extra = {"data": {"train": len(train), "selection": len(selection),
                       "final": None if task.final is None else len(task.final)},
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(),
-             "batch": result.batch, "splits": task.splits,
+             **result.record_fields(), "splits": task.splits,
              "evaluation": {"batch_size": eval_bs, "routing": routing_record(inputs.model, "each example")}}
     return Outcome(metrics, extra)

@@ -161,6 +161,12 @@ class FitResult:
     resumed_from: int | None = None
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time, evaluation excluded
     batch: dict = field(default_factory=dict)  # processes x micro-batch x accumulation: what batch-pooled routing saw
+    precision: dict = field(default_factory=dict)  # the precision asked for and what ran (lilyexp.recipes.devices)
+
+    def record_fields(self) -> dict:
+        """What every paradigm's record says of its training: steps, resume point, timing, batch layout, precision."""
+        return {"steps": self.steps, "resumed_from_step": self.resumed_from, "timing": self.timing(),
+                "batch": self.batch, "precision": self.precision}
 
     def timing(self) -> dict:
         """The record's training-time figures: time per optimizer step (median; evaluation excluded) and their sum."""

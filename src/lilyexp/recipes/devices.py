@@ -10,6 +10,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 
 from lilyexp.errors import ConfigError
@@ -30,9 +31,12 @@ CHECKPOINTING_SWITCHES = {
 
 def make_accelerator(trainer) -> Accelerator:
     """The accelerator of one run, with ``trainer.mixed_precision`` (which wins over an ``accelerate config``
-    file's, so a cell's precision is in its identity) and the numerics flags set."""
+    file's, so a cell's precision is in its identity) and the numerics flags set. accelerate keeps one
+    precision per process, so a sweep's earlier cell's is cleared first (the process group, if any, is kept)."""
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=trainer.mixed_precision)
     refuse_sharded(accelerator)
+    warn_precision_not_run(accelerator, trainer)
     set_numerics(trainer)
     return accelerator
 
@@ -58,6 +62,20 @@ def set_numerics(trainer) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def precision_ran(accelerator: Accelerator, trainer) -> dict:
+    """What ``trainer.mixed_precision`` became: on a CPU accelerate runs fp16 without autocast or a loss scaler
+    (plain fp32), which the record must say rather than "fp16"."""
+    autocast = accelerator.mixed_precision if accelerator.native_amp else "no"
+    scaler = accelerator.scaler is not None
+    return {"requested": trainer.mixed_precision, "autocast": autocast, "grad_scaler": scaler}
+
+
+def warn_precision_not_run(accelerator: Accelerator, trainer) -> None:
+    if trainer.mixed_precision != "no" and not accelerator.native_amp:
+        log.warning("trainer.mixed_precision=%s does not run on %s (accelerate computes in fp32 there); the record "
+                    "states what ran (precision.autocast=no)", trainer.mixed_precision, accelerator.device.type)
 
 
 def upcast_trainable(model: torch.nn.Module) -> int:

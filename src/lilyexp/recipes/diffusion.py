@@ -93,5 +93,5 @@ def run(inputs: RecipeInputs) -> Outcome:
     record_metrics = run_metrics(final=metrics, rule="last", metric="train/loss", mode="min", best={},
                                  history=result.history)
     extra = {"dreambooth": details, "data": {"train": len(inputs.task.instance), "prompts": len(inputs.task.prompts)},
-             "steps": result.steps, "resumed_from_step": result.resumed_from, "timing": result.timing(), "batch": result.batch}
+             **result.record_fields()}
     return Outcome(record_metrics, extra)

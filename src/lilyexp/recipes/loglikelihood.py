@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from lilyexp.methods.routing import routing_groups, row_groups, warn_if_batch_coupled
+from lilyexp.recipes.sharding import map_batches
 
 
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -52,19 +52,22 @@ def option_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[li
 
 def score_set(model, tokenizer, task, name: str, examples: list[dict], batch_size: int, device) -> dict:
     """Accuracy (summed log-probability) and byte-normalised accuracy of one test set."""
-    correct = correct_norm = 0
-    for start in tqdm(range(0, len(examples), batch_size), desc=f"score {name}", leave=False):
-        questions = [task.choices(name, e) for e in examples[start:start + batch_size]]
+
+    def judge(chunk: list[dict]) -> list[tuple[bool, bool]]:  # (summed, byte-normalised) right, per question
+        questions = [task.choices(name, e) for e in chunk]
         pairs = [continuation_ids(tokenizer, context, option) for context, options, _ in questions
                  for option in options]
-        scores = iter(option_logprobs(model, tokenizer, pairs, device))
+        scores, judged = iter(option_logprobs(model, tokenizer, pairs, device)), []
         for context, options, gold in questions:
             mine = [next(scores) for _ in options]
             normed = [s / max(1, len(option.encode())) for s, option in zip(mine, options)]
-            correct += mine.index(max(mine)) == gold
-            correct_norm += normed.index(max(normed)) == gold
+            judged.append((mine.index(max(mine)) == gold, normed.index(max(normed)) == gold))
+        return judged
+
+    judged = map_batches(examples, batch_size, judge, desc=f"score {name}")
     total = max(len(examples), 1)
-    return {f"test/mc_accuracy/{name}": correct / total, f"test/mc_accuracy_norm/{name}": correct_norm / total}
+    return {f"test/mc_accuracy/{name}": sum(j[0] for j in judged) / total,
+            f"test/mc_accuracy_norm/{name}": sum(j[1] for j in judged) / total}
 
 
 def loglikelihood_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, batch_size: int, device) -> dict:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
 from lilyexp.recipes.core import (FitResult, Objective, RecipeInputs, StepPlan, build_optimizer, build_scheduler,
                                   load_trainable_state, trainable_state)
-from lilyexp.recipes.devices import (enable_gradient_checkpointing, make_accelerator, upcast_trainable,
+from lilyexp.recipes.devices import (enable_gradient_checkpointing, make_accelerator, precision_ran, upcast_trainable,
                                      warn_unscaled_half_precision)
 from lilyexp.records import RunContext
 
@@ -198,7 +198,7 @@ class TrainingLoop:
         self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
         self.result, self.best_state, self.start, self.collapsed = FitResult(), None, 0, 0
         self.layout = batch_layout(self.accelerator.num_processes, trainer)
-        self.result.batch = self.layout
+        self.result.batch, self.result.precision = self.layout, precision_ran(self.accelerator, trainer)
 
     def prepare(self, model: torch.nn.Module):
         if self.trainer.gradient_checkpointing:
@@ -284,7 +284,7 @@ class TrainingLoop:
                                                            self.accelerator.process_index)
             self.start = state["step"]
             self.result = FitResult(state["history"], state["best"], state["initial"], self.start,
-                                    resumed_from=self.start, batch=self.layout,
+                                    resumed_from=self.start, batch=self.layout, precision=self.result.precision,
                                     step_seconds=state.get("step_seconds", []))  # the record times every step
             self.log.truncate_after(self.start)
             return
