@@ -81,3 +81,28 @@ class FakeSubmititHandler(Callback):
                 json.dump({"signal": signal.Signals(signum).name, "record_status": record["status"]}, handle)
             sys.exit(3)
         signal.signal(signal.SIGUSR2, requeue_and_exit)
+
+
+class SignalAtTrainEnd(Callback):
+    """Send this process ``signal`` when training has ended, before the selected weights are tested (outside the
+    training loop's own handlers)."""
+
+    def __init__(self, signal: str = "SIGTERM"):
+        self.signal = signal
+
+    def on_train_end(self, loop) -> None:
+        os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class SignalTwice(Callback):
+    """Send SIGINT after ``step``, and again ``gap`` seconds later from a timer (two Ctrl-C in quick succession)."""
+
+    def __init__(self, step: int, gap: float = 0.05):
+        self.step, self.gap = step, gap
+
+    def on_step_end(self, loop, step: int) -> None:
+        if step == self.step:
+            import threading
+            pid = os.getpid()
+            threading.Timer(self.gap, lambda: os.kill(pid, signal.SIGINT)).start()
+            os.kill(pid, signal.SIGINT)

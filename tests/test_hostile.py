@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lilyexp.errors import CellBusy, ConfigError, TrainingDiverged
+from lilyexp.errors import CellBusy, ConfigError, DiskFull, RunInterrupted, TrainingDiverged
 from lilyexp.run import execute
 from lilyexp.tasks import commonsense as cs
 from lilyexp.tasks.glue import GlueTask
@@ -414,3 +414,137 @@ def test_fp16_asked_for_on_a_cpu_warns_and_the_record_says_fp32_ran(tiny_run, tm
         record = json.loads(execute(compose_run(overrides, tmp_path), overrides).read_text())
     assert record["precision"] == {"requested": "fp16", "autocast": "no", "grad_scaler": False}
     assert any("trainer.mixed_precision=fp16 does not run on cpu" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- interruptions outside the loop
+
+INTERRUPTIBLE = ["backbone=tiny_llama", "trainer.max_steps=3", "trainer.checkpoint_every=100", "trainer.eval_every=3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_after_training_before_the_test_writes_an_interrupted_record_that_resume_completes(
+        name, code, tiny_run, tmp_path):
+    stopped = run_cli([*INTERRUPTIBLE, *tiny_run,
+                       f"trainer.callbacks=[{{_target_:callbacks.SignalAtTrainEnd,signal:{name}}}]"], tmp_path)
+    assert stopped.returncode == code and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    assert record["status"] == "interrupted" and record["interrupted"]["after_step"] == 3
+    resumed = run_cli([*INTERRUPTIBLE, *tiny_run, "trainer.resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    done = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    assert done["status"] == "finished" and done["resumed_from_step"] == 3 and "test/accuracy/avg" in \
+        done["metrics"]["final"]
+
+
+def test_ctrl_c_during_the_evaluation_before_training_ends_in_an_interrupted_record(monkeypatch, tiny_run,
+                                                                                       tmp_path):
+    import os
+    import signal
+
+    import lilyexp.recipes.causal_lm as causal_lm
+
+    def interrupted_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("the signal should have stopped the evaluation")
+    monkeypatch.setattr(causal_lm, "generation_accuracy", interrupted_evaluation)
+    overrides = [*INTERRUPTIBLE, *tiny_run, "trainer.eval_before_training=true"]
+    with pytest.raises(RunInterrupted) as info:
+        execute(compose_run(overrides, tmp_path), overrides)
+    record = json.loads(info.value.record.read_text())
+    assert record["status"] == "interrupted" and record["interrupted"]["signal"] == "SIGINT"
+    assert record["interrupted"]["after_step"] == 0
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_in_quick_succession_leave_a_correct_record_and_no_traceback(tiny_run, tmp_path):
+    stopped = run_cli([*INTERRUPTIBLE, *tiny_run, "trainer.callbacks=[{_target_:callbacks.SignalTwice,step:2}]"],
+                      tmp_path)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr and "Exception ignored" not in stopped.stderr, stopped.stderr[-2000:]
+    record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    assert record["status"] == "interrupted" and record["interrupted"]["after_step"] == 2
+
+
+@pytest.mark.parametrize("damage", ["emptied", "deleted", "not_a_dict"])
+def test_a_damaged_state_json_is_refused_as_corrupt_on_resume(damage, tiny_run, tmp_path):
+    overrides = [*INTERRUPTIBLE, *tiny_run, "trainer.checkpoint_every=1", "trainer.keep_checkpoint=true"]
+    path = execute(compose_run(overrides, tmp_path), overrides)
+    state = next((tmp_path / "checkpoints").rglob("checkpoint/state.json"))
+    {"emptied": lambda: state.write_text("{}"), "deleted": state.unlink,
+     "not_a_dict": lambda: state.write_text("[]")}[damage]()
+    resume = [*overrides, "trainer.resume=true", "overwrite=true"]
+    with pytest.raises(ConfigError, match=r"^checkpoint .*checkpoint is corrupt or incomplete .*delete it to start "
+                                          r"over\.$") as info:
+        execute(compose_run(resume, tmp_path), resume)
+    sentence(info)
+    assert json.loads(path.read_text())["status"] == "finished"  # the finished record is kept
+
+
+@pytest.mark.slow
+def test_a_reader_that_went_away_does_not_fail_the_run_and_sigterm_still_checkpoints(tiny_run, tmp_path):
+    """A dropped ssh session or a killed `| tail`: every later write to stdout/stderr hits a closed pipe."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    command = [sys.executable, "-m", "lilyexp.run", *INTERRUPTIBLE, *tiny_run, "trainer.max_steps=4",
+               "trainer.callbacks=[{_target_:callbacks.SignalAtStep,step:2,signal:SIGTERM}]",
+               f"paths.results_dir={tmp_path}/results", f"paths.checkpoint_dir={tmp_path}/checkpoints",
+               f"hydra.run.dir={tmp_path}/hydra"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
+    child.stdout.close()
+    child.stderr.close()
+    assert child.wait(timeout=300) == 143
+    record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    assert record["status"] == "interrupted" and record["interrupted"]["after_step"] == 2
+    assert list((tmp_path / "checkpoints").rglob("checkpoint/state.json"))
+
+
+# --------------------------------------------------------------------------------------------- full disks
+
+def no_space(*args, **kwargs):
+    import errno
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_checkpoint_disk_stops_in_one_sentence_keeping_the_last_checkpoint(monkeypatch, tiny_run, tmp_path):
+    import lilyexp.recipes.loop as loop
+    from safetensors import SafetensorError
+
+    writes = []
+    real = loop.save_file
+
+    def fills_up(tensors, path, *args, **kwargs):
+        writes.append(path)
+        if len(writes) > 1:  # the second checkpoint finds the disk full (safetensors' own wrapping of ENOSPC)
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(tensors, path, *args, **kwargs)
+    monkeypatch.setattr(loop, "save_file", fills_up)
+    overrides = [*INTERRUPTIBLE, *tiny_run, "trainer.checkpoint_every=1", "trainer.eval_every=100",
+                 "trainer.eval_at_end=false"]
+    with pytest.raises(DiskFull, match=r"^no space left on the device while writing this run's files "
+                                       r"\(checkpoints under .*\); the checkpoint of step 1 is kept: free some space "
+                                       r"and rerun the same command with trainer.resume=true\.$"):
+        execute(compose_run(overrides, tmp_path), overrides)
+    monkeypatch.setattr(loop, "save_file", real)  # space freed
+    resumed = [*overrides, "trainer.resume=true"]
+    record = json.loads(execute(compose_run(resumed, tmp_path), resumed).read_text())
+    assert record["status"] == "finished" and record["resumed_from_step"] == 1
+
+
+def test_a_full_results_disk_at_the_record_keeps_the_checkpoint_and_resume_writes_the_record(monkeypatch, tiny_run,
+                                                                                             tmp_path):
+    import lilyexp.records as records
+
+    overrides = [*INTERRUPTIBLE, *tiny_run]
+    monkeypatch.setattr(records, "atomic_write_text", no_space)
+    with pytest.raises(DiskFull, match="the checkpoint of step 3 is kept"):
+        execute(compose_run(overrides, tmp_path), overrides)
+    monkeypatch.undo()
+    resumed = [*overrides, "trainer.resume=true"]
+    record = json.loads(execute(compose_run(resumed, tmp_path), resumed).read_text())
+    assert record["status"] == "finished" and record["resumed_from_step"] == 3

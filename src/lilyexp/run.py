@@ -24,14 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.backbones import skeleton
 from lilyexp.compose import CONF_DIR, build, check_combination
-from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
+from lilyexp.errors import ConfigError, DiskFull, RunInterrupted, TrainingDiverged, is_disk_full
 from lilyexp.loggers import NullLogger
 from lilyexp.methods.export import export_cell, load_adapter, write_export_cell
 from lilyexp.placement import training_device
 from lilyexp.recipes.core import RecipeInputs
-from lilyexp.recipes.loop import Checkpointer
+from lilyexp.recipes.loop import Checkpointer, interruptible, preemption_signal
 from lilyexp.records import RunContext, count_parameters, is_main_process, read_record
 from lilyexp.settings import check_settings
+from lilyexp.streams import survive_lost_readers
 
 log = logging.getLogger("lilyexp")
 
@@ -53,17 +54,36 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
 def run_and_record(cfg: DictConfig, run: RunContext) -> Path:
     params: dict = {}
+    with interruptible() as signals:
+        try:
+            return train_and_record(cfg, run, params)
+        except RunInterrupted as exc:
+            signals.hold()  # a second Ctrl-C must not cut the record short
+            step = exc.step if exc.step is not None else Checkpointer(run).step()
+            exc = RunInterrupted(exc.signal_name, step)
+            path = run.write_interrupted(exc, params) if is_main_process() else run.record_path
+            raise RunInterrupted(exc.signal_name, step, path) from None
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise disk_full(run, params) from None
+            path = run.write_failure(exc, params)
+            log.error("run failed (%s); record: %s", one_line(exc), path)
+            if isinstance(exc, TrainingDiverged):
+                raise TrainingDiverged(f"{exc}\nrecord: {path}") from None
+            raise
+
+
+def disk_full(run: RunContext, params: dict) -> DiskFull:
+    """One sentence for a full disk, after trying to leave a failed record (which may not fit either)."""
+    step = Checkpointer(run).step()
+    error = DiskFull(f"no space left on the device while writing this run's files (checkpoints under "
+                     f"{run.work_dir}, the record under {run.record_path.parent}); the checkpoint of step {step} is "
+                     f"kept: free some space and rerun the same command with trainer.resume=true.")
     try:
-        return train_and_record(cfg, run, params)
-    except RunInterrupted as exc:
-        path = run.write_interrupted(exc, params) if is_main_process() else run.record_path
-        raise RunInterrupted(exc.signal_name, exc.step, path) from None
-    except Exception as exc:
-        path = run.write_failure(exc, params)
-        log.error("run failed (%s); record: %s", one_line(exc), path)
-        if isinstance(exc, TrainingDiverged):
-            raise TrainingDiverged(f"{exc}\nrecord: {path}") from None
-        raise
+        run.write_failure(error, params)
+    except OSError:
+        pass
+    return error
 
 
 def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
@@ -153,11 +173,17 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def hand_on(signal_name: str) -> None:
-    """Give the signal that stopped training to the handler that was installed before the loop's (submitit's
+def ignore_further_signals() -> dict:
+    """Ignore SIGINT/SIGTERM/the preemption signal from now on; the handlers they had."""
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM,
+                                                                       preemption_signal())}
+
+
+def hand_on(signal_name: str, handlers: dict) -> None:
+    """Give the signal that stopped training to the handler that was installed before the run's (submitit's
     requeue-and-exit on a SLURM time-out), now that the step is checkpointed and the record written."""
     signum = signal.Signals[signal_name]
-    handler = signal.getsignal(signum)
+    handler = handlers.get(signum)
     if callable(handler) and handler is not signal.default_int_handler:
         handler(signum, None)
 
@@ -179,14 +205,15 @@ def main(cfg: DictConfig) -> float | None:
     try:
         path = execute(cfg, hydra_overrides())
     except RunInterrupted as exc:  # also ends a sweep: the whole job was asked to stop
+        handlers = ignore_further_signals()  # exiting anyway: a second Ctrl-C must not print a traceback
         print(f"interrupted by {exc.signal_name} after step {exc.step}; record: {exc.record}\n"
               f"resume with the same command and trainer.resume=true", file=sys.stderr, flush=True)
-        hand_on(exc.signal_name)
+        hand_on(exc.signal_name, handlers)
         sys.exit(128 + signal.Signals[exc.signal_name].value)
     except Exception as exc:
         if in_sweep():  # sys.exit would end the whole sweep; Hydra reports this after the other cells ran
             raise CellFailed(one_line(exc)) from None
-        if not isinstance(exc, (ConfigError, TrainingDiverged)):
+        if not isinstance(exc, (ConfigError, TrainingDiverged, DiskFull)):
             raise  # a bug: the traceback is wanted (the failed record holds it too)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
@@ -196,4 +223,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    survive_lost_readers()
     main()

@@ -71,14 +71,25 @@ class Checkpointer:
         torch.save(rng_state(), self.staging / f"rng-{rank}.pt")
 
     def save(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
-        """Main process, after every process saved its RNG: the rest, then the staging folder swapped in."""
+        """Main process, after every process saved its RNG: the rest, then the staging folder swapped in. A
+        write that fails (a full disk) leaves the previous checkpoint as it was."""
+        try:
+            self.write_staged(model, optimizer, scheduler, state, best_state)
+        except BaseException:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+        self.swap_in()
+
+    def write_staged(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
         tmp = self.staging
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         if best_state is not None:
             save_file(best_state, tmp / "best.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state))
-        old = self.dir.with_name("checkpoint.old")
+
+    def swap_in(self) -> None:
+        tmp, old = self.staging, self.dir.with_name("checkpoint.old")
         shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
             self.dir.rename(old)
@@ -91,10 +102,23 @@ class Checkpointer:
             shutil.rmtree(candidate, ignore_errors=True)
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint; a folder holding files but no state.json is a damaged one (refused
+        rather than silently trained over)."""
         for candidate in (self.dir, self.dir.with_name("checkpoint.old")):
             if (candidate / "state.json").exists():
                 return candidate
+        if self.dir.is_dir() and any(self.dir.iterdir()):
+            raise ConfigError(f"checkpoint {self.dir} is corrupt or incomplete (state.json is missing); delete it "
+                              f"to start over.")
         return None
+
+    def step(self) -> int:
+        """The optimizer step the newest checkpoint holds (0 when there is none)."""
+        try:
+            path = self.latest()
+            return int(json.loads((path / "state.json").read_text())["step"]) if path else 0
+        except (ConfigError, OSError, ValueError, KeyError, TypeError):
+            return 0
 
     def load(self, model, optimizer, scheduler, rank: int = 0) -> tuple[dict, dict | None]:
         path = self.latest()
@@ -102,14 +126,21 @@ class Checkpointer:
             load_trainable_state(model, load_file(path / "trainable.safetensors"))
             extra = torch.load(path / "optimizer.pt", weights_only=False)
             state = json.loads((path / "state.json").read_text())
+            missing = [key for key in STATE_KEYS if key not in state]
+            if missing:
+                raise KeyError(f"state.json lacks {', '.join(missing)}")
             best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
             optimizer.load_state_dict(extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
             set_rng_state(saved_rng(path, rank, extra))
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, SafetensorError,
+                pickle.UnpicklingError) as exc:
             raise ConfigError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to start over.") from None
         return state, best
+
+
+STATE_KEYS = ("step", "history", "best", "initial")  # what a resumed run cannot do without
 
 
 def rng_state() -> dict:
@@ -429,6 +460,33 @@ class stop_requests:
         except ValueError:  # not the main thread: nothing to install
             pass
         return self.requests
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class interruptible:
+    """SIGINT, SIGTERM or the preemption signal anywhere outside the training loop (loading, evaluation before or
+    after training, DreamBooth sampling, the export) stop the run at once with :class:`RunInterrupted`, so it
+    ends with an ``interrupted`` record like an interruption mid-training; the loop's own handlers replace these
+    while it trains. :meth:`hold` ignores further signals while that record is written."""
+
+    def __enter__(self) -> "interruptible":
+        self.previous = {}
+        try:
+            self.previous = {s: signal.signal(s, self.stop) for s in (*stop_requests.SIGNALS, preemption_signal())}
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def stop(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signal.Signals(signum).name, None)
+
+    def hold(self) -> None:
+        for signum in self.previous:
+            signal.signal(signum, signal.SIG_IGN)
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self.previous.items():

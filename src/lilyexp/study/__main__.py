@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lilyexp.errors import ConfigError, RunInterrupted
+from lilyexp.streams import survive_lost_readers
 from lilyexp.study.analyse import analyse, chosen_points, planned_total, select
 from lilyexp.study.plan import Cell, command, confirm_cells, grid_points, sweep_command, task_order, tune_cells
 from lilyexp.study.render import write_report
@@ -122,4 +123,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    survive_lost_readers()  # a study runs for hours: a dropped session must not fail its cell
     sys.exit(main())
