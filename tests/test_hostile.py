@@ -290,6 +290,29 @@ def test_a_collapse_to_the_uniform_prediction_is_warned(tiny_run, tmp_path, capl
     assert any("a uniform prediction, for 20 steps" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("losses,total,warned_at", [
+    ([0.69] * 25, 100, None),  # a binary classifier starting at ln 2: not yet
+    ([0.69] * 50, 100, 50),  # half the run without leaving it: it learns nothing
+    ([0.3] * 5 + [0.69] * 20, 100, 25),  # left it, then collapsed back for 20 steps
+])
+def test_the_collapse_warning_waits_until_the_loss_has_had_time_to_move(losses, total, warned_at, caplog):
+    import math
+    from types import SimpleNamespace
+
+    from lilyexp.recipes.loop import TrainingLoop
+
+    loop = TrainingLoop.__new__(TrainingLoop)
+    loop.objective, loop.trainer = SimpleNamespace(chance_loss=math.log(2)), SimpleNamespace(lr=1e-3)
+    loop.total, loop.collapsed, loop.left_chance, loop.warned_collapse = total, 0, False, False
+    with caplog.at_level(logging.WARNING, logger="lilyexp"):
+        for step, loss in enumerate(losses, start=1):
+            loop.watch_for_collapse(step, loss)
+    warnings = [r.getMessage() for r in caplog.records if "uniform prediction" in r.getMessage()]
+    assert len(warnings) == (warned_at is not None)
+    if warned_at:
+        assert f"(step {warned_at})" in warnings[0]
+
+
 # ---- round 2 -------------------------------------------------------------------------------------------------------
 
 def test_an_evaluation_only_run_of_another_methods_export_is_refused(tiny_run, tmp_path):
@@ -548,3 +571,43 @@ def test_a_full_results_disk_at_the_record_keeps_the_checkpoint_and_resume_write
     resumed = [*overrides, "trainer.resume=true"]
     record = json.loads(execute(compose_run(resumed, tmp_path), resumed).read_text())
     assert record["status"] == "finished" and record["resumed_from_step"] == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["trainer.max_step=2"], "unknown setting trainer.max_step; did you mean trainer.max_steps"),
+    (["method=lora", "method.alhpa=4"], "unknown setting method.alhpa; did you mean method.alpha"),
+    (["trainer.lr=1e-3,1e-4", "task.n_trian=3", "-m"], "unknown setting task.n_trian; did you mean task.n_train"),
+])
+def test_a_misspelt_setting_is_named_with_its_neighbours_not_hydras_append_hint(args, message, tmp_path):
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr[-1500:]
+    assert "+" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_record_that_says_finished_without_metrics_does_not_skip_its_cell(tiny_run, tmp_path, caplog):
+    overrides = ["backbone=tiny_llama", "trainer.max_steps=1", *tiny_run]
+    path = execute(compose_run(overrides, tmp_path), overrides)
+    path.write_text('{"status": "finished"}')
+    with caplog.at_level(logging.WARNING, logger="lilyexp"):
+        again = execute(compose_run(overrides, tmp_path), overrides)
+    assert again == path and "final" in json.loads(path.read_text())["metrics"]
+    assert any("says finished but holds no final metrics" in r.getMessage() for r in caplog.records)
+
+
+def test_an_adapter_larger_than_its_backbone_is_warned_about(tiny_run, tmp_path, caplog):
+    overrides = ["backbone=tiny_llama", "trainer.max_steps=1", "method=lora", "method.r=512", *tiny_run]
+    with caplog.at_level(logging.WARNING, logger="lilyexp"):
+        execute(compose_run(overrides, tmp_path), overrides)
+    assert any("more than the" in r.getMessage() and "frozen backbone parameters" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_figures_refuse_a_missing_group_and_say_when_nothing_was_drawn(tmp_path, capsys):
+    from lilyexp.figures.__main__ import main as figures
+
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    with pytest.raises(SystemExit) as info:
+        figures(["fig3", "--results", str(tmp_path / "runs"), "--group", "nosuch"])
+    assert info.value.code == 2 and "no records folder" in capsys.readouterr().err
+    assert figures(["fig3", "--results", str(tmp_path / "runs"), "--group", "empty", "--out", str(tmp_path)]) == 1
+    assert "fig3: nothing drawn: none of its cells has a record" in capsys.readouterr().out

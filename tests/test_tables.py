@@ -249,3 +249,18 @@ def test_each_cells_command_produces_records_that_land_in_that_cell(name, spec, 
     assert matches({"config": cfg}, row["where"]), (command, row["where"])
     if column is not None:
         assert matches({"config": cfg}, column.get("where")), (command, column["where"])
+
+
+def test_a_group_table_scales_scores_by_100_but_prints_losses_as_they_are(tmp_path):
+    from lilyexp.tables.build import group_spec
+
+    records = []
+    for seed in (0, 1):
+        one = record("lily", "mrpc", seed, 0.8)
+        one["identity"] = {"method": "lily", "seed": seed}
+        one["metrics"]["final"]["val/loss"] = 0.5
+        records.append(one)
+    records = write(tmp_path, records)
+    table = build(group_spec("g", records), records, "best_epoch")
+    row = table.rows[0]["cells"]
+    assert row["val/accuracy"].mean == pytest.approx(80.0) and row["val/loss"].mean == pytest.approx(0.5)

@@ -9,6 +9,7 @@ and the `modalities` it supports. Everything here reads those fields; nothing br
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 from importlib import resources
 from pathlib import Path
@@ -141,3 +142,31 @@ def check_evaluation_only(cfg: DictConfig) -> None:
     from lilyexp.settings import cell_identity
 
     check_export_matches(Path(load_from).expanduser(), cell_identity(OmegaConf.to_container(cfg, resolve=True)) or {})
+
+
+SWEEP_SYNTAX = ("(", "[", "{")  # range(...), glob(...), choice(...), lists: left to Hydra
+
+
+def check_override_keys(args: list[str]) -> None:
+    """Before Hydra composes: an override of a setting the config lacks (``trainer.max_step=2``) would get Hydra's
+    hint to append it with ``+`` (which the settings check then refuses) and exit 1; name the setting and its nearest
+    existing neighbours instead, as every other unknown setting is (a ConfigError)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    pairs = [arg.split("=", 1) for arg in args if "=" in arg and not arg.startswith(("-", "+", "~", "hydra"))]
+    choices = [f"{key}={value.split(',')[0]}" for key, value in pairs
+               if (CONF_DIR / key).is_dir() and not value.startswith(SWEEP_SYNTAX)]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="run", overrides=choices)
+    except HydraException:  # a group option that does not exist: Hydra's own message names the choices
+        return
+    for key, _ in pairs:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if "." in key and isinstance(node, DictConfig) and leaf not in node:
+            known = sorted(str(k) for k in node.keys() if not str(k).startswith("_"))
+            near = difflib.get_close_matches(leaf, known, n=2)
+            hint = f"did you mean {' or '.join(f'{parent}.{n}' for n in near)}? " if near else ""
+            raise ConfigError(f"unknown setting {key}; {hint}the settings under {parent} are: {', '.join(known)}.")

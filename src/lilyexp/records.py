@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import platform
@@ -48,6 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 from lilyexp.errors import CellBusy, ConfigError, RunInterrupted
 from lilyexp.placement import numerics
 from lilyexp.settings import cell_identity, identity_hash
+
+log = logging.getLogger("lilyexp")
 
 SCHEMA_VERSION = 2
 # How a record's ``final`` numbers were chosen (metrics.selection.rule): the one vocabulary of the project.
@@ -140,6 +143,17 @@ def upgrade(record: dict) -> dict:
                 "metrics": upgrade_metrics_v1(record.get("metrics", {}), record)}
     upgraded["identity"] = cell_identity(config)
     return upgraded
+
+
+def is_finished(record: dict) -> bool:
+    """A finished record with its final metrics; one that says "finished" but lacks them (a truncated or
+    hand-edited file) is not, so its cell runs again (with a warning)."""
+    if record.get("status") != "finished":
+        return False
+    if isinstance((record.get("metrics") or {}).get("final"), dict):
+        return True
+    log.warning("%s says finished but holds no final metrics: the cell runs again", record.get("_path", "a record"))
+    return False
 
 
 def read_record(path: Path) -> dict | None:
@@ -331,11 +345,11 @@ class RunContext:
         at it."""
         if self.record_path.exists():
             record = read_record(self.record_path)
-            return record if record and record.get("status") == "finished" else None
+            return record if record and is_finished(record) else None
         prefix = f"{self.config['backbone']['name']}-{self.config['task']['name']}"
         for path in sorted(self.record_path.parent.glob(f"{prefix}*.json")):
             record = read_record(path)
-            if record and record.get("status") == "finished" and record.get("identity") == self.identity:
+            if record and is_finished(record) and record.get("identity") == self.identity:
                 self.record_path = path
                 return record
         return None

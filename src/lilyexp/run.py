@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.backbones import skeleton
-from lilyexp.compose import CONF_DIR, build, check_combination
+from lilyexp.compose import CONF_DIR, build, check_combination, check_override_keys
 from lilyexp.errors import ConfigError, DiskFull, RunInterrupted, TrainingDiverged, is_disk_full
 from lilyexp.loggers import NullLogger
 from lilyexp.methods.export import export_cell, load_adapter, write_export_cell
@@ -104,6 +104,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
         params.update(((export_cell(load_from) or {}).get("params")) or {})
     summary = method.summary(model) if not load_from else None
     log.info("parameters: %s %s", params, summary or "")
+    warn_if_oversized(params, cfg.method.name)
     logger.start(run.name, {**run.config, "params": params}, run_id=run.wandb_id)
     inputs = RecipeInputs(model=model, processor=backbone.processor, task=task, trainer=trainer, run=run,
                           logger=logger, seed=cfg.seed, head_modules=head_modules)
@@ -124,6 +125,15 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     if not trainer.keep_checkpoint:  # the export holds the selected weights; the optimizer state can be large
         Checkpointer(run).discard()
     return path
+
+
+def warn_if_oversized(params: dict, method: str) -> None:
+    """An adapter larger than the frozen backbone it adapts (e.g. a rank far above the layers' width) is almost
+    certainly a typo; it runs, but says so."""
+    frozen = params["total"] - params["trainable"]
+    if 0 < frozen < params["adapter"]:
+        log.warning("method '%s' adds %s adapter parameters, more than the %s frozen backbone parameters it adapts: "
+                    "is its rank larger than the layers' width?", method, f"{params['adapter']:,}", f"{frozen:,}")
 
 
 def check_structure(cfg: DictConfig, method, task) -> None:
@@ -222,6 +232,16 @@ def main(cfg: DictConfig) -> float | None:
     return objective_of(cfg, path)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m lilyexp.run``: misspelt settings refused in one sentence before Hydra composes, then the run."""
     survive_lost_readers()
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

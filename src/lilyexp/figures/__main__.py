@@ -24,16 +24,30 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.figures) - set(figure_names()))
     if unknown:
         parser.error(f"unknown figure(s) {unknown}; known: {', '.join(figure_names())}")
+    missing_folders = [str(folder) for folder in folders(args.results, args.group) if not folder.is_dir()]
+    if missing_folders:
+        parser.error(f"no records folder {', '.join(missing_folders)}; pass --results (and --group) of existing "
+                     f"record folders.")
+    empty = []
     for name in args.figures or figure_names():
         render = importlib.import_module(f"lilyexp.figures.{name}").render
         options = {"images": args.images} if args.images and "images" in inspect.signature(render).parameters else {}
         rendered = render(args.results, args.out, args.group, **options)
         for path in rendered.files:
             print(f"rendered {path}")
+        if not rendered.files and not rendered.missing:  # nothing drawn, and no command to offer: the wrong folder
+            empty.append(name)
+            print(f"{name}: nothing drawn: none of its cells has a record under {args.results}"
+                  + (f" (group {args.group})" if args.group else ""))
         if rendered.missing:
             print(f"{name}: cells without a record; these commands produce them:")
             print("\n".join(f"  {command}" for command in rendered.missing))
-    return 0
+    return 1 if args.figures and set(args.figures) <= set(empty) else 0
+
+
+def folders(results: Path, group: str | None) -> list[Path]:
+    """The folders a figure reads: the results folder, and each named group's folder in it."""
+    return [results] + [results / name for name in (group.split(",") if group else [])]
 
 
 if __name__ == "__main__":

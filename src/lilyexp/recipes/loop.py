@@ -228,6 +228,7 @@ class TrainingLoop:
         self.main = self.accelerator.is_main_process
         self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
         self.result, self.best_state, self.start, self.collapsed = FitResult(), None, 0, 0
+        self.left_chance, self.warned_collapse = False, False
         self.layout = batch_layout(self.accelerator.num_processes, trainer)
         self.result.batch, self.result.precision = self.layout, precision_ran(self.accelerator, trainer)
 
@@ -297,14 +298,19 @@ class TrainingLoop:
             callback.on_step_end(self, done)
 
     def watch_for_collapse(self, done: int, loss: float) -> None:
-        """Warn once when the training loss has sat at the uniform prediction's (ln of the class or vocabulary
-        count) for COLLAPSE_STEPS steps: the model predicts nothing, usually a learning rate far too large."""
+        """Warn once when the training loss sits at the uniform prediction's (ln of the class or vocabulary count):
+        for COLLAPSE_STEPS steps after having left it (a collapse, usually a learning rate far too large), or for
+        the first half of training without ever leaving it (every classifier starts there, so not sooner)."""
         chance = self.objective.chance_loss
-        self.collapsed = self.collapsed + 1 if chance and abs(loss - chance) < 0.02 * chance else 0
-        if self.collapsed == COLLAPSE_STEPS:
+        at_chance = bool(chance) and abs(loss - chance) < 0.02 * chance
+        self.collapsed = self.collapsed + 1 if at_chance else 0
+        self.left_chance = self.left_chance or not at_chance
+        stuck = self.collapsed >= COLLAPSE_STEPS and (self.left_chance or done >= self.total / 2)
+        if stuck and not self.warned_collapse:
+            self.warned_collapse = True
             log.warning("the training loss has been %.4f = ln(%d), a uniform prediction, for %d steps (step %d): "
                         "the model learns nothing; lower trainer.lr (now %g)?", loss, round(math.exp(chance)),
-                        COLLAPSE_STEPS, done, self.trainer.lr)
+                        self.collapsed, done, self.trainer.lr)
 
     def resume_or_start(self) -> None:
         resume = self.trainer.resume or requeued()

@@ -210,7 +210,7 @@ def build(spec: dict, records: list[dict], selection: str) -> Table:
                 if "mean_of" in column:
                     cells[column["label"]] = mean_cell([cells[part] for part in column["mean_of"]])
                 else:
-                    cells[column["label"]] = build_cell(records, row, column, selection, scale)
+                    cells[column["label"]] = build_cell(records, row, column, selection, column.get("scale", scale))
         rows.append({"row": row, "cells": cells})
     return Table(spec, selection, rows)
 
@@ -230,6 +230,8 @@ def group_spec(group: str, records: list[dict]) -> dict:
     metrics = sorted({m for r in finished for m, v in r["metrics"].get("final", {}).items()
                       if isinstance(v, (int, float))})
     rules = sorted({r["metrics"]["selection"]["rule"] for r in finished})
-    return {"name": f"group_{group}", "title": f"Records of group '{group}' (final metrics ×100, mean ± std over seeds)",
+    return {"name": f"group_{group}", "title": f"Records of group '{group}' (final metrics ×100, losses as they are; "
+                                              f"mean ± std over seeds)",
             "groups": [group], "selections": rules or ["best_epoch"], "digits": 2,
-            "columns": [{"label": m, "metric": m} for m in metrics], "rows": rows}
+            "columns": [{"label": m, "metric": m, **({"scale": 1} if "loss" in m else {})} for m in metrics],
+            "rows": rows}
