@@ -611,3 +611,10 @@ def test_figures_refuse_a_missing_group_and_say_when_nothing_was_drawn(tmp_path,
     assert info.value.code == 2 and "no records folder" in capsys.readouterr().err
     assert figures(["fig3", "--results", str(tmp_path / "runs"), "--group", "empty", "--out", str(tmp_path)]) == 1
     assert "fig3: nothing drawn: none of its cells has a record" in capsys.readouterr().out
+
+
+def test_a_deleted_setting_that_another_reads_is_named(tmp_path):
+    result = run_cli(["~method.r", "method=lora", "backbone=tiny_llama"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: method.adapter.config.r reads method.r, which is not set (deleted with "
+                                     "~?); give method.r a value instead.")

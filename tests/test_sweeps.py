@@ -30,7 +30,8 @@ def test_failing_cell_is_recorded_the_rest_run_and_a_rerun_retries_only_it(tmp_p
     sweep = ["-m", "trainer.lr=-1,1e-3", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"]
     first = run_cli(sweep, tmp_path)
     assert first.returncode != 0  # the sweep reports its failure, after every cell ran
-    assert "CellFailed: ConfigError: learning rates must be positive" in first.stderr
+    assert "1 cell(s) of the sweep failed" in first.stderr and "Traceback" not in first.stderr
+    assert "trainer.lr=-1" in first.stderr and "ConfigError: learning rates must be positive" in first.stderr
     done = records(tmp_path)
     assert done[1e-3]["status"] == "finished"
     assert done[-1]["status"] == "failed" and "learning rates must be positive" in done[-1]["error"]
@@ -99,3 +100,12 @@ def test_a_record_made_with_another_path_to_the_same_data_counts_as_finished(tmp
     assert again.finished_record() is not None
     other = RunContext.create(compose_run(["task=commonsense", "task.data_dir=./data", "seed=3"], tmp_path), [])
     assert other.finished_record() is None
+
+
+def test_a_sweep_with_several_failing_cells_names_each_of_them(tmp_path):
+    sweep = ["-m", "trainer.lr=-1,-2,1e-3", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"]
+    result = run_cli(sweep, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    summary = result.stderr[result.stderr.index("2 cell(s) of the sweep failed"):]
+    assert "trainer.lr=-1 " in summary and "trainer.lr=-2 " in summary and "trainer.lr=0.001" not in summary
+    assert records(tmp_path)[1e-3]["status"] == "finished"  # the good cell ran

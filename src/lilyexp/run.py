@@ -11,6 +11,7 @@ The Hydra entry point returns the run's objective (``objective``, default: its s
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import hydra
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -198,8 +200,33 @@ def hand_on(signal_name: str, handlers: dict) -> None:
         handler(signum, None)
 
 
-class CellFailed(RuntimeError):
-    """Raised inside a sweep, so Hydra's launcher records the failure and goes on with the other cells."""
+FAILED_CELLS = "failed_cells.jsonl"  # in the sweep folder: one line per failed cell, read when the sweep ends
+
+
+def note_failed_cell(cfg: DictConfig, exc: BaseException) -> None:
+    """In a sweep, a failed cell is noted (its overrides and reason) and the sweep goes on with the others; Hydra
+    would otherwise end with the traceback of the first failure only."""
+    folder = Path(HydraConfig.get().sweep.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    line = {"overrides": hydra_overrides(), "reason": one_line(exc)}
+    with (folder / FAILED_CELLS).open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    log.error("cell failed (%s): %s", " ".join(line["overrides"]), line["reason"])
+
+
+class SweepSummary(Callback):
+    """When a multirun ends: every cell that failed, with its overrides and reason, then exit status 1."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        path = Path(config.hydra.sweep.dir) / FAILED_CELLS
+        if not path.exists():
+            return
+        failed = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        path.unlink()  # a rerun of the sweep reports its own failures only
+        lines = [f"  {' '.join(cell['overrides'])}: {cell['reason']}" for cell in failed]
+        print(f"{len(failed)} cell(s) of the sweep failed (their records hold the details; the same command "
+              f"retries them):\n" + "\n".join(lines), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def hydra_overrides() -> list[str]:
@@ -221,8 +248,9 @@ def main(cfg: DictConfig) -> float | None:
         hand_on(exc.signal_name, handlers)
         sys.exit(128 + signal.Signals[exc.signal_name].value)
     except Exception as exc:
-        if in_sweep():  # sys.exit would end the whole sweep; Hydra reports this after the other cells ran
-            raise CellFailed(one_line(exc)) from None
+        if in_sweep():  # sys.exit would end the whole sweep: noted, and summarised when the sweep ends
+            note_failed_cell(cfg, exc)
+            return None
         if not isinstance(exc, (ConfigError, TrainingDiverged, DiskFull)):
             raise  # a bug: the traceback is wanted (the failed record holds it too)
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -28,12 +28,13 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
 from lilyexp.errors import ConfigError
 
@@ -130,7 +131,19 @@ def plain(cfg: DictConfig, key: str) -> Any:
 
 
 def check_node(node: DictConfig, schema: type, path: str) -> None:
-    check_values(OmegaConf.to_container(node, resolve=True), schema, path)
+    check_values(resolved(node, path), schema, path)
+
+
+def resolved(node: DictConfig, path: str) -> dict:
+    """The node with its ``${...}`` references resolved; a reference to a setting that is gone (``~method.r``
+    while ``method.adapter.config.r`` reads it) is one sentence, not an interpolation traceback."""
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except InterpolationResolutionError as exc:
+        missing = re.search(r"Interpolation key '([^']+)'", str(exc))
+        gone = missing.group(1) if missing else "a setting it refers to"
+        raise ConfigError(f"{exc.full_key or path} reads {gone}, which is not set (deleted with ~?); give {gone} a "
+                          f"value instead.") from None
 
 
 def check_values(values: dict, schema: type, path: str) -> None:
