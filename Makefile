@@ -101,10 +101,10 @@ gpu-check: venv
 
 # The whole suite (what CI runs), offline on CPU; test-fast leaves out the end-to-end and subprocess tests.
 test: venv
-	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

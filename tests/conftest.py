@@ -19,6 +19,18 @@ SHARED = Path(os.environ.get("LILYEXP_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def results_outside_the_repository(tmp_path_factory):
+    """A test that forgets its own results folder writes into a temporary one, never into the committed
+    results/ (the runner's default paths read these variables; subprocesses inherit them)."""
+    scratch = tmp_path_factory.mktemp("default_paths")
+    os.environ["LILYEXP_RESULTS_DIR"] = str(scratch / "results")
+    os.environ["LILYEXP_CHECKPOINT_DIR"] = str(scratch / "checkpoints")
+    yield
+    for name in ("LILYEXP_RESULTS_DIR", "LILYEXP_CHECKPOINT_DIR"):
+        os.environ.pop(name, None)
+
 # A tiny commonsense_synthetic run: a few examples, short generations.
 TINY_RUN = ["task.n_train=120", "task.n_eval=2", "task.val_size=8", "task.cutoff_len=512",
             "task.generation.max_new_tokens=4", "trainer.batch_size=4"]

@@ -24,7 +24,7 @@ SNAPSHOT = Path(__file__).with_name("data") / "schema_defaults.json"
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["task=glue", "task.name=rte"], "task.name is fixed by the task= choice.*task.subset"),
+    (["task=glue", "task.name=rte"], r"task.name is fixed by the task= choice \(task=glue\).*task.subset"),
     (["trainer.lr=abc"], "trainer.lr: 'abc' is not a valid value"),
     (["seed=abc"], "seed: 'abc' is not a valid value"),
     (["trainer.max_steps=2.5"], "trainer.max_steps: 2.5 is not a valid value"),

@@ -186,8 +186,10 @@ def refuse_name_overrides(cfg: DictConfig, overrides: list[str]) -> None:
         group = key.split(".", 1)[0]
         if group in GROUPS and key == f"{group}.name":
             hint = " (its subset is task.subset)" if "subset" in cfg[group] else ""
-            raise ConfigError(f"{key} is fixed by the {group}= choice ({group}={cfg[group].name}){hint}; choose "
-                              f"another {group} with {group}=<option>.")
+            chosen = [o.split("=", 1)[1] for o in overrides if override_key(o) == group]
+            choice = f" ({group}={chosen[-1]})" if chosen else ""
+            raise ConfigError(f"{key} is fixed by the {group}= choice{choice}{hint}; choose another {group} with "
+                              f"{group}=<option>.")
 
 
 # --------------------------------------------------------------------------------------------------- identity
