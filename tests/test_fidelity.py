@@ -64,7 +64,7 @@ def test_the_vit_head_is_reset_as_the_official_code_does():
     ours = instantiate(cfg.backbone.load, num_classes=7).model.head
     torch.manual_seed(3)
     reference = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=7, img_size=32, patch_size=8,
-                                  embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1)
+                                  embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.1)
     reference.reset_classifier(7)
     torch.testing.assert_close(ours.weight, reference.head.weight)
     assert ours.bias.abs().sum() > 0  # nn.Linear's uniform bias, not timm's zeros

@@ -265,10 +265,10 @@ def test_fig12_maps_are_those_of_the_exported_adapter_on_the_rebuilt_model(vit_r
     model, task = fig12.rebuild(lora)
     images = fig12.pixels(task, fig12.image_paths(task, None))
     maps = fig12.inspect(model, images)
-    assert maps["attention"].shape == (2, 2, 4, 4) and maps["features"].shape == (2, 2, 17, 32)
+    assert maps["attention"].shape == (4, 2, 4, 4) and maps["features"].shape == (4, 2, 17, 32)
     fig12.IMAGE_LIST = ("images/3.png",)  # the monkeypatched settings are restored after the test
     assert [p.name for p in fig12.image_paths(task, None)] == ["3.png"]
-    torch.testing.assert_close(torch.tensor(maps["attention"]).sum((-1, -2)) > 0, torch.ones(2, 2, dtype=bool))
+    torch.testing.assert_close(torch.tensor(maps["attention"]).sum((-1, -2)) > 0, torch.ones(4, 2, dtype=bool))
     with torch.no_grad():  # the recorded forward is the model's own: same logits with the hooks as without
         plain = model(images)
         with fig12.recorded(model):
@@ -309,7 +309,7 @@ def test_figs_3_4_and_6_render_from_real_captured_runs_of_another_group(tmp_path
         [layer["accumulated"]["rank"] for layer in captured]
     assert {r["rank_final"] for r in ranks if r["method"] == "LoRA"} == {"2"}  # a rank-2 LoRA's last update
     shares = list(csv.DictReader((out / "fig4_figtest.csv").open()))
-    assert len(shares) == 2 * 3 and {r["expert"] for r in shares} == {"B1", "B2", "B3"}
+    assert len(shares) == 4 * 3 and {r["expert"] for r in shares} == {"B1", "B2", "B3"}
     timing = {r["method"]: r for r in csv.DictReader((out / "fig6_figtest.csv").open())}
     assert set(timing) == {"Lily", "LoRA"} and float(timing["Lily"]["step_s"]) > 0
     assert timing["Lily"]["peak_mem_kind"] in ("cpu_peak_rss", "cpu_lifetime_max_rss", "cuda_max_allocated")

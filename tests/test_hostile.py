@@ -618,3 +618,44 @@ def test_a_deleted_setting_that_another_reads_is_named(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("error: method.adapter.config.r reads method.r, which is not set (deleted with "
                                      "~?); give method.r a value instead.")
+
+
+def test_make_demo_trains_every_time_into_an_ignored_folder_and_prints_beside_the_reference():
+    import subprocess
+
+    from conftest import REPO
+    recipe = subprocess.run(["make", "-n", "demo"], capture_output=True, text=True, cwd=REPO, timeout=60).stdout
+    runs = [line for line in recipe.splitlines() if "-m lilyexp.run" in line]
+    assert len(runs) == 2 and all("overwrite=true" in line and "paths.results_dir=outputs/demo/runs" in line
+                                  for line in runs)
+    ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/demo/runs/demo/x.json"], cwd=REPO)
+    assert ignored.returncode == 0  # its records never land in git
+    assert "cat outputs/demo/tables/demo.md" in recipe and "cat results/tables/demo.md" in recipe
+
+
+def test_dreambooth_on_tiny_sdxl_takes_its_size_and_finds_its_metric_models_before_training(shared_data, tmp_path,
+                                                                                             no_model_loading):
+    from lilyexp.compose import build
+
+    cfg = compose_run(["backbone=tiny_sdxl", "task=dreambooth", f"task.data_dir={shared_data / 'dreambooth'}",
+                       "task.subset=dog"], tmp_path)
+    assert cfg.task.resolution == 32 and compose_run(["backbone=sdxl", "task=dreambooth"]).task.resolution == 1024
+    with pytest.raises(ConfigError, match="facebook/dino-vits16.*task.metrics.dino=") as info:
+        build(cfg.task.load)  # the task is built before any model loads; offline and not cached: refused now
+    sentence(info)
+
+
+@pytest.mark.parametrize("backbone,task", [("tiny_vit", "vtab"), ("tiny_vim", "vtab"), ("tiny_roberta", "glue"),
+                                           ("tiny_llama", "commonsense_synthetic"),
+                                           ("tiny_falcon_mamba", "commonsense_synthetic")])
+@pytest.mark.parametrize("method", ["lily", "lora", "pissa", "milora"])
+def test_every_method_s_defaults_fit_every_tiny_backbone(backbone, task, method):
+    """A newcomer's first `backbone=tiny_vit task=vtab method=lily` must not be refused for too few layers."""
+    from hydra.utils import instantiate
+
+    from lilyexp.compose import build
+
+    cfg = compose_run([f"backbone={backbone}", f"task={task}", f"method={method}"])
+    kwargs = {"vtab": {"num_classes": 3}, "glue": {"num_labels": 2}}.get(task, {})
+    model = instantiate(cfg.backbone.load, **kwargs).model
+    build(cfg.method.adapter).check(model)

@@ -30,7 +30,7 @@ class BackboneSettings:
     bypassed_modules: dict = meta({})  # module name -> why an adapter on it would never run
     token_scale: int = meta(1)  # tokens per BPE token of its tokenizer (byte-level tiny backbones: 4)
     latent_scale: Optional[int] = meta(None)  # pixels per latent of an image generator's VAE (SDXL: 8)
-    image_size: Optional[int] = meta(None)  # the input size an image classifier was built for (ViT-B/16: 224)
+    image_size: Optional[int] = meta(None)  # the image size it was built for (ViT-B/16: 224; tiny_sdxl: 32)
     random_init: bool = meta(False)  # random weights built from a config (the tiny_* test backbones)
     # modules a GPU run needs unless trainer.gradient_checkpointing=true: {modules, install, why} (Mamba's kernels)
     gpu_kernels: dict = meta({})

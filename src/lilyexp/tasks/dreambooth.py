@@ -307,8 +307,8 @@ class DreamBoothTask:
         self.prompts = evaluation_prompts(subset, table, prompt_style, token)[:eval_limit]
         self.real_images = read_subject_images(root / subset)
         self.sampling = SamplingSettings(**(sampling or {}))
-        self.metric_models = MetricSettings(**(metrics or {}))
         check_sampling(self.sampling)
+        self.metric_models = resolved_metric_models(MetricSettings(**(metrics or {})))
         self.subject, self.resolution = subset, resolution
         self.model_kwargs = {"sample_vae": sample_vae}
 
@@ -336,6 +336,14 @@ class DreamBoothTask:
         dino = m.tiny_dino() if self.metric_models.dino == "random" else m.load_dino(self.metric_models.dino)
         clip = m.tiny_clip() if self.metric_models.clip == "random" else m.load_clip(self.metric_models.clip)
         return dino, clip
+
+
+def resolved_metric_models(models: MetricSettings) -> MetricSettings:
+    """The metric models found now, before any training (see ``resolve_metric_model``)."""
+    from lilyexp.tasks.dreambooth_metrics import CLIP_SWITCH, DINO_SWITCH, resolve_metric_model
+
+    return MetricSettings(dino=resolve_metric_model(models.dino, DINO_SWITCH),
+                          clip=resolve_metric_model(models.clip, CLIP_SWITCH))
 
 
 def check_sampling(sampling: SamplingSettings) -> None:

@@ -15,6 +15,7 @@ tiny random ones built from configs for tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -92,6 +93,26 @@ class ClipEmbedder:
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(device)
         output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return _features(output).float().cpu()
+
+
+OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite"]
+
+
+def resolve_metric_model(name_or_path: str, switch: str) -> str:
+    """Before training: a local folder as it is, a hub id as its local snapshot (downloaded now when the hub is
+    reachable, else the cache); an id that can be had neither way is the one-sentence refusal, not a failure after
+    hours of training. ``random`` (the tiny test models) needs nothing."""
+    if name_or_path == "random" or Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:  # the PyTorch weights only: no TF/Flax copies, and no .bin where safetensors exist
+        folder = snapshot_download(name_or_path, ignore_patterns=OTHER_FRAMEWORKS + ["*.bin"])
+        if not list(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(name_or_path, ignore_patterns=OTHER_FRAMEWORKS)
+        return folder
+    except Exception as exc:  # offline and not cached, unknown id, gated: every way of not having it
+        raise unavailable(name_or_path, exc, switch) from None
 
 
 def _load(cls: Any, name_or_path: str, switch: str, **kwargs: Any) -> Any:
