@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import signal
 import stat
@@ -390,12 +391,20 @@ def test_a_cutoff_too_short_is_quoted_as_typed(tiny_run, tmp_path):
         execute(compose_run(overrides, tmp_path), overrides)
 
 
-@pytest.mark.parametrize("backbone, message", [("nope", "no backbone 'nope'; one of: "),
-                                               ("tiny_sdxl", "cannot count backbone 'tiny_sdxl' without its weights")])
-def test_the_budget_helper_refuses_in_one_sentence(backbone, message, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lilyexp.budget", f"backbone={backbone}"], capture_output=True,
-                            text=True, timeout=120, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+def budget(backbone: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lilyexp.budget", f"backbone={backbone}"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_the_budget_helper_refuses_in_one_sentence():
+    result = budget("nope")
+    assert result.returncode == 1 and "no backbone 'nope'; one of: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_budget_helper_counts_the_tiny_sdxl_unet_from_its_meta_skeleton():
+    result = budget("tiny_sdxl")
+    assert result.returncode == 0 and "| 32 |" in result.stdout, result.stderr[-1500:]
 
 
 def test_tables_refuse_a_missing_results_folder_or_group_and_name_foreign_files(tmp_path, caplog):
@@ -659,3 +668,31 @@ def test_every_method_s_defaults_fit_every_tiny_backbone(backbone, task, method)
     kwargs = {"vtab": {"num_classes": 3}, "glue": {"num_labels": 2}}.get(task, {})
     model = instantiate(cfg.backbone.load, **kwargs).model
     build(cfg.method.adapter).check(model)
+
+
+def test_a_pissa_rank_the_weights_cannot_hold_is_refused_before_the_tiny_model_is_built(tmp_path, monkeypatch):
+    """On the meta skeleton, as for the paper's backbones: before any SVD, training or export."""
+    import lilyexp.methods.peft_method as peft_method
+
+    monkeypatch.setattr(peft_method.PeftMethod, "apply", lambda *a: pytest.fail("the method was applied"))
+    overrides = ["backbone=tiny_llama", "method=pissa", "method.r=100"]
+    with pytest.raises(ConfigError, match=r"^rank 100 exceeds the rank of .*q_proj' \(\(64, 64\) weight\)\.$") as info:
+        execute(compose_run(overrides, tmp_path), overrides)
+    sentence(info)
+
+
+@pytest.mark.parametrize("task,setting,message", [
+    ("dreambooth", "task.train_limit=0", "task.train_limit must be positive, got 0."),
+    ("dreambooth", "task.eval_limit=0", "task.eval_limit must be positive, got 0."),
+    ("vtab", "task.image_cache=gpu", "task.image_cache must be one of auto, memory, disk, off, got 'gpu'."),
+])
+def test_settings_only_used_late_are_refused_when_the_task_is_built(task, setting, message, shared_data, tmp_path):
+    from lilyexp.compose import build
+
+    data = shared_data / "dreambooth" if task == "dreambooth" else tmp_path
+    cfg = compose_run([f"task={task}", "task.subset=dog" if task == "dreambooth" else "task.subset=eurosat",
+                       f"task.data_dir={data}", setting, "task.metrics.dino=random", "task.metrics.clip=random"]
+                      if task == "dreambooth" else [f"task={task}", "task.subset=eurosat", f"task.data_dir={data}",
+                                                    setting, "backbone=tiny_vit"], tmp_path)
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        build(cfg.task.load)

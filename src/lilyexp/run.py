@@ -141,9 +141,7 @@ def warn_if_oversized(params: dict, method: str) -> None:
 def check_structure(cfg: DictConfig, method, task) -> None:
     """Before weights load (minutes for an 8B model): the method on the backbone's weightless skeleton, so an
     impossible setting (more A's than layers, a target module it lacks, a rank its weights cannot hold) is refused
-    now. Random-init backbones build in seconds and are checked when built."""
-    if cfg.backbone.get("architecture") is None and "name_or_path" not in cfg.backbone.load:
-        return
+    now. Random-init backbones too: their skeleton is their own load node on the meta device."""
     if not cfg.method.get("load_from"):
         method.check(skeleton(cfg.backbone, **task.model_kwargs))
 

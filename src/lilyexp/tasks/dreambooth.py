@@ -299,6 +299,9 @@ class DreamBoothTask:
                  prompt_style: str = "official", token: str = "sks", center_crop: bool = False, seed: int = 0,
                  train_limit: int | None = None, eval_limit: int | None = None, sample_vae: str = "base",
                  sampling: dict | None = None, metrics: dict | None = None):
+        for key, value in {"train_limit": train_limit, "eval_limit": eval_limit, "resolution": resolution}.items():
+            if value is not None and value <= 0:  # refused now, not after the model loads (or after training)
+                raise ConfigError(f"task.{key} must be positive, got {value}.")
         root = dataset_root(data_dir, subset)
         self.instance = prepare_instance_data(root, subset, resolution, vae_scale_factor, seed, prompt_style, token,
                                               center_crop)

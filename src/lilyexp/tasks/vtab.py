@@ -20,7 +20,7 @@ import torch
 from lilyexp.errors import ConfigError
 from lilyexp.settings import bookkeeping, knob
 from lilyexp.tasks import TaskSettings
-from lilyexp.tasks.images import ImageSplit, decoded_split, to_float
+from lilyexp.tasks.images import CACHE_MODES, ImageSplit, decoded_split, to_float
 
 # name: (group, classes), as the official vtab.py
 TASKS = {
@@ -127,6 +127,8 @@ class VtabTask:
                            "eval_limit": eval_limit}.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"task.{key} must be positive, got {value}.")
+        if image_cache not in CACHE_MODES:  # checked now, not when the first split decodes after the model loads
+            raise ConfigError(f"task.image_cache must be one of {', '.join(CACHE_MODES)}, got '{image_cache}'.")
         if data_dir is None:
             raise ConfigError(f"task.data_dir is not set: point it at {RELEASE}.")
         folder = Path(data_dir).expanduser() / subset
