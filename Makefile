@@ -97,6 +97,10 @@ bench-data: venv
 bench-eval: venv
 	$(BIN)/python scripts/bench_eval.py
 
+# The static results site from the records (tables, studies, figures, one page per run): results/site/index.html.
+site: venv
+	$(BIN)/python -m lilyexp.site
+
 # On a GPU machine: one or two steps of every paradigm at the paper's shapes and precision (random weights when the
 # hub is unreachable), DDP on two processes when two GPUs are visible; status, s/step, peak memory per cell.
 # GPU_CHECK_ARGS: e.g. --dreambooth-dir /data/dreambooth/dataset, --only llama3-lily-fp16, --tiny (a CPU).

@@ -32,6 +32,7 @@ def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
     assert modules - set(names) == set(), "modules left out of the wheel (pyproject.toml packages)"
     assert "lilyexp/conf/run.yaml" in names and "lilyexp/conf/experiment/table2/lily.yaml" in names
     assert "lilyexp/tables/specs/table2.yaml" in names and "lilyexp/manifests/llm_adapters.json" in names
+    assert "lilyexp/site/templates/index.html" in names and "lilyexp/site/templates/run.html" in names
     target = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                                 str(wheel)], capture_output=True, text=True, timeout=600)

@@ -110,6 +110,7 @@ class Cell:
     failed: list[str] = field(default_factory=list)
     chosen: str | None = None
     command: str | None = None
+    records: list[str] = field(default_factory=list)  # the paths of the records behind the number (or the failure)
 
     @property
     def n(self) -> int:
@@ -141,12 +142,13 @@ def aggregate(records: list[dict], selection: str, metric: str, scale: float) ->
     numbered = [r for r in records if r.get("status") == "finished" and metric_of(r, selection, metric) is not None]
     finished = newest_per_seed(numbered)
     if not finished:
-        failed = [f"{Path(r['_path']).name}: {r.get('error', 'failed')}".splitlines()[0]
-                  for r in records if r.get("status") == "failed"]
-        return Cell(failed=failed)
+        failures = [r for r in records if r.get("status") == "failed"]
+        failed = [f"{Path(r['_path']).name}: {r.get('error', 'failed')}".splitlines()[0] for r in failures]
+        return Cell(failed=failed, records=[r["_path"] for r in failures])
     scaled = [scale * metric_of(r, selection, metric) for r in finished]
     return Cell(mean=statistics.mean(scaled), std=statistics.stdev(scaled) if len(scaled) > 1 else 0.0,
-                seeds=[r["config"].get("seed") for r in finished], params=[adapter_params(r) for r in finished])
+                seeds=[r["config"].get("seed") for r in finished], params=[adapter_params(r) for r in finished],
+                records=[r["_path"] for r in finished])
 
 
 def choose(records: list[dict], rule: dict, selection: str, metric: str, scale: float) -> Cell:
