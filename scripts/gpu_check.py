@@ -53,7 +53,8 @@ CELLS: dict[str, list[str]] = {
 }
 TINY = {"llama3": "tiny_llama", "falcon_mamba": "tiny_falcon_mamba", "roberta_large": "tiny_roberta",
         "vit": "tiny_vit", "vim": "tiny_vim", "tiny_sdxl": "tiny_sdxl"}
-TINY_LILY = ["method.ne_1=2", "method.ne_2=2"]  # the tiny backbones have 2 layers to share A's across
+TINY_LILY = ["method.ne_1=2", "method.ne_2=2"]  # few experts: the tiny backbones are 4 layers deep and narrow
+CELL_TIMEOUT_S = 1800  # a hung cell (e.g. a collective one process never joins) is reported, not waited for
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -167,7 +168,11 @@ def launch(name: str, out: Path, tiny: bool, dreambooth_dir: str | None) -> dict
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if name.endswith("ddp2") \
         else [sys.executable]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"ACCELERATE_USE_CPU": "true"} if tiny else {})}
-    done = subprocess.run([*launcher, *script], capture_output=True, text=True, cwd=REPO, env=env)
+    try:
+        done = subprocess.run([*launcher, *script], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=CELL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"cell": name, "status": "failed", "reason": f"no result after {CELL_TIMEOUT_S} s (hung?)"}
     records = [line.split("record: ", 1)[1] for line in done.stdout.splitlines() if line.startswith("record: ")]
     if done.returncode != 0 or not records:
         return {"cell": name, "status": "failed", "reason": (done.stderr.strip().splitlines() or ["?"])[-1]}

@@ -64,25 +64,6 @@ class SleepAtStep(Callback):
             time.sleep(self.seconds)
 
 
-class FakeSubmititHandler(Callback):
-    """Install, before the loop's own handlers, a stand-in for submitit's preemption handler (requeue, then
-    exit): it writes which signal it got and the run's record status at that moment to ``marker``, then exits 3."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def on_train_start(self, loop) -> None:
-        import json
-        import sys
-
-        def requeue_and_exit(signum, frame):
-            record = json.loads(loop.inputs.run.record_path.read_text())
-            with open(self.marker, "w") as handle:
-                json.dump({"signal": signal.Signals(signum).name, "record_status": record["status"]}, handle)
-            sys.exit(3)
-        signal.signal(signal.SIGUSR2, requeue_and_exit)
-
-
 class SignalAtTrainEnd(Callback):
     """Send this process ``signal`` when training has ended, before the selected weights are tested (outside the
     training loop's own handlers)."""

@@ -16,7 +16,8 @@ from conftest import REPO
 # losses then average to the one-process mean exactly.
 CELL = ["backbone=tiny_llama", "trainer.max_steps=3", "task.n_train=120", "task.n_eval=2", "task.val_size=8",
         "task.cutoff_len=64", "task.train_on_inputs=true", "task.generation.max_new_tokens=4",
-        "method.dropout=0.0", "trainer.eval_every=3"]
+        "method.dropout=0.0", "trainer.eval_every=3",
+        "trainer.eval_batch_size=8"]  # one validation batch: the second process evaluates none (no collective may wait)
 
 pytestmark = pytest.mark.slow  # real CLI subprocesses
 

@@ -87,3 +87,14 @@ def test_a_subject_folder_that_does_not_exist(shared_data, tmp_path, no_model_lo
     cfg = compose_run(["backbone=tiny_sdxl", "task=dreambooth", f"task.data_dir={tmp_path / 'data'}"], tmp_path)
     with pytest.raises(ConfigError, match="wolf_plushie does not exist"):
         execute(cfg)
+
+
+@pytest.mark.parametrize("backbone", ["sdxl", "tiny_sdxl"])
+def test_the_unet_skeleton_builds_with_the_dreambooth_task_s_arguments(backbone):
+    """The structure check before any weights load builds the UNet on the meta device with the task's model
+    arguments (sample_vae), as `backbone=sdxl task=dreambooth` does."""
+    from lilyexp.backbones import skeleton
+
+    cfg = compose_run([f"backbone={backbone}", "task=dreambooth"])
+    unet = skeleton(cfg.backbone, sample_vae="base")
+    assert next(unet.parameters()).device.type == "meta"

@@ -138,21 +138,48 @@ def test_router_weights_are_counted_once_under_activation_checkpointing(tmp_path
 
 # ------------------------------------------------------------------------------ SLURM preemption, resume
 
+SUBMITIT_STAND_IN = """
+import json, signal, sys
+from pathlib import Path
+
+marker, results = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def requeue_and_exit(signum, frame):  # what submitit's handler does: checkpoint the job's state, requeue, exit
+    record = json.loads(next(results.rglob("*.json")).read_text())
+    marker.write_text(json.dumps({"signal": signal.Signals(signum).name, "record_status": record["status"]}))
+    sys.exit(3)
+
+
+signal.signal(signal.SIGUSR2, requeue_and_exit)  # installed before the run starts, as submitit's job wrapper does
+sys.argv = ["lilyexp.run", *sys.argv[3:]]
+from lilyexp.run import cli
+cli()
+"""
+
+
 @pytest.mark.slow
 def test_slurm_preemption_checkpoints_the_step_then_hands_the_signal_to_submitit_and_a_requeue_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
     common = ["backbone=tiny_llama", "trainer.max_steps=4", "trainer.checkpoint_every=100", "trainer.eval_every=4",
-              *TINY_RUN]
-    marker = tmp_path / "requeued.json"
-    callbacks = ("trainer.callbacks=[{_target_:callbacks.FakeSubmititHandler,marker:'" + str(marker) + "'},"
-                 "{_target_:callbacks.SignalAtStep,step:2,signal:SIGUSR2}]")
-    stopped = run_cli([*common, callbacks], tmp_path)
+              *TINY_RUN, f"paths.results_dir={tmp_path}/results", f"paths.checkpoint_dir={tmp_path}/checkpoints",
+              f"hydra.run.dir={tmp_path}/hydra"]
+    marker, script = tmp_path / "requeued.json", tmp_path / "job.py"
+    script.write_text(SUBMITIT_STAND_IN)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
+    stopped = subprocess.run([sys.executable, str(script), str(marker), str(tmp_path / "results"), *common,
+                              "trainer.callbacks=[{_target_:callbacks.SignalAtStep,step:2,signal:SIGUSR2}]"],
+                             capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert stopped.returncode == 3, stopped.stderr[-2000:]  # submitit's handler exited, after ours
     handed = json.loads(marker.read_text())
     assert handed["signal"] == "SIGUSR2" and handed["record_status"] == "interrupted"
     record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
     assert record["interrupted"] == {"signal": "SIGUSR2", "after_step": 2,
                                      "resume": "the same command with trainer.resume=true"}
-    requeued = run_cli(common, tmp_path, env={"SLURM_RESTART_COUNT": "1"})  # no trainer.resume given
+    requeued = run_cli(common[:-3], tmp_path, env={"SLURM_RESTART_COUNT": "1"})  # no trainer.resume given
     assert requeued.returncode == 0, requeued.stderr[-2000:]
     done = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
     assert done["status"] == "finished" and done["resumed_from_step"] == 2
@@ -357,3 +384,33 @@ def test_gpu_check_runs_its_cells_on_the_tiny_backbones_and_reports_each(tmp_pat
         ("llama3-lily-fp16-ddp2", "finished", 2, 2)]
     assert all(row["peak_mem_gib"] > 0 and row["step_s"] > 0 for row in rows)
     assert "| llama3-pissa-fp16 | finished | 2 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_fewer_training_examples_than_processes_are_refused():
+    with pytest.raises(ConfigError, match="1 training examples cannot give each of 2 processes one"):
+        StepPlan(1, batch_size=1, grad_accum=1, seed=0, world=2, rank=0)
+
+
+def test_a_stop_asked_of_one_process_stops_them_all_after_the_same_step():
+    from lilyexp.recipes.loop import StopRequested, StopRequests, TrainingLoop
+
+    loop = TrainingLoop.__new__(TrainingLoop)
+    loop.accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                                       reduce=lambda tensor, how: torch.tensor(1.0))  # the other process was asked
+    mine = StopRequests()
+    with pytest.raises(StopRequested):
+        loop.agreed_stop(mine)
+    assert mine.requested == "SIGTERM"
+
+
+@pytest.mark.parametrize("saved,warned", [({"global_batch": 8, "processes": 4}, False),
+                                          ({"global_batch": 16, "processes": 4}, True)])
+def test_a_resume_on_another_process_count_says_whether_the_global_batch_is_kept(saved, warned, caplog):
+    from lilyexp.recipes.loop import TrainingLoop
+
+    loop = TrainingLoop.__new__(TrainingLoop)
+    loop.layout = {"global_batch": 8, "processes": 2}
+    with caplog.at_level(logging.INFO, logger="lilyexp"):
+        loop.check_layout({"batch": saved})
+    levels = {r.levelno for r in caplog.records if "the checkpoint was written with" in r.getMessage()}
+    assert levels == ({logging.WARNING} if warned else {logging.INFO})

@@ -643,8 +643,13 @@ def test_make_demo_trains_every_time_into_an_ignored_folder_and_prints_beside_th
 
 
 def test_dreambooth_on_tiny_sdxl_takes_its_size_and_finds_its_metric_models_before_training(shared_data, tmp_path,
-                                                                                             no_model_loading):
+                                                                                             no_model_loading,
+                                                                                             monkeypatch):
+    import huggingface_hub.constants
+
     from lilyexp.compose import build
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # never cached
 
     cfg = compose_run(["backbone=tiny_sdxl", "task=dreambooth", f"task.data_dir={shared_data / 'dreambooth'}",
                        "task.subset=dog"], tmp_path)
@@ -696,3 +701,26 @@ def test_settings_only_used_late_are_refused_when_the_task_is_built(task, settin
                                                     setting, "backbone=tiny_vit"], tmp_path)
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         build(cfg.task.load)
+
+
+def test_torch_s_own_report_of_a_full_disk_is_recognised(monkeypatch, tiny_run, tmp_path):
+    """torch.save says "basic_ios::clear: iostream error" when the disk fills; with no space left, that is it."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    import torch as torch_module
+
+    real, calls = torch_module.save, []
+
+    def fills_up(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # the second checkpoint (rng, then optimizer per checkpoint)
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real(obj, path, *args, **kwargs)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch_module, "save", fills_up)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(100, 100, 0))
+    overrides = [*INTERRUPTIBLE, *tiny_run, "trainer.checkpoint_every=1", "trainer.eval_every=100",
+                 "trainer.eval_at_end=false"]
+    with pytest.raises(DiskFull, match="the checkpoint of step 1 is kept"):
+        execute(compose_run(overrides, tmp_path), overrides)

@@ -157,6 +157,7 @@ def check_override_keys(args: list[str]) -> None:
     pairs = [arg.split("=", 1) for arg in args if "=" in arg and not arg.startswith(("-", "+", "~", "hydra"))]
     choices = [f"{key}={value.split(',')[0]}" for key, value in pairs
                if (CONF_DIR / key).is_dir() and not value.startswith(SWEEP_SYNTAX)]
+    swept = {key for key, value in pairs if (CONF_DIR / key).is_dir() and "," in value}  # its keys differ per value
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="run", overrides=choices)
@@ -164,9 +165,13 @@ def check_override_keys(args: list[str]) -> None:
         return
     for key, _ in pairs:
         parent, _, leaf = key.rpartition(".")
+        if (CONF_DIR / key).is_dir() or key.split(".")[0] in swept:
+            continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        if "." in key and isinstance(node, DictConfig) and leaf not in node:
-            known = sorted(str(k) for k in node.keys() if not str(k).startswith("_"))
+        if isinstance(node, DictConfig) and leaf not in node:
+            known = sorted(str(k) for k in node.keys() if not str(k).startswith("_") and
+                           not (not parent and isinstance(node[k], DictConfig)))
             near = difflib.get_close_matches(leaf, known, n=2)
-            hint = f"did you mean {' or '.join(f'{parent}.{n}' for n in near)}? " if near else ""
-            raise ConfigError(f"unknown setting {key}; {hint}the settings under {parent} are: {', '.join(known)}.")
+            where = f"under {parent}" if parent else "at the top level"
+            hint = f"did you mean {' or '.join('.'.join(filter(None, (parent, n))) for n in near)}? " if near else ""
+            raise ConfigError(f"unknown setting {key}; {hint}the settings {where} are: {', '.join(known)}.")

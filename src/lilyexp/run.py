@@ -31,6 +31,7 @@ from lilyexp.loggers import NullLogger
 from lilyexp.methods.export import export_cell, load_adapter, write_export_cell
 from lilyexp.placement import training_device
 from lilyexp.recipes.core import RecipeInputs
+from lilyexp.recipes.devices import set_numerics
 from lilyexp.recipes.loop import Checkpointer, interruptible, preemption_signal
 from lilyexp.records import RunContext, count_parameters, is_main_process, read_record
 from lilyexp.settings import check_settings
@@ -95,6 +96,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     for part in ("backbone.load", "task.load", "method.adapter", "task.recipe"):
         log.info("%s: %s", part, OmegaConf.select(cfg, f"{part}._target_"))
     check_structure(cfg, method, task)
+    set_numerics(trainer)
     set_seed(cfg.seed)
     backbone = build(cfg.backbone.load, **task.model_kwargs)
     load_from = cfg.method.get("load_from")
@@ -215,6 +217,9 @@ def note_failed_cell(cfg: DictConfig, exc: BaseException) -> None:
 class SweepSummary(Callback):
     """When a multirun ends: every cell that failed, with its overrides and reason, then exit status 1."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        (Path(config.hydra.sweep.dir) / FAILED_CELLS).unlink(missing_ok=True)  # an interrupted sweep's notes
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         path = Path(config.hydra.sweep.dir) / FAILED_CELLS
         if not path.exists():
@@ -248,7 +253,7 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as exc:
         if in_sweep():  # sys.exit would end the whole sweep: noted, and summarised when the sweep ends
             note_failed_cell(cfg, exc)
-            return None
+            return float("nan")  # a sweeper (Optuna) records the trial as failed and goes on
         if not isinstance(exc, (ConfigError, TrainingDiverged, DiskFull)):
             raise  # a bug: the traceback is wanted (the failed record holds it too)
         print(f"error: {exc}", file=sys.stderr, flush=True)

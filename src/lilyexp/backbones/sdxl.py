@@ -196,8 +196,9 @@ def load_pipeline(name_or_path: str = SDXL_BASE, vae_name_or_path: str | None = 
     return SDXLParts(unet, vae, *encoders, *tokenizers, diffusers.DDPMScheduler.from_config(sampler.config), sampler)
 
 
-def meta_unet(config: dict[str, Any] | None = None) -> nn.Module:
-    """The UNet of ``config`` (default: the real SDXL base) on the meta device: shapes only, no memory, no download."""
+def meta_unet(config: dict[str, Any] | None = None, **task_kwargs: Any) -> nn.Module:
+    """The UNet of ``config`` (default: the real SDXL base) on the meta device: shapes only, no memory, no download.
+    The task's keyword arguments (``sample_vae``) concern the pipeline's other parts, not the UNet's shapes."""
     diffusers = require_diffusers()
     with torch.device("meta"):
         return diffusers.UNet2DConditionModel(**copy.deepcopy(config or SDXL_UNET_CONFIG))

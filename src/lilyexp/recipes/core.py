@@ -90,6 +90,8 @@ class StepPlan:
         micro = self.num_examples // per_micro if self.drop_last else math.ceil(self.num_examples / per_micro)
         if micro == 0:
             raise ConfigError(f"{self.num_examples} training examples cannot fill one batch of {per_micro}.")
+        if self.num_examples < self.world:
+            raise ConfigError(f"{self.num_examples} training examples cannot give each of {self.world} processes one.")
         self.micro_per_epoch = micro
         self.steps_per_epoch = math.ceil(micro / self.grad_accum)
 

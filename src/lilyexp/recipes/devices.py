@@ -37,7 +37,6 @@ def make_accelerator(trainer) -> Accelerator:
     accelerator = Accelerator(mixed_precision=trainer.mixed_precision)
     refuse_sharded(accelerator)
     warn_precision_not_run(accelerator, trainer)
-    set_numerics(trainer)
     return accelerator
 
 
@@ -51,17 +50,18 @@ def refuse_sharded(accelerator: Accelerator) -> None:
 
 
 def set_numerics(trainer) -> None:
-    """``trainer.tf32``: None keeps PyTorch's defaults (TF32 off for matmuls, on for cuDNN convolutions), which
-    the official scripts ran with; true/false sets both. ``trainer.deterministic``: deterministic kernels (warn
-    where none exists), so a resumed run equals an uninterrupted one on a GPU too."""
-    if trainer.tf32 is not None:
-        torch.backends.cuda.matmul.allow_tf32 = trainer.tf32
-        torch.backends.cudnn.allow_tf32 = trainer.tf32
+    """``trainer.tf32``: None is PyTorch's defaults (TF32 off for matmuls, on for cuDNN convolutions), which the
+    official scripts ran with; true/false sets both. ``trainer.deterministic``: deterministic kernels (warn where
+    none exists), so a resumed run equals an uninterrupted one on a GPU too. Set for every run (a sweep's earlier
+    cell must not leave its flags to the next) and before the backbone loads (cuBLAS reads its workspace setting
+    once, at its first call: PiSSA's SVDs may be it)."""
+    matmul, cudnn = (False, True) if trainer.tf32 is None else (trainer.tf32, trainer.tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
     torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing, which differs between runs
     if trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = trainer.deterministic
+    torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
 
 
 def precision_ran(accelerator: Accelerator, trainer) -> dict:

@@ -6,6 +6,7 @@ a non-finite loss stops the run naming the step."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -68,16 +69,19 @@ class Checkpointer:
 
     def save_rng(self, rank: int) -> None:
         """Every process: its own RNG states (each GPU's generator is its process's), into the staging folder."""
-        torch.save(rng_state(), self.staging / f"rng-{rank}.pt")
+        try:
+            torch.save(rng_state(), self.staging / f"rng-{rank}.pt")
+        except RuntimeError as exc:
+            raise as_disk_full(exc, self.dir.parent) from None
 
     def save(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
         """Main process, after every process saved its RNG: the rest, then the staging folder swapped in. A
         write that fails (a full disk) leaves the previous checkpoint as it was."""
         try:
             self.write_staged(model, optimizer, scheduler, state, best_state)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(self.staging, ignore_errors=True)
-            raise
+            raise as_disk_full(exc, self.dir.parent) from None
         self.swap_in()
 
     def write_staged(self, model, optimizer, scheduler, state: dict, best_state: dict | None) -> None:
@@ -140,6 +144,15 @@ class Checkpointer:
         return state, best
 
 
+def as_disk_full(exc: BaseException, folder: Path) -> BaseException:
+    """torch.save reports a full disk as a RuntimeError of its C++ stream ("basic_ios::clear", "unexpected pos"):
+    when the folder's disk has (nearly) no space left, that is what it was."""
+    if isinstance(exc, RuntimeError) and shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+        return OSError(errno.ENOSPC, f"No space left on device writing a checkpoint in {folder}")
+    return exc
+
+
+FULL_DISK_BYTES = 16 * 2**20
 STATE_KEYS = ("step", "history", "best", "initial")  # what a resumed run cannot do without
 
 
@@ -223,8 +236,10 @@ class TrainingLoop:
         self.eval_every = trainer.eval_every or self.plan.steps_per_epoch
         if self.total:
             self.model, self.optimizer, self.scheduler = self.prepare(inputs.model)
-        else:  # trainer.max_steps=0: evaluate a loaded adapter; DDP refuses to wrap a model with nothing to train
-            self.model, self.optimizer, self.scheduler = inputs.model.to(self.accelerator.device), None, None
+        else:  # trainer.max_steps=0: evaluate a loaded adapter; DDP refuses to wrap a model with nothing to train,
+            # so it is placed and given the run's autocast only (accelerate's evaluation mode)
+            self.model = self.accelerator.prepare_model(inputs.model, evaluation_mode=True)
+            self.optimizer, self.scheduler = None, None
         self.main = self.accelerator.is_main_process
         self.checkpointer, self.log = Checkpointer(inputs.run), StepLog(inputs.run.steps_path, inputs.logger)
         self.result, self.best_state, self.start, self.collapsed = FitResult(), None, 0, 0
@@ -279,13 +294,25 @@ class TrainingLoop:
                 self.result.step_seconds.append(time.perf_counter() - started)
                 done = step + 1
                 self.after_step(done, loss, progress)
-                stop.check()
+                self.agreed_stop(stop)
         except StopRequested as exc:
-            if done > self.start and done % self.trainer.checkpoint_every and done != self.total:
-                self.checkpoint(done)  # the finished steps are kept (adapters checkpoint in seconds)
+            try:
+                if done > self.start and done % self.trainer.checkpoint_every and done != self.total:
+                    self.checkpoint(done)  # the finished steps are kept (adapters checkpoint in seconds)
+            except KeyboardInterrupt:  # a second Ctrl-C while that checkpoint was written: the last complete stands
+                raise RunInterrupted("SIGINT", None) from None
             raise RunInterrupted(exc.signal_name, done) from None
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last regular checkpoint stands
-            raise RunInterrupted("SIGINT", done) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last regular checkpoint stands (the runner reads it)
+            raise RunInterrupted("SIGINT", None) from None
+
+    def agreed_stop(self, stop: "StopRequests") -> None:
+        """Stop after this step when any process was asked to: the launcher signals each process on its own, and a
+        process that checkpointed while another went on to the next step's all-reduce would hang both."""
+        if self.accelerator.num_processes > 1:
+            asked = torch.tensor(1.0 if stop.requested else 0.0, device=self.accelerator.device)
+            if self.accelerator.reduce(asked, "max").item() > 0 and not stop.requested:
+                stop.requested = "SIGTERM"  # another process's signal
+        stop.check()
 
     def after_step(self, done: int, loss: float, progress: Any) -> None:
         self.log_step(done, loss, progress)
@@ -323,12 +350,27 @@ class TrainingLoop:
             self.result = FitResult(state["history"], state["best"], state["initial"], self.start,
                                     resumed_from=self.start, batch=self.layout, precision=self.result.precision,
                                     step_seconds=state.get("step_seconds", []))  # the record times every step
-            self.log.truncate_after(self.start)
+            if self.main:
+                self.log.truncate_after(self.start)
+            self.accelerator.wait_for_everyone()
+            self.check_layout(state)
             return
         if self.main and self.inputs.run.steps_path.exists():
             self.inputs.run.steps_path.unlink()
         if self.objective.before_training is not None and self.trainer.eval_before_training:
-            self.result.initial = self.objective.before_training(self.model)
+            self.result.initial = self.objective.before_training(self.unwrapped)
+
+    def check_layout(self, state: dict) -> None:
+        """A resume on another number of processes: with the same global batch every step still sees the same
+        examples (the plan cuts the same seeded order); with another, the run goes on as a different one."""
+        saved = state.get("batch") or {}
+        if saved and saved != self.layout:
+            same = saved.get("global_batch") == self.layout["global_batch"]
+            log.log(logging.INFO if same else logging.WARNING,
+                    "the checkpoint was written with %s, this run has %s%s", saved, self.layout,
+                    ": the same global batch, so the same examples per step" if same else
+                    ": another global batch, so from here the run is not the one that was interrupted "
+                    "(adjust trainer.grad_accum to keep the global batch)")
 
     def train_step(self, step: int) -> float:
         """One optimizer step over its micro-batches; the loss is summed on the device and read once."""
@@ -374,7 +416,7 @@ class TrainingLoop:
             progress.set_postfix(loss=f"{loss:.4f}")
 
     def validate(self, done: int) -> None:
-        metrics = self.objective.validate(self.model)
+        metrics = self.objective.validate(self.unwrapped)  # not through DDP: no buffer broadcast in evaluation
         if metrics:
             self.result.history.append({"step": done, **metrics})
             if self.main:
@@ -388,7 +430,7 @@ class TrainingLoop:
 
     def checkpoint(self, done: int) -> None:
         state = {"step": done, "history": self.result.history, "best": self.result.best,
-                 "initial": self.result.initial, "step_seconds": self.result.step_seconds}
+                 "initial": self.result.initial, "step_seconds": self.result.step_seconds, "batch": self.layout}
         if self.main:
             self.checkpointer.begin()
         self.accelerator.wait_for_everyone()
