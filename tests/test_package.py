@@ -33,6 +33,13 @@ def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
     assert "lilyexp/conf/run.yaml" in names and "lilyexp/conf/experiment/table2/lily.yaml" in names
     assert "lilyexp/tables/specs/table2.yaml" in names and "lilyexp/manifests/llm_adapters.json" in names
     assert "lilyexp/site/templates/index.html" in names and "lilyexp/site/templates/run.html" in names
+    archive = zipfile.ZipFile(wheel)
+    entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    for command in ("lilyexp-run = lilyexp.run:cli", "lilyexp-study = lilyexp.study.__main__:cli",
+                    "lilyexp-tables", "lilyexp-figures", "lilyexp-site", "lilyexp-budget = lilyexp.budget:cli"):
+        assert command in entry_points
+    metadata_text = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    version = next(line.split(": ", 1)[1] for line in metadata_text.splitlines() if line.startswith("Version: "))
     target = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                                 str(wheel)], capture_output=True, text=True, timeout=600)
@@ -43,6 +50,9 @@ def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import lilyexp; print(lilyexp.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(target)), where.stdout + where.stderr  # not the checkout
+    reported = subprocess.run([sys.executable, "-c", "import lilyexp; print(lilyexp.__version__)"], cwd=elsewhere,
+                              env=env, capture_output=True, text=True)
+    assert reported.stdout.strip() == version  # one version source: pyproject.toml's
     result = subprocess.run([sys.executable, "-m", "lilyexp.run", "backbone=tiny_llama", "debug=smoke"], cwd=elsewhere,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,3 +81,14 @@ def test_lily_model_still_has_the_hooks_lilyexp_overrides():
     from peft.tuners.lily.model import LilyModel
     assert callable(getattr(LilyModel, "_post_injection_hook", None))
     assert callable(getattr(LilyModel, "_create_and_replace", None))
+
+
+def test_every_console_command_names_a_callable():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"lilyexp-run", "lilyexp-study", "lilyexp-tables", "lilyexp-figures", "lilyexp-site"} <= set(scripts)
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

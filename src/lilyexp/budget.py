@@ -105,5 +105,10 @@ def main(argv: list[str]) -> None:
               f"{100 * row['of_lora']:.1f}% |")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``lilyexp-budget`` command."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m lilyexp.study`` and the ``lilyexp-study`` command."""
     survive_lost_readers()  # a study runs for hours: a dropped session must not fail its cell
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
