@@ -264,3 +264,20 @@ def test_a_group_table_scales_scores_by_100_but_prints_losses_as_they_are(tmp_pa
     table = build(group_spec("g", records), records, "best_epoch")
     row = table.rows[0]["cells"]
     assert row["val/accuracy"].mean == pytest.approx(80.0) and row["val/loss"].mean == pytest.approx(0.5)
+
+
+def test_records_read_into_a_dataframe_with_the_settings_that_differ(tmp_path):
+    from lilyexp.records import to_dataframe
+
+    records = []
+    for seed, lr in ((0, 1e-3), (1, 1e-3), (0, 1e-2)):
+        one = record("lily", "mrpc", seed, 0.7 + lr)
+        one["identity"] = {"method": "lily", "seed": seed, "trainer.lr": lr, "task.subset": "mrpc"}
+        records.append(one)
+    write(tmp_path, records)
+    frame = to_dataframe(tmp_path / "runs", "g")
+    assert len(frame) == 3 and list(frame.columns[:3]) == ["group", "run", "status"]
+    assert "setting.trainer.lr" in frame.columns and "setting.task.subset" not in frame.columns  # same everywhere
+    assert sorted(frame["final.val/accuracy"]) == pytest.approx([0.701, 0.701, 0.71])
+    with pytest.raises(Exception, match="no record group nope"):
+        to_dataframe(tmp_path / "runs", "nope")

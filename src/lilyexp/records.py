@@ -395,3 +395,10 @@ class RunContext:
         path = path or self.record_path
         atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
         return path
+
+
+def to_dataframe(results_dir: str | Path = "results/runs", group: str | list[str] | None = None):
+    """The records as a pandas DataFrame, one row per run (:func:`lilyexp.frames.to_dataframe`)."""
+    from lilyexp.frames import to_dataframe as frame
+
+    return frame(results_dir, group)
