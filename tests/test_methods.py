@@ -3,6 +3,7 @@ config, the dead-adapter check, and the parameter counts the official configs im
 
 from __future__ import annotations
 
+import json
 import copy
 
 import pytest
@@ -160,3 +161,21 @@ def test_svd_initialised_factors_checkpoint_as_contiguous_tensors(tmp_path):
     state = trainable_state(model)
     assert all(t.is_contiguous() for t in state.values())
     save_file(state, tmp_path / "trainable.safetensors")
+
+
+def test_a_peft_method_carries_its_own_name_into_its_cell_and_record(tiny_run, tmp_path):
+    """Two peft methods (LoHa and LoRA through method=peft) are two cells, not one 'peft' that collides."""
+    from lilyexp.records import RunContext
+    from lilyexp.run import execute
+
+    loha = ["backbone=tiny_llama", "method=peft", "method.name=loha", "method.config._target_=peft.LoHaConfig",
+            "+method.config.r=4", "trainer.max_steps=1", *tiny_run]
+    cfg = compose_run(loha, tmp_path)
+    plain = RunContext.create(compose_run(["backbone=tiny_llama", "method=peft", *tiny_run], tmp_path), [])
+    named = RunContext.create(cfg, loha)
+    assert named.identity["method"] == "loha" and named.identity != plain.identity
+    record = json.loads(execute(cfg, loha).read_text())
+    assert record["status"] == "finished" and "-loha-seed0-" in record["run_name"]
+    with pytest.raises(ConfigError, match="method.name is fixed by the method= choice"):
+        execute(compose_run(["backbone=tiny_llama", "method=lora", "method.name=x"], tmp_path),
+                ["method=lora", "method.name=x"])

@@ -184,7 +184,7 @@ def refuse_name_overrides(cfg: DictConfig, overrides: list[str]) -> None:
     for override in overrides:
         key = override_key(override)
         group = key.split(".", 1)[0]
-        if group in GROUPS and key == f"{group}.name":
+        if group in GROUPS and key == f"{group}.name" and not cfg[group].get("nameable"):
             hint = " (its subset is task.subset)" if "subset" in cfg[group] else ""
             chosen = [o.split("=", 1)[1] for o in overrides if override_key(o) == group]
             choice = f" ({group}={chosen[-1]})" if chosen else ""

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from lilyexp.errors import ConfigError
 from lilyexp.methods import MethodSettings
 from lilyexp.methods.export import load_peft
-from lilyexp.settings import knob
+from lilyexp.settings import knob, meta
 
 
 @dataclass
@@ -39,8 +39,10 @@ class PissaSettings(LoraSettings):
 
 @dataclass
 class PeftSettings(MethodSettings):
-    """method=peft: any peft config, given whole under ``config`` (its ``_target_`` names the class)."""
+    """method=peft: any peft config, given whole under ``config`` (its ``_target_`` names the class). Its
+    ``name`` may be set (``method.name=loha``), so two peft methods are two cells, rows and record names."""
 
+    nameable: bool = meta(True)
     target_modules: Optional[list] = knob(None)
     config: Any = knob(None)
 
