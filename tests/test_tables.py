@@ -281,3 +281,23 @@ def test_records_read_into_a_dataframe_with_the_settings_that_differ(tmp_path):
     assert sorted(frame["final.val/accuracy"]) == pytest.approx([0.701, 0.701, 0.71])
     with pytest.raises(Exception, match="no record group nope"):
         to_dataframe(tmp_path / "runs", "nope")
+
+
+def test_parameter_counts_read_at_every_scale():
+    from lilyexp.tables.render import fmt_params
+
+    assert fmt_params([128]) == "128" and fmt_params([62_016]) == "62.0K" and fmt_params([533_376]) == "0.533M"
+    assert fmt_params([0]) == "0" and fmt_params([128, 62_016]) == "128–62.0K"
+
+
+def test_a_group_of_mixed_backbones_labels_rows_by_name_not_by_architecture(tmp_path):
+    from lilyexp.tables.build import group_spec
+
+    records = []
+    for backbone, width in (("tiny_a", 32), ("tiny_b", 64)):
+        one = record("lily", "mrpc", 0, 0.8)
+        one["identity"] = {"method": "lily", "seed": 0, "backbone": backbone,
+                           "backbone.load.config": {"hidden_size": width, "num_hidden_layers": 4, "vocab": 261}}
+        records.append(one)
+    labels = [row["label"] for row in group_spec("g", write(tmp_path, records))["rows"]]
+    assert labels == ["tiny_a lily", "tiny_b lily"]

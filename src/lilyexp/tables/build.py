@@ -217,6 +217,13 @@ def build(spec: dict, records: list[dict], selection: str) -> Table:
     return Table(spec, selection, rows)
 
 
+def label_part(key: str, value: Any) -> str:
+    """One setting in a row label: the bare name for backbone/task/method, ``name=value`` otherwise, long values
+    shortened."""
+    text = str(value) if key in ("backbone", "task", "method") else f"{key.split('.')[-1]}={value}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def group_spec(group: str, records: list[dict]) -> dict:
     """A table of any record group (``python -m lilyexp.tables --group <group>``): one row per cell (the method
     and the knobs that tell the group's cells apart), one column per number of their ``final`` metrics, seeds
@@ -226,8 +233,10 @@ def group_spec(group: str, records: list[dict]) -> dict:
              for r in finished}
     identities = [json.loads(c) for c in sorted(cells)]
     varying = {k for i in identities for k in i if any(j.get(k) != i.get(k) for j in identities)}
-    rows = [{"label": " ".join(str(v) if k in ("backbone", "task", "method") else f"{k.split('.')[-1]}={v}"
-                               for k, v in sorted(i.items()) if (k in varying or k == "method") and v is not None),
+    if "backbone" in varying:  # the backbone's name says it; its architecture dict would drown the label
+        varying = {k for k in varying if not k.startswith("backbone.load.")}
+    rows = [{"label": " ".join(label_part(k, v) for k, v in sorted(i.items())
+                               if (k in varying or k == "method") and v is not None),
              "where": {"cell": i}} for i in identities]
     metrics = sorted({m for r in finished for m, v in r["metrics"].get("final", {}).items()
                       if isinstance(v, (int, float))})

@@ -15,12 +15,18 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
+def fmt_count(count: int) -> str:
+    """A parameter count readable at every scale: 0.533M, 62.0K, 128."""
+    if count >= 100_000:
+        return f"{count / 1e6:.3f}M"
+    return f"{count / 1e3:.1f}K" if count >= 1_000 else str(count)
+
+
 def fmt_params(counts: list[int]) -> str:
     if not counts:
         return MISSING
     low, high = min(counts), max(counts)
-    text = f"{low / 1e6:.3f}M"
-    return text if low == high else f"{text}–{high / 1e6:.3f}M"
+    return fmt_count(low) if low == high else f"{fmt_count(low)}–{fmt_count(high)}"
 
 
 def ours_text(cell: Cell, digits: int) -> str:
