@@ -4,6 +4,7 @@ CLI's last line, resume after SIGKILL, and the clear one-sentence errors for bad
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import signal
 
 import pytest
@@ -161,3 +162,19 @@ def test_beam_and_batched_greedy_generation_are_recorded(generation, expected, t
     assert (record["generation"]["num_beams"], record["generation"]["batch_size"]) == expected
     lines = (tmp_path / "results").rglob("*.predictions.jsonl").__next__().read_text().splitlines()
     assert len(lines) == 16
+
+
+@pytest.mark.slow
+def test_the_record_names_the_adapter_absolutely_with_its_size_and_the_hydra_folder_holds_the_summary(tiny_run,
+                                                                                                      tmp_path):
+    from conftest import run_cli
+
+    result = run_cli(["backbone=tiny_llama", "trainer.max_steps=1", *tiny_run], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(next((tmp_path / "results").rglob("*.json")).read_text())
+    adapter = Path(record["adapter"]["path"])
+    assert adapter.is_absolute() and adapter.is_dir()
+    assert record["adapter"]["size_bytes"] == sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file())
+    assert Path(record["hydra_dir"]) == (tmp_path / "hydra").resolve()
+    logged = next((tmp_path / "hydra").glob("*.log")).read_text()
+    assert f"record: {next((tmp_path / 'results').rglob('*.json'))}" in logged

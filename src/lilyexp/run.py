@@ -125,7 +125,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
         extra["adapter"] = export_adapter(method, model, run, OmegaConf.to_container(cfg.method.adapter, resolve=True),
                                           params)
     path = run.write_record(status="finished", metrics=outcome.metrics, params=params,
-                            extra={**extra, **outcome.extra})
+                            extra={**extra, **outcome.extra, "hydra_dir": hydra_dir()})
     if not trainer.keep_checkpoint:  # the export holds the selected weights; the optimizer state can be large
         Checkpointer(run).discard()
     return path
@@ -151,10 +151,16 @@ def check_structure(cfg: DictConfig, method, task) -> None:
 def export_adapter(method, model, run: RunContext, node: dict, params: dict) -> dict:
     """The selected adapter in peft's layout, under the run's checkpoint folder, with the method settings that
     made it (an evaluation-only run is checked against them); the record names it."""
-    directory = run.work_dir / "adapter"
+    directory = (run.work_dir / "adapter").resolve()  # absolute: the record is read from anywhere
     method.export(model, directory, node)
     write_export_cell(directory, run.identity, params)
-    return {"path": str(directory), "load": "lilyexp.load_adapter(model, path)"}
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    return {"path": str(directory), "size_bytes": size, "load": "lilyexp.load_adapter(model, path)"}
+
+
+def hydra_dir() -> str | None:
+    """The Hydra output folder of this run (its .hydra/ config and log), when Hydra launched it."""
+    return str(Path(HydraConfig.get().runtime.output_dir).resolve()) if HydraConfig.initialized() else None
 
 
 def print_summary(path: Path) -> None:
@@ -169,7 +175,22 @@ def print_summary(path: Path) -> None:
              f"{timing.get('peak_mem_bytes', 0) / 2**20:.0f} MiB ({timing.get('peak_mem_kind')})"]
     if record.get("adapter"):
         lines.append(f"adapter: {record['adapter']['path']}")
+    lines.append(f"record: {path}")
     print("\n".join(lines), flush=True)
+    append_to_hydra_log(lines)
+
+
+def append_to_hydra_log(lines: list[str]) -> None:
+    """The summary also goes to Hydra's log file of the run (``<output dir>/<job name>.log``)."""
+    if not HydraConfig.initialized():
+        return
+    config = HydraConfig.get()
+    log_file = Path(config.runtime.output_dir) / f"{config.job.name}.log"
+    try:
+        with log_file.open("a") as handle:
+            handle.write("".join(f"{line}\n" for line in lines))
+    except OSError:  # no log folder (hydra.output_subdir=null, a read-only place): the terminal has it
+        pass
 
 
 def objective_of(cfg: DictConfig, path: Path) -> float | None:
@@ -259,7 +280,6 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     print_summary(path)
-    print(f"record: {path}", flush=True)
     return objective_of(cfg, path)
 
 
