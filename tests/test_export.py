@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,37 @@ def test_a_peft_layout_adapter_whose_weights_do_not_match_is_refused_not_loaded_
     save_file({k: v for k, v in weights.items() if "q_proj" not in k}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ConfigError, match="do not match the adapter its adapter_config.json builds"):
         lilyexp.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_an_export_names_its_published_base_and_carries_a_model_card_and_still_loads_in_peft(tiny_run, tmp_path):
+    import json as json_module
+
+    from peft import PeftModel
+
+    from lilyexp.compose import build
+    from lilyexp.run import execute
+
+    overrides = ["backbone=tiny_llama", "method=lora", "method.r=4", "trainer.max_steps=1", *tiny_run]
+    cfg = compose_run(overrides, tmp_path)
+    record = json_module.loads(execute(cfg, overrides).read_text())
+    folder = Path(record["adapter"]["path"])
+    card = (folder / "README.md").read_text()
+    assert "library_name: peft" in card and "base_model:" not in card  # a random-init backbone has no hub id
+    assert "| method.r | `4` |" in card and "python -m lilyexp.run backbone=tiny_llama method=lora" in card
+    for key, value in record["metrics"]["final"].items():
+        if isinstance(value, (int, float)):
+            assert f"| {key} | {value:.4g} |" in card
+    assert json_module.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    base = build(cfg.backbone.load).model
+    loaded = PeftModel.from_pretrained(base, str(folder))
+    assert any("lora_A" in name for name, _ in loaded.named_parameters())
+
+
+def test_a_model_card_names_the_published_base_model():
+    from lilyexp.methods.export import model_card
+
+    card = model_card(base="HuggingFaceTB/SmolLM2-135M-Instruct", run_name="x", method="lily",
+                      settings={"method.r": 16}, task="commonsense", metrics={"test/accuracy/avg": 0.5},
+                      params={"adapter": 10}, command="python -m lilyexp.run method=lily")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "`HuggingFaceTB/SmolLM2-135M-Instruct`." in card
+    assert compose_run(["backbone=smollm2"]).backbone.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"

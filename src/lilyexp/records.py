@@ -177,9 +177,13 @@ def check_path_part(what: str, value: str) -> None:
 
 
 def run_name(cfg: DictConfig, identity: dict) -> str:
+    return f"{cfg.backbone.name}-{task_label(cfg)}-{cfg.method.name}-seed{cfg.seed}-{identity_hash(identity)}"
+
+
+def task_label(cfg: DictConfig) -> str:
+    """The task with its subset (``glue-mrpc``), as run names and model cards name it."""
     subset = cfg.task.get("subset")
-    task = f"{cfg.task.name}-{subset}" if isinstance(subset, str) else cfg.task.name
-    return f"{cfg.backbone.name}-{task}-{cfg.method.name}-seed{cfg.seed}-{identity_hash(identity)}"
+    return f"{cfg.task.name}-{subset}" if isinstance(subset, str) else str(cfg.task.name)
 
 
 def is_main_process() -> bool:

@@ -28,12 +28,13 @@ from lilyexp.backbones import skeleton
 from lilyexp.compose import CONF_DIR, build, check_combination, check_override_keys
 from lilyexp.errors import ConfigError, DiskFull, RunInterrupted, TrainingDiverged, is_disk_full
 from lilyexp.loggers import NullLogger
-from lilyexp.methods.export import export_cell, load_adapter, write_export_cell
+from lilyexp.methods.export import (describe_export, export_cell, load_adapter, method_settings,
+                                    write_export_cell)
 from lilyexp.placement import training_device
 from lilyexp.recipes.core import RecipeInputs
 from lilyexp.recipes.devices import set_numerics
 from lilyexp.recipes.loop import Checkpointer, interruptible, preemption_signal
-from lilyexp.records import RunContext, count_parameters, is_main_process, read_record
+from lilyexp.records import RunContext, count_parameters, is_main_process, read_record, task_label
 from lilyexp.settings import check_settings
 from lilyexp.streams import survive_lost_readers
 
@@ -124,6 +125,10 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     if not load_from:
         extra["adapter"] = export_adapter(method, model, run, OmegaConf.to_container(cfg.method.adapter, resolve=True),
                                           params)
+        describe_export(extra["adapter"]["path"], base=cfg.backbone.get("hub_id"), run_name=run.name,
+                        method=cfg.method.name, settings=method_settings(run.identity), task=task_label(cfg),
+                        metrics=outcome.metrics.get("final", {}), params=params,
+                        command=" ".join(["python -m lilyexp.run", *run.overrides]))
     path = run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**extra, **outcome.extra, "hydra_dir": hydra_dir()})
     if not trainer.keep_checkpoint:  # the export holds the selected weights; the optimizer state can be large

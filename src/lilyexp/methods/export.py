@@ -136,3 +136,38 @@ def refuse_unused_tensors(loaded: torch.nn.Module, directory: str | Path) -> Non
         raise ConfigError(f"cannot load the adapter in {directory}: {len(unused)} of its tensors fit no module of "
                           f"this model (e.g. {unused[0]}); it was probably exported from another base model (more "
                           f"layers or other module names).")
+
+
+def describe_export(directory: str | Path, *, base: str | None, run_name: str, method: str, settings: dict,
+                    task: str, metrics: dict, params: dict, command: str) -> None:
+    """Make an export useful on the hub: ``base_model_name_or_path`` names the published base model (not the local
+    copy a run loaded, nor null), and README.md is a model card with the method and its settings, the task, the
+    run's metrics and parameter counts, the command that made it and how to load it (``push_to_hub`` shows it)."""
+    directory = Path(directory)
+    config_path = directory / "adapter_config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "README.md").write_text(model_card(base=base, run_name=run_name, method=method, settings=settings,
+                                                    task=task, metrics=metrics, params=params, command=command))
+
+
+def model_card(*, base: str | None, run_name: str, method: str, settings: dict, task: str, metrics: dict,
+               params: dict, command: str) -> str:
+    front = ["---", "library_name: peft", f"tags: [lilyexp, {method}, {task}]"]
+    front += [f"base_model: {base}"] if base else []
+    lines = [*front, "---", "", f"# {run_name}", "",
+             f"A **{method}** adapter trained on **{task}** with "
+             f"[lilyexp](https://arxiv.org/abs/2407.09946) (a reproduction suite for Lily, Low-Rank Interconnected "
+             f"Adaptation across Layers), on "
+             + (f"`{base}`." if base else "a randomly initialised test backbone (no published base model)."), "",
+             "## Method settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | `{value}` |" for key, value in sorted(settings.items())]
+    lines += ["", "## Results (the run's record)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items() if isinstance(value, (int, float))]
+    lines += ["", "## Parameters", "", *[f"- {key}: {value:,}" for key, value in params.items()], "",
+              "## Reproduce", "", "```bash", command, "```", "", "## Load", "", "```python", "import lilyexp",
+              "model = lilyexp.load_adapter(base_model, adapter_folder)  # or peft.PeftModel.from_pretrained",
+              "```", ""]
+    return "\n".join(lines)
