@@ -141,3 +141,19 @@ def test_a_record_of_the_previous_schema_is_found_under_its_old_name_and_read(tm
     assert record["schema"] == 2 and record["metrics"]["selection"]["rule"] == "val_selected"
     assert record["metrics"]["last"] == record["metrics"]["history"][-1]
     assert record["config"]["task"]["subset"] is None and "eval_sets" not in record["config"]["task"]
+
+
+CURRENT_GROUPS = ("study_glue_minilm", "figures_minilm", "dreambooth_cpu")  # records written by today's schema
+
+
+@pytest.mark.parametrize("group", CURRENT_GROUPS)
+def test_every_committed_record_is_still_found_as_the_same_cell(group):
+    """A change to a default, a schema or a backbone yaml must not move a committed record to another cell (its
+    study or table would lose it): the command each record states composes to the identity it holds."""
+    records = [p for p in (REPO / "results" / "runs" / group).glob("*.json") if "." not in p.stem]
+    assert records
+    for path in records:
+        record = json.loads(path.read_text())
+        overrides = record.get("overrides") or []
+        cfg = compose_run([o for o in overrides if not o.startswith(("paths.", "hydra."))])
+        assert RunContext.create(cfg, overrides).identity == record["identity"], path.name
