@@ -157,3 +157,21 @@ def test_every_committed_record_is_still_found_as_the_same_cell(group):
         overrides = record.get("overrides") or []
         cfg = compose_run([o for o in overrides if not o.startswith(("paths.", "hydra."))])
         assert RunContext.create(cfg, overrides).identity == record["identity"], path.name
+
+
+def test_describe_lists_every_setting_with_type_default_kind_and_help(capsys):
+    from lilyexp.describe import describe, main
+
+    text = describe(["method=lily", "task=glue"])
+    assert "| method.ne_1 | 4 | int | 4 | cell | A's per (target, shape) group" in text
+    assert "| trainer.tf32 | None | bool or None | None | cell |" in text
+    assert "| trainer.resume | False | bool | False | bookkeeping |" in text
+    assert "(one of: cola, sst2, mrpc" in text
+    assert main(["trainer.nope=1"]) == 2 and "unknown setting trainer.nope" in capsys.readouterr().err
+
+
+def test_help_lists_the_choosable_groups_not_the_internal_fragments(tmp_path):
+    result = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0
+    assert "backbone: falcon_mamba, llama3" in result.stdout and "python -m lilyexp.describe" in result.stdout
+    assert "family" not in result.stdout and "accelerate" not in result.stdout

@@ -26,6 +26,16 @@ from lilyexp.placement import training_device
 CONF_DIR = Path(str(resources.files("lilyexp.conf")))  # the repo's conf/, shipped as package data
 
 
+def help_text() -> str:
+    from lilyexp.describe import usage
+
+    return usage()
+
+
+if not OmegaConf.has_resolver("lilyexp_help"):  # `--help` prints lilyexp's usage (conf/run.yaml hydra.help)
+    OmegaConf.register_new_resolver("lilyexp_help", help_text)
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
