@@ -75,11 +75,7 @@ def run_curves(record: dict, steps_path: Path, target: Path) -> bool:
             axis.axvline(chosen, color="grey", ls="--", lw=1, label=f"selected (step {chosen})")
         axis.set(title="evaluations", xlabel="optimizer step", ylabel="value")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=90)
-    plt.close(figure)
-    return True
+    return saved(figure, target)
 
 
 def sweep_plot(rows: list[dict], setting: str, metric: str, target: Path, sources: list[Path]) -> bool:
@@ -102,6 +98,10 @@ def sweep_plot(rows: list[dict], setting: str, metric: str, target: Path, source
         axis.set_xscale("log")
     axis.set(xlabel=setting, ylabel=metric, title=f"{metric} against {setting}")
     axis.legend(fontsize=8)
+    return saved(figure, target)
+
+
+def saved(figure, target: Path) -> bool:
     figure.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=90)
