@@ -724,3 +724,24 @@ def test_torch_s_own_report_of_a_full_disk_is_recognised(monkeypatch, tiny_run, 
                  "trainer.eval_at_end=false"]
     with pytest.raises(DiskFull, match="the checkpoint of step 1 is kept"):
         execute(compose_run(overrides, tmp_path), overrides)
+
+
+def test_ctrl_c_twice_during_dreambooth_sampling_ends_in_an_interrupted_record(monkeypatch, shared_data, tmp_path):
+    """After training, while images are sampled: the first signal stops the run at once, the second is ignored
+    while the interrupted record is written."""
+    import os
+    import signal
+
+    import lilyexp.recipes.diffusion as diffusion
+
+    def interrupted_sampling(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("the signal should have stopped the sampling")
+    monkeypatch.setattr(diffusion, "sample_images", interrupted_sampling)
+    overrides = ["experiment=dreambooth_cpu/lora", f"task.data_dir={shared_data / 'dreambooth'}",
+                 "task.subset=duck_toy", "task.resolution=32", "task.eval_limit=1", "task.metrics.dino=random",
+                 "task.metrics.clip=random", "trainer.max_steps=2", "trainer.batch_size=1", "task.train_limit=2"]
+    with pytest.raises(RunInterrupted) as info:
+        execute(compose_run(overrides, tmp_path), overrides)
+    record = json.loads(info.value.record.read_text())
+    assert record["status"] == "interrupted" and record["interrupted"]["after_step"] == 2
