@@ -46,7 +46,8 @@ def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
     assert installed.returncode == 0, installed.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LILYEXP_")},  # the default paths, here
+           "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
     where = subprocess.run([sys.executable, "-c", "import lilyexp; print(lilyexp.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(target)), where.stdout + where.stderr  # not the checkout
