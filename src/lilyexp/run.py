@@ -129,6 +129,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
                         method=cfg.method.name, settings=method_settings(run.identity), task=task_label(cfg),
                         metrics=outcome.metrics.get("final", {}), params=params,
                         command=" ".join(["python -m lilyexp.run", *run.overrides]))
+        extra["adapter"]["size_bytes"] = folder_size(extra["adapter"]["path"])  # the card included
     path = run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**extra, **outcome.extra, "hydra_dir": hydra_dir()})
     if not trainer.keep_checkpoint:  # the export holds the selected weights; the optimizer state can be large
@@ -159,8 +160,11 @@ def export_adapter(method, model, run: RunContext, node: dict, params: dict) -> 
     directory = (run.work_dir / "adapter").resolve()  # absolute: the record is read from anywhere
     method.export(model, directory, node)
     write_export_cell(directory, run.identity, params)
-    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    return {"path": str(directory), "size_bytes": size, "load": "lilyexp.load_adapter(model, path)"}
+    return {"path": str(directory), "load": "lilyexp.load_adapter(model, path)"}
+
+
+def folder_size(directory: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
 def hydra_dir() -> str | None:
