@@ -109,7 +109,7 @@ def overrides_of(name: str, out: Path, tiny: bool, dreambooth_dir: str | None) -
 
 def random_weights(cfg) -> None:
     """Swap a pretrained backbone's loader for random weights of its real shapes (``backbone.architecture``)."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     backbone = cfg.backbone
     if backbone.get("random_init") or backbone.get("architecture") is None:
@@ -126,11 +126,6 @@ def random_weights(cfg) -> None:
                                                                                                 "checkpoint_path",
                                                                                                 "model_name")}
             backbone.load = {**keep, **architecture}
-
-
-def open_dict(cfg):
-    from omegaconf import open_dict as opened
-    return opened(cfg)
 
 
 def compose_cell(name: str, out: Path, tiny: bool, dreambooth_dir: str | None):

@@ -502,16 +502,12 @@ class stop_requests:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> StopRequests:
-        self.requests, self.previous = StopRequests(), {}
-        try:
-            self.previous = {s: signal.signal(s, self.requests.handle) for s in (*self.SIGNALS, preemption_signal())}
-        except ValueError:  # not the main thread: nothing to install
-            pass
+        self.requests = StopRequests()
+        self.previous = install_stop_handler(self.requests.handle)
         return self.requests
 
     def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        restore_handlers(self.previous)
 
 
 class interruptible:
@@ -521,11 +517,7 @@ class interruptible:
     while it trains. :meth:`hold` ignores further signals while that record is written."""
 
     def __enter__(self) -> "interruptible":
-        self.previous = {}
-        try:
-            self.previous = {s: signal.signal(s, self.stop) for s in (*stop_requests.SIGNALS, preemption_signal())}
-        except ValueError:  # not the main thread
-            pass
+        self.previous = install_stop_handler(self.stop)
         return self
 
     @staticmethod
@@ -537,8 +529,21 @@ class interruptible:
             signal.signal(signum, signal.SIG_IGN)
 
     def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        restore_handlers(self.previous)
+
+
+def install_stop_handler(handler: Any) -> dict:
+    """``handler`` for SIGINT, SIGTERM and the preemption signal; the handlers they had (none off the main
+    thread, where signals cannot be handled)."""
+    try:
+        return {s: signal.signal(s, handler) for s in (*stop_requests.SIGNALS, preemption_signal())}
+    except ValueError:
+        return {}
+
+
+def restore_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def fit(inputs: RecipeInputs, objective: Objective, accelerator: Accelerator | None = None) -> FitResult:
