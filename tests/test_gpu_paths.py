@@ -276,23 +276,30 @@ def saved_for_backward(forward) -> int:
     return total
 
 
-@pytest.mark.parametrize("backbone,expected_gib", [("falcon_mamba", 165), ("vim", 130)])
-def test_the_quoted_memory_of_the_pure_pytorch_scan_is_measured(backbone, expected_gib):
-    """The refusal's numbers: one layer's saved activations measured at a reduced width (they scale with it), then
-    scaled to the paper's width, batch and depth. Neither fits an 80 GB GPU."""
+def falcon_mamba_table1_bytes() -> float:
+    """Table 1: 4 x 256 tokens, width 4096, 64 layers; one layer measured at width 512 (bytes scale with it)."""
     from transformers import FalconMambaConfig, FalconMambaModel
 
+    config = FalconMambaConfig(vocab_size=8, hidden_size=512, num_hidden_layers=1, state_size=16, expand=2,
+                               conv_kernel=4, time_step_rank=32, use_mambapy=False)
+    layer, tokens = FalconMambaModel(config), torch.randn(1, 256, 512, requires_grad=True)
+    return saved_for_backward(lambda: layer(inputs_embeds=tokens)) * (4096 / 512) * 4 * 64
+
+
+def vim_s_table5_bytes() -> float:
+    """Table 5: Vim-S (width 384, 24 blocks), batch 64 of 197 tokens; one block measured for one image."""
     from lilyexp.backbones.vim import BiMambaV2
 
-    if backbone == "falcon_mamba":  # Table 1: 4 x 256 tokens, width 4096, 64 layers; measured at width 512
-        config = FalconMambaConfig(vocab_size=8, hidden_size=512, num_hidden_layers=1, state_size=16, expand=2,
-                                   conv_kernel=4, time_step_rank=32, use_mambapy=False)
-        layer, tokens = FalconMambaModel(config), torch.randn(1, 256, 512, requires_grad=True)
-        total = saved_for_backward(lambda: layer(inputs_embeds=tokens)) * (4096 / 512) * 4 * 64
-    else:  # Table 5: Vim-S (width 384, 24 blocks), batch 64 of 197 tokens
-        block, tokens = BiMambaV2(384, d_state=16), torch.randn(1, 197, 384, requires_grad=True)
-        total = saved_for_backward(lambda: block(tokens)) * 64 * 24
-    assert total / 2**30 == pytest.approx(expected_gib, rel=0.1)
+    block, tokens = BiMambaV2(384, d_state=16), torch.randn(1, 197, 384, requires_grad=True)
+    return saved_for_backward(lambda: block(tokens)) * 64 * 24
+
+
+@pytest.mark.parametrize("backbone,measure,expected_gib", [("falcon_mamba", falcon_mamba_table1_bytes, 165),
+                                                           ("vim", vim_s_table5_bytes, 130)])
+def test_the_quoted_memory_of_the_pure_pytorch_scan_is_measured(backbone, measure, expected_gib):
+    """The refusal's numbers: one layer's saved activations measured, then scaled to the paper's width, batch and
+    depth. Neither fits an 80 GB GPU."""
+    assert measure() / 2**30 == pytest.approx(expected_gib, rel=0.1)
     why = compose_run([f"backbone={backbone}"]).backbone.gpu_kernels.why
     assert f"about {expected_gib} GiB" in why
 

@@ -686,19 +686,21 @@ def test_a_pissa_rank_the_weights_cannot_hold_is_refused_before_the_tiny_model_i
     sentence(info)
 
 
-@pytest.mark.parametrize("task,setting,message", [
-    ("dreambooth", "task.train_limit=0", "task.train_limit must be positive, got 0."),
-    ("dreambooth", "task.eval_limit=0", "task.eval_limit must be positive, got 0."),
-    ("vtab", "task.image_cache=gpu", "task.image_cache must be one of auto, memory, disk, off, got 'gpu'."),
+DREAMBOOTH_TASK = ["task=dreambooth", "task.subset=dog", "task.metrics.dino=random", "task.metrics.clip=random"]
+VTAB_TASK = ["task=vtab", "task.subset=eurosat", "backbone=tiny_vit"]
+
+
+@pytest.mark.parametrize("cell,folder,setting,message", [
+    (DREAMBOOTH_TASK, "dreambooth", "task.train_limit=0", "task.train_limit must be positive, got 0."),
+    (DREAMBOOTH_TASK, "dreambooth", "task.eval_limit=0", "task.eval_limit must be positive, got 0."),
+    (VTAB_TASK, None, "task.image_cache=gpu", "task.image_cache must be one of auto, memory, disk, off, got 'gpu'."),
 ])
-def test_settings_only_used_late_are_refused_when_the_task_is_built(task, setting, message, shared_data, tmp_path):
+def test_settings_only_used_late_are_refused_when_the_task_is_built(cell, folder, setting, message, shared_data,
+                                                                     tmp_path):
     from lilyexp.compose import build
 
-    data = shared_data / "dreambooth" if task == "dreambooth" else tmp_path
-    cfg = compose_run([f"task={task}", "task.subset=dog" if task == "dreambooth" else "task.subset=eurosat",
-                       f"task.data_dir={data}", setting, "task.metrics.dino=random", "task.metrics.clip=random"]
-                      if task == "dreambooth" else [f"task={task}", "task.subset=eurosat", f"task.data_dir={data}",
-                                                    setting, "backbone=tiny_vit"], tmp_path)
+    data = shared_data / folder if folder else tmp_path
+    cfg = compose_run([*cell, f"task.data_dir={data}", setting], tmp_path)
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         build(cfg.task.load)
 
