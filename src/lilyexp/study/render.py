@@ -227,11 +227,18 @@ def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
     for y, (name, methods) in enumerate(reversed(rows)):
         drawn = False
         for offset, method in enumerate(others):  # the first method on top within a row, as in the legend
-            diff = (methods.get(method) or {}).get("difference")
+            entry = methods.get(method) or {}
+            diff = entry.get("difference")
             if diff and diff["estimate"]["ci_t"][0] is not None and math.isfinite(diff["estimate"]["ci_t"][0]):
                 mean, (low, high) = diff["estimate"]["mean"], diff["estimate"]["ci_t"]
-                ax.errorbar([mean], [y + (len(others) - 1 - offset) * step], xerr=[[mean - low], [high - mean]],
-                            fmt="o", color=COLORS.get(method), capsize=3, label=label(method))
+                interim = str(entry.get("verdict", "")).startswith("pending")  # not every confirm seed yet
+                row_y = y + (len(others) - 1 - offset) * step
+                ax.errorbar([mean], [row_y], xerr=[[mean - low], [high - mean]], fmt="o", color=COLORS.get(method),
+                            capsize=3, label=label(method), mfc="white" if interim else COLORS.get(method),
+                            ls="none", elinewidth=1 if interim else 1.5)
+                if interim:
+                    ax.annotate(f"interim, n={diff['estimate']['n']}", (high, row_y), xytext=(4, 0),
+                                textcoords="offset points", va="center", fontsize=7, color="grey")
                 drawn = True
         if not drawn:
             ax.text(0.02, y + step * (len(others) - 1) / 2, "pending", transform=ax.get_yaxis_transform(),
