@@ -78,18 +78,19 @@ from lilyexp.recipes.sharding import map_batches
 state = Accelerator()  # as a recipe creates it before evaluating
 seen = []
 results = map_batches(list(range(7)), 2, lambda batch: (seen.append(list(batch)), [10 * i for i in batch])[1])
-print(json.dumps({"rank": state.process_index, "seen": seen, "results": results}), flush=True)
+report = {"rank": state.process_index, "seen": seen, "results": results}
+with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as out:  # not stdout: lines interleave
+    json.dump(report, out)
 """
 
 
 def test_evaluation_batches_are_dealt_whole_to_the_processes_and_gathered_in_order(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
-               str(tmp_path / "deal.py")]
+               str(tmp_path / "deal.py"), str(tmp_path)]
     (tmp_path / "deal.py").write_text(SHARDED_EVALUATION)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    reports = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
-                     key=lambda report: report["rank"])
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [r["seen"] for r in reports] == [[[0, 1], [4, 5]], [[2, 3], [6]]]  # the one-process batches, dealt
     assert all(r["results"] == [0, 10, 20, 30, 40, 50, 60] for r in reports)

@@ -143,15 +143,6 @@ def test_a_record_of_the_previous_schema_is_found_under_its_old_name_and_read(tm
     assert record["config"]["task"]["subset"] is None and "eval_sets" not in record["config"]["task"]
 
 
-def at_recorded_location(override: str, record: dict) -> str:
-    """A data folder as the record resolved it (a checkout elsewhere resolves ``../shared`` elsewhere: the folder
-    is part of the cell, its location on this machine is not what this test is about)."""
-    key, _, value = override.partition("=")
-    if key.endswith("data_dir") and not value.startswith("/") and key in record["identity"]:
-        return f"{key}={record['identity'][key]}"
-    return override
-
-
 CURRENT_GROUPS = ("study_glue_minilm", "figures_minilm", "dreambooth_cpu")  # records written by today's schema
 
 
@@ -163,9 +154,55 @@ def test_every_committed_record_is_still_found_as_the_same_cell(group):
     assert records
     for path in records:
         record = json.loads(path.read_text())
-        overrides = [at_recorded_location(o, record) for o in record.get("overrides") or []]
+        overrides = record.get("overrides") or []
         cfg = compose_run([o for o in overrides if not o.startswith(("paths.", "hydra."))])
         assert RunContext.create(cfg, overrides).identity == record["identity"], path.name
+
+
+def test_a_data_folder_is_the_same_cell_from_any_clone_and_any_spelling(tmp_path, monkeypatch):
+    """Identities hold data folders relative to the working folder: two clones, each with its data beside it,
+    file a run under the same cell, and a relative and an absolute spelling of one folder are one cell."""
+    seen = []
+    for clone in ("a", "deeper/b"):
+        (tmp_path / clone / "shared" / "glue").mkdir(parents=True)
+        (tmp_path / clone / "main").mkdir()
+        monkeypatch.chdir(tmp_path / clone / "main")
+        relative = identity_of(["backbone=tiny_roberta", "task=glue", "task.data_dir=../shared/glue"])
+        absolute = identity_of(["backbone=tiny_roberta", "task=glue", f"task.data_dir={tmp_path / clone / 'shared/glue'}"])
+        assert relative == absolute
+        seen.append(relative)
+    assert seen[0] == seen[1] and seen[0]["task.data_dir"] == "../shared/glue"
+
+
+def test_a_version_1_identity_is_read_with_its_folders_made_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = {"version": 1, "seed": 0, "task": "glue", "task.data_dir": str(tmp_path / "data" / "glue")}
+    from lilyexp.settings import upgrade_identity
+    assert upgrade_identity(old, ["task.data_dir=../shared/./data/glue"])["task.data_dir"] == "../shared/data/glue"
+    upgraded = upgrade_identity(old, ["task=glue"])
+    assert upgraded == {**old, "version": IDENTITY_VERSION, "task.data_dir": "data/glue"}
+    assert upgrade_identity(upgraded, []) is upgraded
+
+
+def test_a_cell_filed_under_a_version_1_name_is_found_whatever_its_status(tmp_path, monkeypatch):
+    """A study must find a diverged cell filed by an older version too (a diverged cell is not run again), and
+    prefer the finished record when both exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "glue").mkdir(parents=True)
+    overrides = ["backbone=tiny_roberta", "task=glue", "task.subset=mrpc", "task.data_dir=data/glue"]
+    run = RunContext.create(compose_run(overrides, tmp_path), overrides)
+    old_identity = {**run.identity, "version": 1, "task.data_dir": str(tmp_path / "data" / "glue")}
+    folder = run.record_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    diverged = {"schema": 2, "status": "failed", "error_type": "TrainingDiverged", "identity": old_identity,
+                "overrides": overrides, "config": run.config, "metrics": {}}
+    (folder / "tiny_roberta-glue-mrpc-lora-seed0-0000aaaa.json").write_text(json.dumps(diverged))
+    assert run.finished_record() is None and run.own_record()["error_type"] == "TrainingDiverged"
+    finished = {**diverged, "status": "finished", "metrics": {"final": {"accuracy": 0.5}}}
+    (folder / "tiny_roberta-glue-mrpc-lora-seed0-0000bbbb.json").write_text(json.dumps(finished))
+    again = RunContext.create(compose_run(overrides, tmp_path), overrides)
+    assert again.finished_record()["metrics"]["final"] == {"accuracy": 0.5}
+    assert again.record_path.name.endswith("0000bbbb.json")
 
 
 def test_describe_lists_every_setting_with_type_default_kind_and_help(capsys):

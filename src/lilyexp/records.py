@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.errors import CellBusy, ConfigError, RunInterrupted
 from lilyexp.placement import numerics
-from lilyexp.settings import cell_identity, identity_hash
+from lilyexp.settings import cell_identity, identity_hash, upgrade_identity
 
 log = logging.getLogger("lilyexp")
 
@@ -135,9 +135,14 @@ def upgrade_metrics_v1(metrics: dict, record: dict) -> dict:
 
 
 def upgrade(record: dict) -> dict:
-    """A record in the current schema (version-1 records are converted; nothing is written)."""
-    if record.get("schema", 1) >= SCHEMA_VERSION:
-        return record
+    """A record in the current schema, its identity in the current version (older ones are converted; nothing is
+    written)."""
+    if record.get("schema", 1) < SCHEMA_VERSION:
+        record = upgrade_schema_v1(record)
+    return {**record, "identity": upgrade_identity(record.get("identity"), record.get("overrides"))}
+
+
+def upgrade_schema_v1(record: dict) -> dict:
     config = upgrade_config_v1(record.get("config", {}))
     upgraded = {**record, "schema": SCHEMA_VERSION, "config": config,
                 "metrics": upgrade_metrics_v1(record.get("metrics", {}), record)}
@@ -344,19 +349,23 @@ class RunContext:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def finished_record(self) -> dict | None:
-        """The finished record of this cell: the one at ``record_path``, or one of the same identity written
-        under another name (an older version's hash, another path to the same data); ``record_path`` then points
-        at it."""
+        """The finished record of this cell (see :meth:`own_record`)."""
+        record = self.own_record()
+        return record if record and is_finished(record) else None
+
+    def own_record(self) -> dict | None:
+        """This cell's record: the one at ``record_path``, or one of the same identity written under another name
+        (an older version's hash), a finished one first; ``record_path`` then points at it."""
         if self.record_path.exists():
-            record = read_record(self.record_path)
-            return record if record and is_finished(record) else None
+            return read_record(self.record_path)
         prefix = f"{self.config['backbone']['name']}-{self.config['task']['name']}"
-        for path in sorted(self.record_path.parent.glob(f"{prefix}*.json")):
-            record = read_record(path)
-            if record and is_finished(record) and record.get("identity") == self.identity:
-                self.record_path = path
-                return record
-        return None
+        same = [record for path in sorted(self.record_path.parent.glob(f"{prefix}*.json"))
+                if (record := read_record(path)) and record.get("identity") == self.identity]
+        chosen = next((record for record in same if record.get("status") == "finished" and is_finished(record)),
+                      same[0] if same else None)
+        if chosen is not None:
+            self.record_path = Path(chosen["_path"])
+        return chosen
 
     def write_interrupted(self, exc: RunInterrupted, params: dict) -> Path:
         """An ``interrupted`` record (SIGINT/SIGTERM): the step reached and how to continue; a finished record of

@@ -15,10 +15,12 @@ the wrong type (``trainer.lr=abc``, ``seed=2.5``), a value outside a field's ``c
 group's ``name`` (``task.name=rte`` would only rename the GLUE task: the subset is ``task.subset``).
 
 :func:`cell_identity` is what makes two runs the same cell: each group's choice, the seed, the ``setting`` label,
-the backbone's architecture and every knob whose value differs from its schema default (data folders as absolute
-paths). A knob added later with a neutral default therefore keeps every existing cell whole; changing a schema
+the backbone's architecture and every knob whose value differs from its schema default. A data folder (or an
+exported adapter) is held relative to the folder the command runs in, as ``paths.results_dir`` is: the same checkout with its data beside it is the same cell wherever it was cloned, and ``../data/glue`` and
+its absolute spelling are one cell. A knob added later with a neutral default therefore keeps every existing cell whole; changing a schema
 default changes what old records meant, so it must come with a new ``IDENTITY_VERSION`` (tests/test_settings.py
-holds the defaults and fails when one changes silently).
+holds the defaults and fails when one changes silently). Identities of an older version are brought to the current
+one by :func:`upgrade_identity` when a record is read, so their cells are found again.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, Valid
 
 from lilyexp.errors import ConfigError
 
-IDENTITY_VERSION = 1
+# 2: data folders relative to the working folder (1 held them absolute, so a clone elsewhere found no cell).
+IDENTITY_VERSION = 2
 GROUPS = ("backbone", "task", "method", "trainer")
 # Where a backbone's weights come from, not what is computed: a local copy and the hub id are the same cell.
 LOCATION_KEYS = ("name_or_path", "checkpoint_path", "package", "gguf_file", "revision", "tokenizer_name_or_path",
@@ -206,10 +209,19 @@ def option_schema(group: str, option: str) -> type | None:
     return get_class(name) if name else None
 
 
+FOLDER_KNOBS = ("data_dir", "load_from")  # knobs naming a local folder (or, for load_from, possibly a hub id)
+
+
 def canonical(key: str, value: Any) -> Any:
-    if isinstance(value, str) and key.endswith(("data_dir", "load_from")):
-        return os.path.realpath(os.path.expanduser(value))
+    if isinstance(value, str) and key.endswith(FOLDER_KNOBS):
+        return from_working_folder(value)
     return value
+
+
+def from_working_folder(path: str) -> str:
+    """``path`` relative to the folder the command runs in. Symlinks are left as they are: a clone whose data
+    folder is a link to a shared copy is laid out as any other clone, and files the same cell."""
+    return os.path.relpath(os.path.abspath(os.path.expanduser(path)), os.getcwd())
 
 
 def knobs_of(node: dict, schema: type, prefix: str) -> dict[str, Any]:
@@ -246,6 +258,21 @@ def cell_identity(config: dict) -> dict | None:
         cell.update(knobs_of(node, schema, group))
     cell.update(architecture_of(config.get("backbone") or {}))
     return cell
+
+
+def upgrade_identity(identity: dict | None, overrides: list[str] | None) -> dict | None:
+    """A recorded identity in the current version. Version 1 held folders as absolute paths; the relative form is
+    the record's own override when it gave one (the study's ``task.data_dir=../shared/data/glue``), else the path
+    as seen from this folder."""
+    if not identity or identity.get("version") != 1:
+        return identity
+    given = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
+    upgraded = {**identity, "version": IDENTITY_VERSION}
+    for key, value in identity.items():
+        if key.endswith(FOLDER_KNOBS) and isinstance(value, str) and os.path.isabs(value):
+            hint = given.get(key) or given.get(f"+{key}")
+            upgraded[key] = os.path.normpath(hint) if hint and not os.path.isabs(hint) else from_working_folder(value)
+    return upgraded
 
 
 def identity_hash(identity: dict) -> str:

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from lilyexp.compose import CONF_DIR
 from lilyexp.errors import CellBusy, ConfigError, RunInterrupted
-from lilyexp.records import RunContext, read_record
+from lilyexp.records import RunContext
 from lilyexp.study.plan import Cell
 from lilyexp.study.settings import StudySettings
 
@@ -65,7 +65,7 @@ class CellIndex:
         if record is not None:
             self._finished[cell] = CellState("finished", record, context.record_path)
             return self._finished[cell]
-        record = read_record(context.record_path) if context.record_path.exists() else None
+        record = context.own_record()
         if record and record.get("status") == "failed" and record.get("error_type") == "TrainingDiverged":
             return CellState("diverged", record, context.record_path)
         status = record.get("status") if record else "missing"
