@@ -49,6 +49,7 @@ import transformers
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from lilyexp.backbones import load_backbone
 from lilyexp.compose import CONF_DIR, build
 from lilyexp.methods.export import load_adapter
 from lilyexp.recipes.causal_lm import generate, left_pad, supervised, tokenize_for_training
@@ -112,7 +113,7 @@ def build_parts(args: argparse.Namespace):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="run", overrides=overrides(args))
     task = build(cfg.task.load)
-    backbone = build(cfg.backbone.load, **task.model_kwargs)
+    backbone = load_backbone(cfg.backbone, **task.model_kwargs)
     return cfg, task, backbone, build(cfg.method.adapter)
 
 
@@ -370,7 +371,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {mode['batch_size']} | {mode['routing']} | {mode['prefill']} | {identical} | {same} | "
                      f"{mode['accuracy']['all']} | {t['wall']} ({t['cpu']}) | {t['prefill']} | {t['decode']} | "
                      f"{speedup} |")
-    lines += ["", "Wall seconds per round (a load burst on the shared machine shows as one outlier): " + "; ".join(
+    lines += ["", "Wall seconds per round (questions sorted by prompt length, so the last round holds the longest "
+              "prompts; a load burst shows as an outlier with a higher load average below): " + "; ".join(
         f"{name} {mode['seconds']['round_wall']}" for name, mode in report["modes"].items())]
     lines += ["", "Load average after each mode's round: " + "; ".join(
         f"{name} {mode['seconds']['round_load']}" for name, mode in report["modes"].items())]
