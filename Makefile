@@ -140,7 +140,7 @@ fig3 fig4 fig5: venv
 	$(call run_figure,$@,$(call experiments_of,$@))
 
 fig6: venv
-	$(call run_figure,fig6,$(call experiments_of,fig6) table1/lily_in table1/lora_in)
+	$(call run_figure,fig6,$(call experiments_of,fig6) table1/lily_in table1/lora_dt_in)
 
 fig9: venv
 	$(call run_figure,fig9,$(call experiments_of,fig9) table2/lily)

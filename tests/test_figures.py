@@ -192,14 +192,16 @@ def test_fig6_reads_time_and_memory_from_the_records_of_both_settings(tmp_path):
     write_record(tmp_path / "runs" / "fig6", "lora", {**nlu, "method": {"name": "lora"}},
                  timing={**timing, "step_s": 0.4, "peak_mem_bytes": 2**30})
     llm = {"backbone": {"name": "falcon_mamba"}, "task": {"name": "commonsense"}, "trainer": {"epochs": 1}}
-    write_record(tmp_path / "runs" / "table1", "lily", {**llm, "method": {"name": "lily"}}, timing=timing)
+    for name, method in (("lily", "lily"), ("lora-in", "lora")):  # LoRA (in) is the control, not the figure's LoRA
+        config = {**llm, "method": {"name": method, "target_modules": ["in_proj"]}}
+        write_record(tmp_path / "runs" / "table1", name, config, timing=timing)
     rendered = fig6.render(tmp_path / "runs", tmp_path / "figures")
     assert {p.name for p in rendered.files} == {"fig6.png", "fig6.pdf", "fig6.csv"}
     rows = {(r["setting"][:3], r["method"]): r for r in csv.DictReader((tmp_path / "figures" / "fig6.csv").open())}
     assert float(rows[("NLU", "Lily")]["step_s"]) == pytest.approx(0.6) and rows[("NLU", "Lily")]["seeds"] == "2"
     assert float(rows[("NLU", "LoRA")]["peak_mem_gib"]) == pytest.approx(1.0)
     assert float(rows[("LLM", "Lily")]["train_min"]) == pytest.approx(10.0)
-    assert rendered.missing == ["python -m lilyexp.run -m experiment=table1/lora_in"]
+    assert rendered.missing == ["python -m lilyexp.run -m experiment=table1/lora_dt_in"]
 
 
 def commonsense_record(folder: Path, r: int, ne: int, accuracy: float) -> Path:

@@ -144,13 +144,6 @@ def test_without_a_validation_split_the_last_weights_are_kept(tiny_run, tmp_path
     assert "val/loss" not in record["metrics"]["final"] and record["data"]["validation"] == 0
 
 
-def test_falcon_mamba_delta_plus_in_is_refused_with_the_reason(no_model_loading, tmp_path):
-    cfg = compose_run(["backbone=tiny_falcon_mamba", "method=lily", "method.target_modules=[in_proj,dt_proj]"],
-                      tmp_path)
-    with pytest.raises(ConfigError, match="cannot adapt 'dt_proj': transformers' Falcon-Mamba mixer reads"):
-        execute(cfg)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("generation,expected", [({"num_beams": 2, "batch_size": 1}, (2, 1)),
                                                  ({"num_beams": 1, "batch_size": 8}, (1, 8))])

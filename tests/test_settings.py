@@ -168,7 +168,8 @@ def test_a_data_folder_is_the_same_cell_from_any_clone_and_any_spelling(tmp_path
         (tmp_path / clone / "main").mkdir()
         monkeypatch.chdir(tmp_path / clone / "main")
         relative = identity_of(["backbone=tiny_roberta", "task=glue", "task.data_dir=../shared/glue"])
-        absolute = identity_of(["backbone=tiny_roberta", "task=glue", f"task.data_dir={tmp_path / clone / 'shared/glue'}"])
+        folder = tmp_path / clone / "shared" / "glue"
+        absolute = identity_of(["backbone=tiny_roberta", "task=glue", f"task.data_dir={folder}"])
         assert relative == absolute
         seen.append(relative)
     assert seen[0] == seen[1] and seen[0]["task.data_dir"] == "../shared/glue"

@@ -1,7 +1,6 @@
 """Checks and helpers the runner uses to turn a composed config into objects, before any model is loaded.
 
-A backbone yaml declares the modalities it `provides`, per method family its `adapter_targets`, and the
-`bypassed_modules` an adapter cannot reach (with the reason); a task
+A backbone yaml declares the modalities it `provides` and per method family its `adapter_targets`; a task
 yaml declares the `modality` it needs and its `recipe` (training loop); a method yaml may name its `family`
 and the `modalities` it supports. Everything here reads those fields; nothing branches on component names.
 """
@@ -101,10 +100,6 @@ def check_combination(cfg: DictConfig) -> None:
         raise ConfigError(
             f"method '{method.name}' adapts the backbone's '{family}' targets, but backbone '{backbone.name}' "
             f"declares none; add backbone.adapter_targets.{family}=[module names].")
-    bypassed = backbone.get("bypassed_modules") or {}
-    for target in method.get("target_modules") or []:
-        if target in bypassed:
-            raise ConfigError(f"backbone '{backbone.name}' cannot adapt '{target}': {bypassed[target]}")
     if cfg.trainer.get("head_lr") is not None and not backbone.get("head_modules"):
         raise ConfigError(f"trainer.head_lr is set, but backbone '{backbone.name}' has no task head "
                           f"(backbone.head_modules is empty); leave trainer.head_lr unset.")

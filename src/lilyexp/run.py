@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lilyexp.backbones import skeleton
+from lilyexp.backbones import load_backbone, skeleton
 from lilyexp.compose import CONF_DIR, build, check_combination, check_override_keys
 from lilyexp.errors import ConfigError, DiskFull, RunInterrupted, TrainingDiverged, is_disk_full
 from lilyexp.loggers import NullLogger
@@ -99,7 +99,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     check_structure(cfg, method, task)
     set_numerics(trainer)
     set_seed(cfg.seed)
-    backbone = build(cfg.backbone.load, **task.model_kwargs)
+    backbone = load_backbone(cfg.backbone, **task.model_kwargs)
     load_from = cfg.method.get("load_from")
     base = backbone.model.to(training_device())  # a method's initialisation (PiSSA's SVDs) runs on the GPU
     model = load_adapter(base, load_from) if load_from else method.apply(base)

@@ -16,9 +16,10 @@ group's ``name`` (``task.name=rte`` would only rename the GLUE task: the subset 
 
 :func:`cell_identity` is what makes two runs the same cell: each group's choice, the seed, the ``setting`` label,
 the backbone's architecture and every knob whose value differs from its schema default. A data folder (or an
-exported adapter) is held relative to the folder the command runs in, as ``paths.results_dir`` is: the same checkout with its data beside it is the same cell wherever it was cloned, and ``../data/glue`` and
-its absolute spelling are one cell. A knob added later with a neutral default therefore keeps every existing cell whole; changing a schema
-default changes what old records meant, so it must come with a new ``IDENTITY_VERSION`` (tests/test_settings.py
+exported adapter) is held relative to the folder the command runs in, as ``paths.results_dir`` is: the same
+checkout with its data beside it is the same cell wherever it was cloned, and ``../data/glue`` and its absolute
+spelling are one cell. A knob added later with a neutral default therefore keeps every existing cell whole; changing
+a schema default changes what old records meant, so it must come with a new ``IDENTITY_VERSION`` (tests/test_settings.py
 holds the defaults and fails when one changes silently). Identities of an older version are brought to the current
 one by :func:`upgrade_identity` when a record is read, so their cells are found again.
 """

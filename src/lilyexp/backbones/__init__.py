@@ -27,7 +27,6 @@ class BackboneSettings:
     peft_task_type: Optional[str] = meta(None)
     head_modules: list = meta([])  # the task head's module names (trained by every method)
     adapter_targets: dict = meta({})  # per method family, the module names it adapts
-    bypassed_modules: dict = meta({})  # module name -> why an adapter on it would never run
     token_scale: int = meta(1)  # tokens per BPE token of its tokenizer (byte-level tiny backbones: 4)
     latent_scale: Optional[int] = meta(None)  # pixels per latent of an image generator's VAE (SDXL: 8)
     image_size: Optional[int] = meta(None)  # the image size it was built for (ViT-B/16: 224; tiny_sdxl: 32)
@@ -37,6 +36,18 @@ class BackboneSettings:
     gpu_kernels: dict = meta({})
     architecture: Any = plumbing()  # shapes only, for parameter accounting on the meta device
     load: Any = plumbing()
+    prepare: Any = plumbing()  # a callable on the loaded model, before a method adapts it (Falcon-Mamba's dt_proj)
+
+
+def load_backbone(backbone: Any, **task_kwargs: Any) -> Backbone:
+    """The backbone its ``load`` node builds (``task_kwargs``: e.g. a classifier's ``num_labels``), with the
+    family's ``prepare`` step applied to the model."""
+    from lilyexp.compose import build
+
+    loaded = build(backbone.load, **task_kwargs)
+    if backbone.get("prepare") is not None:
+        build(backbone.prepare)(loaded.model)
+    return loaded
 
 
 def skeleton(backbone: Any, **task_kwargs: Any) -> torch.nn.Module:

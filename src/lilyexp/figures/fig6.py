@@ -25,8 +25,10 @@ SETTINGS = (
      "where": {"backbone.name": "roberta", "task.subset": "cola"},
      "experiments": {"lily": "fig6/lily", "lora": "fig6/lora"}},
     {"label": "LLM: Falcon-Mamba-7B, commonsense (Table 1)", "group": "table1",
-     "where": {"backbone.name": "falcon_mamba"},
-     "experiments": {"lily": "table1/lily_in", "lora": "table1/lora_in"}},
+     "where": {"backbone.name": "falcon_mamba"},  # Table 1's Lily (in) and its 3.7M LoRA (Δ+in) row
+     "method_where": {"lily": {"method.target_modules": ["in_proj"]},
+                      "lora": {"method.target_modules": ["in_proj", "dt_proj"]}},
+     "experiments": {"lily": "table1/lily_in", "lora": "table1/lora_dt_in"}},
 )
 METHODS = ("lily", "lora")
 MEASURES = (("step_s", "time per step (s)", 1.0), ("train_s", "training time (min)", 1 / 60),
@@ -44,7 +46,8 @@ def settings_of(groups: list[str], records: list[dict]) -> list[dict]:
 
 
 def runs_of(item: dict, records: list[dict], method: str) -> list[dict]:
-    mine = [r for r in records if group_of(r) == item["group"] and matches(r, item["where"])
+    where = {**item["where"], **item.get("method_where", {}).get(method, {})}
+    mine = [r for r in records if group_of(r) == item["group"] and matches(r, where)
             and setting(r, "method.name") == method and r.get("timing", {}).get("step_s") is not None
             and setting(r, "setting") is None]  # a labelled variant (e.g. another learning rate) is another cell
     if "subset" in item:

@@ -73,7 +73,8 @@ def draw(rows: list[dict]):
     axes.grid(axis="y", alpha=0.3)
     caption(figure, "Fig. 9: Lily on LLaMA3-8B, commonsense reasoning, one parameter budget spent on rank r or on "
                     "experts ne (= ne_1 = ne_2); adapter parameters in parentheses; accuracy of the adapter "
-                    "selected on validation loss.")
+                    "selected on validation loss. The backbone is an assumption: the paper's text does not name it; "
+                    "LLaMA3-8B is its commonsense backbone (Table 2).")
     return figure
 
 

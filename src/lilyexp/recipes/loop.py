@@ -209,7 +209,8 @@ class StepLog:
 
 def check_every_parameter_got_a_gradient(model: torch.nn.Module) -> None:
     """After the first backward: a trainable tensor without a gradient never took part in the forward, e.g. an
-    adapter on a module whose weight the backbone reads directly (Falcon-Mamba's dt_proj, whose weight transformers' mixer reads directly)."""
+    adapter on a module whose weight the backbone reads directly (Falcon-Mamba's dt_proj without
+    :func:`lilyexp.backbones.falcon_mamba.route_time_steps_through_dt_proj`)."""
     dead = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if dead:
         raise ConfigError(f"{len(dead)} trainable tensors received no gradient in the first step, so they never "

@@ -9,7 +9,7 @@ Prompt styles:
 * ``official`` (default): what the official code ran. Training prompt "a photo of <subject folder name>"
   (train_lily.sh, no rare token); evaluation prompts "A picture of a <subject folder name> <context>" over the 25
   object contexts, for every subject (infer_lily.py has this one list).
-* ``dreambooth``: the DreamBooth paper's form, "a <token> <class>" for training and the dataset's lists
+* ``rare_token``: the DreamBooth paper's form, "a <token> <class>" for training and the dataset's lists
   ('a {0} {1} in the jungle'.format(token, class)), the live-subject list for dogs and cats.
 """
 
