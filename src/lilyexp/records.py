@@ -355,7 +355,7 @@ class RunContext:
 
     def own_record(self) -> dict | None:
         """This cell's record: the one at ``record_path``, or one of the same identity written under another name
-        (an older version's hash), a finished one first; ``record_path`` then points at it."""
+        (an older version's hash), a finished one first; the run then goes on under that name (:meth:`adopt`)."""
         if self.record_path.exists():
             return read_record(self.record_path)
         prefix = f"{self.config['backbone']['name']}-{self.config['task']['name']}"
@@ -364,8 +364,14 @@ class RunContext:
         chosen = next((record for record in same if record.get("status") == "finished" and is_finished(record)),
                       same[0] if same else None)
         if chosen is not None:
-            self.record_path = Path(chosen["_path"])
+            self.adopt(Path(chosen["_path"]))
         return chosen
+
+    def adopt(self, record_path: Path) -> None:
+        """Continue the cell under the name its record was filed under: record, checkpoints (an interrupted run
+        resumes from them) and lock."""
+        self.name, self.record_path = record_path.stem, record_path
+        self.work_dir = self.work_dir.parent / record_path.stem
 
     def write_interrupted(self, exc: RunInterrupted, params: dict) -> Path:
         """An ``interrupted`` record (SIGINT/SIGTERM): the step reached and how to continue; a finished record of

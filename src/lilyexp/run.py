@@ -48,6 +48,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     check_settings(cfg, overrides)
     check_combination(cfg)
     run = RunContext.create(cfg, list(overrides or []))
+    run.own_record()  # a cell filed under an older version's name goes on under it (record, checkpoints, lock)
     run.check_writable()
     with run.lock() if is_main_process() else contextlib.nullcontext():
         if run.finished_record() is not None and not cfg.overwrite:
