@@ -107,11 +107,14 @@ site: venv
 gpu-check: venv
 	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
-# The whole suite (what CI runs), offline on CPU; test-fast leaves out the end-to-end and subprocess tests.
+# The whole suite (what CI runs), offline on CPU, after the linter (ruff, pyproject's [tool.ruff]); test-fast leaves
+# out the end-to-end and subprocess tests.
 test: venv
+	$(BIN)/ruff check src scripts tests
 	$(BIN)/python -m pytest -q -rs -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: venv
+	$(BIN)/ruff check src scripts tests
 	$(BIN)/python -m pytest -q -rs -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean-venv:

@@ -8,8 +8,8 @@ round, so a slow phase of the machine hits both), with a bootstrap 95% interval;
 intervals of the comparisons that matter (our Lily vs LoRA, our Lily vs upstream peft Lily) are within
 ``--halfwidth`` (2%) or ``--max-rounds`` is reached. Peak memory is parameters, buffers and optimizer state plus the
 peak a training step allocates on top. Also times the Eq. 3 expert combination against the naive N_e-matmul one at
-the paper's example size. Writes results/bench/latest.json and latest.md (``--out`` elsewhere; ``--smoke``: tiny shapes, one round, a
-temporary folder, for the test suite).
+the paper's example size. Writes results/bench/latest.json and latest.md (``--out`` elsewhere; ``--smoke``: tiny
+shapes, one round, a temporary folder, for the test suite).
 """
 
 from __future__ import annotations

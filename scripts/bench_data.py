@@ -115,8 +115,9 @@ def report(seconds: dict[str, list[float]], images: int) -> dict:
     anchor = rows["anchor"]["images_per_s"]
     for row in rows.values():
         row["of_anchor"] = row["images_per_s"] / anchor
-    return {"images": images, "batch": BATCH, "size": SIZE, "workers": WORKERS, "torch_threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "rows": rows}
+    return {"images": images, "batch": BATCH, "size": SIZE, "workers": WORKERS,
+            "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "rows": rows}
 
 
 def goal_lines(rows: dict) -> list[str]:

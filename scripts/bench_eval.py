@@ -368,9 +368,9 @@ def markdown(report: dict) -> str:
         identical = f"{versus['identical']}/{versus['total']} ({versus['identical_pct']}%)" if versus else "reference"
         same = f"{versus['same_prediction_pct']}%" if versus else "reference"
         speedup = "/".join(f"{v}x" for v in mode["speedup"].values()) if "speedup" in mode else "1x"
-        lines.append(f"| {name} | {mode['batch_size']} | {mode['routing']} | {mode['prefill']} | {identical} | {same} | "
-                     f"{mode['accuracy']['all']} | {t['wall']} ({t['cpu']}) | {t['prefill']} | {t['decode']} | "
-                     f"{speedup} |")
+        lines.append(f"| {name} | {mode['batch_size']} | {mode['routing']} | {mode['prefill']} | {identical} | "
+                     f"{same} | {mode['accuracy']['all']} | {t['wall']} ({t['cpu']}) | {t['prefill']} | "
+                     f"{t['decode']} | {speedup} |")
     lines += ["", "Wall seconds per round (questions sorted by prompt length, so the last round holds the longest "
               "prompts; a load burst shows as an outlier with a higher load average below): " + "; ".join(
         f"{name} {mode['seconds']['round_wall']}" for name, mode in report["modes"].items())]

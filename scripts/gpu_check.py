@@ -30,8 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.eval_every=2", "trainer.log_every=1"]
-COMMONSENSE = ["task=commonsense_synthetic", "task.n_train=64", "task.n_eval=4", "task.val_size=8", "task.subset=[syn_boolq]",
-               "task.generation.max_new_tokens=4", "trainer.batch_size=4"]
+COMMONSENSE = ["task=commonsense_synthetic", "task.n_train=64", "task.n_eval=4", "task.val_size=8",
+               "task.subset=[syn_boolq]", "task.generation.max_new_tokens=4", "trainer.batch_size=4"]
 GLUE = ["task=glue", "task.subset=sst2", "task.max_length=128", "trainer.batch_size=8"]
 VTAB = ["task=vtab", "task.subset=eurosat", "task.protocol=paper", "trainer.batch_size=16"]
 LILY_LLM = ["method=lily", "method.ne_1=4", "method.ne_2=4"]
@@ -104,7 +104,7 @@ def overrides_of(name: str, out: Path, tiny: bool, dreambooth_dir: str | None) -
     if "task=dreambooth" in cell:
         cell.append(f"task.data_dir={dreambooth_dir}")
     return [*cell, *STEPS, f"paths.results_dir={out}/results", f"paths.checkpoint_dir={out}/checkpoints",
-            f"group=gpu_check"]
+            "group=gpu_check"]
 
 
 def random_weights(cfg) -> None:
@@ -177,13 +177,15 @@ def launch(name: str, out: Path, tiny: bool, dreambooth_dir: str | None) -> dict
 def summary(name: str, record: dict) -> dict:
     timing = record.get("timing", {})
     return {"cell": name, "status": record["status"], "steps": record.get("steps"), "step_s": timing.get("step_s"),
-            "peak_mem_gib": round(timing.get("peak_mem_bytes", 0) / 2**30, 2), "peak_mem_kind": timing.get("peak_mem_kind"),
+            "peak_mem_gib": round(timing.get("peak_mem_bytes", 0) / 2**30, 2),
+            "peak_mem_kind": timing.get("peak_mem_kind"),
             "trainable": record.get("params", {}).get("trainable"), "device": record.get("env", {}).get("device"),
             "processes": record.get("batch", {}).get("processes"), "overrides": record.get("overrides")}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| cell | status | steps | s/step | peak memory (GiB) | trainable | processes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| cell | status | steps | s/step | peak memory (GiB) | trainable | processes |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["status"] != "finished":
             lines.append(f"| {row['cell']} | **{row['status']}**: {row.get('reason', '')} | | | | | |")

@@ -39,7 +39,8 @@ def test_an_exported_adapter_evaluates_to_the_trained_runs_metrics(shared_data, 
 
 @pytest.mark.slow
 def test_an_exported_causal_lm_adapter_answers_the_test_sets_as_the_trained_run(tiny_run, tmp_path):
-    cell = ["backbone=tiny_llama", "method=lora", "method.r=4", "trainer.max_steps=3", "trainer.eval_every=3", *tiny_run]
+    cell = ["backbone=tiny_llama", "method=lora", "method.r=4", "trainer.max_steps=3", "trainer.eval_every=3",
+            *tiny_run]
     trained = record_of(execute(compose_run(cell, tmp_path)))
     evaluated = record_of(execute(compose_run([*cell, "trainer.max_steps=0",
                                                f"method.load_from={trained['adapter']['path']}"], tmp_path)))
@@ -106,8 +107,9 @@ def test_wandb_runs_have_a_stable_id_resume_and_fail_visibly(monkeypatch, tmp_pa
 @pytest.mark.slow
 def test_the_optuna_example_tunes_lily_through_lilyexp_cells(shared_data, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = run_cli(["-m", "experiment=tune/lily_mrpc", "backbone=tiny_roberta", f"task.data_dir={shared_data / 'glue'}",
-                      "debug=smoke", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    result = run_cli(["-m", "experiment=tune/lily_mrpc", "backbone=tiny_roberta",
+                      f"task.data_dir={shared_data / 'glue'}", "debug=smoke", "hydra.sweeper.n_trials=2",
+                      f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_params" in best and "method.s" in best and "best_value" in best

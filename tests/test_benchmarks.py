@@ -36,7 +36,8 @@ def unchanged_results():
 def test_bench_smoke_writes_ratios_to_its_folder(tmp_path, unchanged_results):
     path = script("bench").main(["--smoke", "--out", str(tmp_path)])
     report = json.loads(path.read_text())
-    assert path.parent == tmp_path and {row["method"] for row in report["rows"]} >= {"peft lora", "peft lily (upstream)"}
+    assert path.parent == tmp_path and \
+        {row["method"] for row in report["rows"]} >= {"peft lora", "peft lily (upstream)"}
     assert all(row["ratio_to_lora"] > 0 for row in report["rows"]) and report["eq3_vs_naive"]["speedup"] > 0
 
 

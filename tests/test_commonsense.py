@@ -138,7 +138,8 @@ def test_task_rejects_bad_settings():
 
 def test_llm_adapters_files_read_the_shared_layout(tmp_path):
     (tmp_path / "boolq").mkdir()
-    (tmp_path / "boolq" / "test.json").write_text('[{"instruction": "q", "input": "", "output": "o", "answer": "true"}]')
+    (tmp_path / "boolq" / "test.json").write_text(
+        '[{"instruction": "q", "input": "", "output": "o", "answer": "true"}]')
     (tmp_path / "train.json").write_text('[{"instruction": "t", "input": "", "output": "o", "answer": "false"}]')
     data = cs.llm_adapters_files(str(tmp_path), "train.json", ["boolq"])
     assert data.train[0]["instruction"] == "t" and data.eval_sets["boolq"][0]["answer"] == "true"

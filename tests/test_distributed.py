@@ -26,8 +26,8 @@ def launch_cell(out, processes: int, cell: list[str]) -> dict:
     """``cell`` run by ``processes`` gloo processes (torch.distributed.run), results under ``out``; its record."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", str(29500 + processes)] if processes > 1 else [sys.executable]
-    command = [*launcher, "-m", "lilyexp.run", *cell,
-               f"paths.results_dir={out}/results", f"paths.checkpoint_dir={out}/checkpoints", f"hydra.run.dir={out}/hydra"]
+    command = [*launcher, "-m", "lilyexp.run", *cell, f"paths.results_dir={out}/results",
+               f"paths.checkpoint_dir={out}/checkpoints", f"hydra.run.dir={out}/hydra"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,7 +4,6 @@ errors, folder fetches, and the shipped manifests checked against ``git hash-obj
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

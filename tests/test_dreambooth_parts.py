@@ -215,7 +215,8 @@ def sampled_latents(monkeypatch, parts, unet, prompts, **kwargs) -> torch.Tensor
 def test_batched_sampling_with_per_group_routing_equals_one_image_per_call(monkeypatch, cfg_routing, guidance):
     prompts = [PROMPT, "A picture of a red wolf_plushie"]
     options = dict(guidance=guidance, cfg_routing=cfg_routing)
-    official, per_group = official_lily(tiny_pipeline().unet), official_lily(tiny_pipeline().unet, eval_pooling="sample")
+    official, per_group = (official_lily(tiny_pipeline().unet),
+                           official_lily(tiny_pipeline().unet, eval_pooling="sample"))
     assert (evaluation_routing(official), evaluation_routing(per_group)) == ("per_call", "per_group")
     one_per_call = sampled_latents(monkeypatch, tiny_pipeline(), official, prompts, images_per_call=1, **options)
     batched = sampled_latents(monkeypatch, tiny_pipeline(), per_group, prompts, images_per_call=3, **options)

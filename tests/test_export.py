@@ -5,7 +5,6 @@ Lily export instead of loading it untrained."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -195,5 +194,6 @@ def test_a_model_card_names_the_published_base_model():
     card = model_card(base="HuggingFaceTB/SmolLM2-135M-Instruct", run_name="x", method="lily",
                       settings={"method.r": 16}, task="commonsense", metrics={"test/accuracy/avg": 0.5},
                       params={"adapter": 10}, command="python -m lilyexp.run method=lily")
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "`HuggingFaceTB/SmolLM2-135M-Instruct`." in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and \
+        "`HuggingFaceTB/SmolLM2-135M-Instruct`." in card
     assert compose_run(["backbone=smollm2"]).backbone.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lilyexp.methods.sliced_lora import SlicedLoraMethod
 from lilyexp.recipes.core import TrainerConfig, build_optimizer

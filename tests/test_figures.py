@@ -13,7 +13,9 @@ from PIL import Image
 
 from lilyexp.figures import fig2, fig3, fig4, fig5, fig6, fig9, fig12, figure_names
 from lilyexp.figures.__main__ import main as figures_main
-from test_captures import CAPTURES, vit_cell
+from lilyexp.run import execute
+from conftest import compose_run
+from test_captures import CAPTURES, fake_vtab, vit_cell
 
 PROMPTS = ["A picture of a duck_toy in the jungle", "A picture of a duck_toy in the snow"]
 
@@ -155,6 +157,27 @@ def test_fig4_shows_expert_shares_of_a_shallow_middle_and_deep_layer(tmp_path):
     assert ("python -m lilyexp.run -m experiment=fig4/lily task.subset=diabetic_retinopathy "
             "task.data_dir=/path/to/vtab-1k") in rendered.missing
     assert not any("task.subset=cifar " in command for command in rendered.missing)
+
+
+def test_fig4_shows_the_papers_blocks_of_a_24_block_model():
+    rows = [{"target": "in_proj", "layer": layer} for layer in range(24)]
+    assert fig4.shown_layers(rows) == ("in_proj", [2, 13, 22])
+
+
+def test_fig4_renders_from_the_papers_vim_cells_in_miniature(tmp_path):
+    """experiment=fig4/lily (Vim-S Lily-S, three B experts) on tiny_vim and a fake CIFAR-100: its router capture
+    draws the figure."""
+    data = fake_vtab(tmp_path / "vtab", task="cifar")
+    overrides = ["experiment=fig4/lily", "backbone=tiny_vim", "method.ne_1=4", "task.subset=cifar",
+                 "task.protocol=paper", f"task.data_dir={data}", "debug=smoke", "trainer.max_steps=2"]
+    record = execute(compose_run(overrides, tmp_path), overrides)
+    assert json.loads(record.read_text())["status"] == "finished"
+    rendered = fig4.render(record.parent.parent, tmp_path / "figures")
+    assert {p.name for p in rendered.files} == {"fig4.png", "fig4.pdf", "fig4.csv"}
+    rows = list(csv.DictReader((tmp_path / "figures" / "fig4.csv").open()))
+    assert {r["expert"] for r in rows} == {"B1", "B2", "B3"} and {r["target"] for r in rows} == {"in_proj"}
+    assert {int(r["layer"]) for r in rows} == {0, 1, 2, 3}
+    assert any("task.subset=diabetic_retinopathy" in command for command in rendered.missing)
 
 
 def vtab_record(folder: Path, task: str, s: float, ne: int, accuracy: float, rule: str = "test_selected",
@@ -306,7 +329,7 @@ def test_figs_3_4_and_6_render_from_real_captured_runs_of_another_group(tmp_path
         assert any(p.name == f"{module.__name__.rsplit('.', 1)[-1]}_figtest.png" for p in rendered.files)
     ranks = list(csv.DictReader((out / "fig3_figtest.csv").open()))
     captured = json.loads(lily.with_name(f"{lily.stem}.delta_w.json").read_text())["layers"]
-    assert {(r["method"], r["layer"]) for r in ranks} == {(m, l) for m in ("Lily", "LoRA") for l in ("0", "1")}
+    assert {(r["method"], r["layer"]) for r in ranks} == {(m, layer) for m in ("Lily", "LoRA") for layer in ("0", "1")}
     assert [int(r["rank_accumulated"]) for r in ranks if r["method"] == "Lily"] == \
         [layer["accumulated"]["rank"] for layer in captured]
     assert {r["rank_final"] for r in ranks if r["method"] == "LoRA"} == {"2"}  # a rank-2 LoRA's last update

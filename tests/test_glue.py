@@ -15,7 +15,7 @@ from lilyexp.errors import ConfigError
 from lilyexp.run import execute
 from lilyexp.tasks.glue import SUBSETS, GlueTask, from_hub_rows, read_tsv
 
-from conftest import REPO, compose_run
+from conftest import compose_run
 
 
 
@@ -45,7 +45,8 @@ def glue_dir(tmp_path) -> Path:
     write(root / "STS-B" / "train.tsv", stsb)
     write(root / "STS-B" / "dev.tsv", stsb)
     rte = "index\tsentence1\tsentence2\tlabel\n" + "".join(
-        f"{i}\t\"Quoted premise {i}\tHypothesis {i}\t{'entailment' if i % 2 else 'not_entailment'}\n" for i in range(12))
+        f"{i}\t\"Quoted premise {i}\tHypothesis {i}\t{'entailment' if i % 2 else 'not_entailment'}\n"
+        for i in range(12))
     write(root / "RTE" / "train.tsv", rte)
     write(root / "RTE" / "dev.tsv", rte)
     return root

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -57,8 +56,8 @@ def test_fp16_autocast_with_a_grad_scaler_trains_on_half_precision_weights(fp16_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", [
-    ["backbone=tiny_roberta", "task=glue", "task.subset=mrpc", "method=lily", "method.ne_1=2", "method.ne_2=2", "task.train_limit=16",
-     "task.eval_limit=8", "task.max_length=64", "trainer.max_steps=2", "trainer.batch_size=4"],
+    ["backbone=tiny_roberta", "task=glue", "task.subset=mrpc", "method=lily", "method.ne_1=2", "method.ne_2=2",
+     "task.train_limit=16", "task.eval_limit=8", "task.max_length=64", "trainer.max_steps=2", "trainer.batch_size=4"],
     ["backbone=tiny_llama", "method=lily", "task.scoring=both", *CAUSAL[1:]],
 ], ids=["glue", "commonsense-both-scorings"])
 def test_fp16_simulation_covers_the_other_paradigms(fp16_on_cpu, cell, shared_data, tmp_path):
@@ -370,7 +369,8 @@ def test_gpu_check_composes_every_paper_scale_cell_with_random_weights_of_the_re
                        "falcon_mamba-lily-fp16": "lilyexp.backbones.hf.from_config",
                        "roberta_large-lily-fp32": "lilyexp.backbones.hf.from_config",
                        "roberta_large-full-fp16": "lilyexp.backbones.hf.from_config",
-                       "vit-lily-fp32": "lilyexp.backbones.timm_vision.load", "vim-lily-bf16": "lilyexp.backbones.vim.load"}
+                       "vit-lily-fp32": "lilyexp.backbones.timm_vision.load",
+                       "vim-lily-bf16": "lilyexp.backbones.vim.load"}
     assert "skipping the DDP cell: 0 GPU(s) visible, it needs 2" in done.stdout
 
 

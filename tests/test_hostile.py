@@ -472,7 +472,6 @@ def test_a_signal_after_training_before_the_test_writes_an_interrupted_record_th
 def test_ctrl_c_during_the_evaluation_before_training_ends_in_an_interrupted_record(monkeypatch, tiny_run,
                                                                                        tmp_path):
     import os
-    import signal
 
     import lilyexp.recipes.causal_lm as causal_lm
 
@@ -732,7 +731,6 @@ def test_ctrl_c_twice_during_dreambooth_sampling_ends_in_an_interrupted_record(m
     """After training, while images are sampled: the first signal stops the run at once, the second is ignored
     while the interrupted record is written."""
     import os
-    import signal
 
     import lilyexp.recipes.diffusion as diffusion
 

@@ -277,12 +277,14 @@ def test_a_non_linear_target_must_be_declared_parallel():
 def test_half_precision_backbone_gets_fp32_adapters_still_shared():
     from lilyexp.methods.lily import LilyMethod
     base = tiny_llama().to(torch.float16)
-    model = LilyMethod(LilyVariantConfig(r=4, ne_1=2, num_B=3, target_modules=["q_proj", "k_proj", "v_proj"])).apply(base)
+    model = LilyMethod(LilyVariantConfig(r=4, ne_1=2, num_B=3,
+                                         target_modules=["q_proj", "k_proj", "v_proj"])).apply(base)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert {p.dtype for p in trainable.values()} == {torch.float32}
     assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.float16}
     q = [layer.self_attn.q_proj for layer in model.model.model.layers]
-    assert q[0].lily_A["default"] is q[1].lily_A["default"] and all(l.lily_B["default"] is q[0].lily_B["default"] for l in q)
+    assert q[0].lily_A["default"] is q[1].lily_A["default"] and \
+        all(proj.lily_B["default"] is q[0].lily_B["default"] for proj in q)
     out = model(input_ids=torch.randint(0, 100, (2, 5))).logits
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 

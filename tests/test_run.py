@@ -67,7 +67,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_run, tmp_path):
     assert second["resumed_from_step"] == 4 and first["resumed_from_step"] is None
     assert second["timing"]["timed_steps"] == first["timing"]["timed_steps"] == 6  # the steps before the kill too
     assert second["metrics"] == first["metrics"]
-    steps = lambda r: [json.loads(l) for l in (tmp_path / r / "results").rglob("*.steps.jsonl").__next__().read_text().splitlines()]
+    def steps(r):
+        return [json.loads(line)
+                for line in (tmp_path / r / "results").rglob("*.steps.jsonl").__next__().read_text().splitlines()]
     assert steps("resumed") == steps("straight")
 
 
@@ -117,7 +119,8 @@ def test_sweep_with_hydras_basic_launcher(tiny_run, tmp_path):
     result = run_cli(["-m", "backbone=tiny_llama", "method=lily,lora", "seed=0,1", "trainer.max_steps=1",
                       f"hydra.sweep.dir={tmp_path}/sweep", *tiny_run], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    records = sorted(p.name.split("-seed")[0] + p.name.split("-")[-2][:5] for p in (tmp_path / "results").rglob("*.json"))
+    records = sorted(p.name.split("-seed")[0] + p.name.split("-")[-2][:5]
+                     for p in (tmp_path / "results").rglob("*.json"))
     assert len(records) == 4 and sum("lily" in r for r in records) == 2
     assert result.stdout.count("record: ") == 4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import get_class
 
-from lilyexp.compose import CONF_DIR, group_options, load_option
+from lilyexp.compose import group_options, load_option
 from lilyexp.errors import ConfigError
 from lilyexp.records import RunContext, read_record
 from lilyexp.run import execute
@@ -33,7 +33,8 @@ SNAPSHOT = Path(__file__).with_name("data") / "schema_defaults.json"
     (["+trainer.lrr=1"], "unknown setting trainer.lrr"),
     (["method=lily", "method.router=everywhere"], "method.router must be one of layer, A, group"),
     (["trainer.scheduler=wavy"], "trainer.scheduler must be one of"),
-    (["backbone=tiny_llama", "trainer.head_lr=0.1"], "trainer.head_lr is set, but backbone 'tiny_llama' has no task head"),
+    (["backbone=tiny_llama", "trainer.head_lr=0.1"],
+     "trainer.head_lr is set, but backbone 'tiny_llama' has no task head"),
 ])
 def test_a_mistyped_command_is_one_sentence_before_anything_and_writes_no_record(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message) as info:

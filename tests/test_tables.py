@@ -27,7 +27,8 @@ SPEC = {
     ],
     "rows": [
         {"label": "Lily", "where": {"method.name": "lily"}, "command": "run lily_{task}",
-         "paper": {"params": "0.3M", "provenance": "secondary", "source": "a note", "values": {"MRPC": 90.0, "CoLA": 60.0, "Avg": 75.0}}},
+         "paper": {"params": "0.3M", "provenance": "secondary", "source": "a note",
+                   "values": {"MRPC": 90.0, "CoLA": 60.0, "Avg": 75.0}}},
         {"label": "LoRA", "where": {"method.name": "lora"}, "command": "run lora_{task}",
          "paper": {"params": "0.3M", "provenance": "primary", "values": {"MRPC": 89.0}}},
         {"label": "FourierFT", "paper": {"params": "0.02M", "provenance": "primary", "values": {"MRPC": 88.0}}},
@@ -182,7 +183,8 @@ def test_every_packaged_table_renders_from_no_records(name, tmp_path):
         assert set(column.get("mean_of", [])) <= labels
     for row in spec["rows"]:
         paper = row.get("paper")
-        assert paper is None or paper.get("provenance") in ("primary", "secondary", "repo-derived", "reference", "not recovered")
+        assert paper is None or paper.get("provenance") in ("primary", "secondary", "repo-derived", "reference",
+                                                            "not recovered")
         assert set((paper or {}).get("values", {})) <= labels
         assert row.get("where") is None or row.get("command"), f"{row['label']}: a cell we run needs its command"
     path = render(name, tmp_path / "runs", tmp_path / "tables")
@@ -233,8 +235,9 @@ def test_override_variables_select_the_column_they_fill():
                     assert column["where"] == {"task.subset": column["vars"]["task"]}, (name, column)
 
 
-@pytest.mark.parametrize("name,spec,row,column", [pytest.param(*c, id=f"{c[0]}:{c[2]['label']}:{(c[3] or {}).get('label', '')}")
-                                                  for c in cells_and_commands()])
+@pytest.mark.parametrize("name,spec,row,column",
+                         [pytest.param(*c, id=f"{c[0]}:{c[2]['label']}:{(c[3] or {}).get('label', '')}")
+                          for c in cells_and_commands()])
 def test_each_cells_command_produces_records_that_land_in_that_cell(name, spec, row, column):
     """Compose the command a table prints for a missing cell: its config must match the cell's filters and
     its records must go to a folder the table reads."""

@@ -37,7 +37,8 @@ def rms(x, weight, eps=1e-5):
 
 def reference_direction(x, z, mixer, suffix):
     """One scan direction of one sample by the recurrence, written out: causal depthwise conv + SiLU, x_proj into
-    (dt, B, C), softplus(W_dt dt + b), h_t = exp(δ_t A) h_{t-1} + δ_t B_t u_t, y_t = C_t h_t + D u_t, gated by SiLU(z)."""
+    (dt, B, C), softplus(W_dt dt + b), h_t = exp(δ_t A) h_{t-1} + δ_t B_t u_t, y_t = C_t h_t + D u_t, gated by
+    SiLU(z)."""
     conv, x_proj, dt_proj = (getattr(mixer, f"{n}{suffix}") for n in ("conv1d", "x_proj", "dt_proj"))
     length, width = x.shape
     kernel = conv.weight.shape[-1]
@@ -101,7 +102,8 @@ def test_checkpoint_keys_are_all_checked(tmp_path):
     state = {k: v.clone() for k, v in source.state_dict().items()}
     path = tmp_path / "vim.pth"
     import argparse
-    torch.save({"model": state, "epoch": 299, "args": argparse.Namespace(lr=1e-2)}, path)  # as DeiT-style training saves
+    # as DeiT-style training saves
+    torch.save({"model": state, "epoch": 299, "args": argparse.Namespace(lr=1e-2)}, path)
     target = tiny(num_classes=7)
     load_checkpoint(target, path)  # the 1000-class head is dropped, the new one kept
     torch.testing.assert_close(target.layers[1].mixer.A_b_log, source.layers[1].mixer.A_b_log)
@@ -122,8 +124,8 @@ DT = {"r": 4, "num_B": 1, "use_router": False, "dropout": 0.0, "detach_input": T
 
 def lily_on_vim(model, detach=True, r=8, ne=5):
     dt = {**DT, "detach_input": detach}
-    return LilyMethod(LilyVariantConfig(r=r, ne_1=len(model.layers), num_B=ne, router="group", pooling="token", dropout=0.1,
-                                        apply_scaling=False, init_weights=False,
+    return LilyMethod(LilyVariantConfig(r=r, ne_1=len(model.layers), num_B=ne, router="group", pooling="token",
+                                        dropout=0.1, apply_scaling=False, init_weights=False,
                                         target_modules=["in_proj", "dt_proj", "dt_proj_b"],
                                         per_target={"dt_proj": dt, "dt_proj_b": dt})).apply(model)
 
@@ -131,7 +133,8 @@ def lily_on_vim(model, detach=True, r=8, ne=5):
 def test_lily_l_on_vim_s_has_the_official_parameter_count():
     with torch.device("meta"):
         model = lily_on_vim(VisionMamba(num_classes=0))
-    assert count_parameters(model, [])["trainable"] == 145_960  # vim/lily.sh's configuration, by the official parameter layout
+    # vim/lily.sh's configuration, by the official parameter layout
+    assert count_parameters(model, [])["trainable"] == 145_960
     groups = {g["target"]: g for g in model.summary()}
     assert groups["in_proj"]["routers"] == 1 and groups["in_proj"]["num_A"] == 24  # one router, no A sharing
     assert groups["dt_proj"]["num_B"] == groups["dt_proj_b"]["num_B"] == 1 and groups["dt_proj"]["routers"] == 0

@@ -56,7 +56,8 @@ def test_every_list_file_is_read_per_protocol(vtab_dir):
     assert pixels.dtype == torch.float32 and 0.0 <= pixels.min() and pixels.max() <= 1.0  # not normalised (official)
     normalised = VtabTask("eurosat", str(vtab_dir), protocol="honest", image_size=32, normalize=True)
     torch.testing.assert_close(normalised.logits(lambda x: x, batch),
-                               (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
+                               (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1))
+                               / torch.tensor(IMAGENET_STD).view(3, 1, 1))
 
 
 def test_missing_data_and_corrupt_images_are_clear_errors(vtab_dir):

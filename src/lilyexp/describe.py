@@ -88,8 +88,8 @@ def usage() -> str:
              "  python -m lilyexp.run -m trainer.lr=1e-4,3e-4 ...     (a sweep; hydra/launcher=slurm on a cluster)",
              "", "Groups and their options:"]
     for group in CHOOSABLE:
-        options = sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in (CONF_DIR / group).rglob("*.yaml")
-                         if not p.name.startswith("base"))
+        options = sorted(str(p.relative_to(CONF_DIR / group).with_suffix(""))
+                         for p in (CONF_DIR / group).rglob("*.yaml") if not p.name.startswith("base"))
         lines.append(f"  {group}: {', '.join(options)}")
     lines += ["", "Every setting with its type, default and meaning: python -m lilyexp.describe [the same overrides]",
               "The composed config: python -m lilyexp.run [overrides] --cfg job", ""]

@@ -239,7 +239,8 @@ def environment() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"cpu ({platform.processor() or platform.machine()})")
     return {"git_sha": git_sha(), "packages": versions, "python": platform.python_version(), "device": device,
             "torch_threads": torch.get_num_threads(), "hostname": platform.node(), "numerics": numerics()}
 

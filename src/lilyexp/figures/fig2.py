@@ -25,7 +25,8 @@ def newest(records: list[dict]) -> dict[tuple[str, str], dict]:
     cells: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         if record.get("status") == "finished" and record.get("dreambooth"):
-            cells.setdefault((record["config"]["task"]["subset"], record["config"]["method"]["name"]), []).append(record)
+            cells.setdefault((record["config"]["task"]["subset"],
+                              record["config"]["method"]["name"]), []).append(record)
     return {key: newest_per_seed(group)[0] for key, group in cells.items()}
 
 

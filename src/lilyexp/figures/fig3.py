@@ -84,7 +84,7 @@ def draw(tasks: list[str], rows: list[dict]):
     for ax, task in zip(axes, tasks):
         draw_task(ax, task, rows, variants)
     if rows:
-        handles, labels = next(((h, l) for h, l in (ax.get_legend_handles_labels() for ax in axes) if h))
+        handles, labels = next(((h, label) for h, label in (ax.get_legend_handles_labels() for ax in axes) if h))
         figure.legend(handles, labels, loc="outside upper center", ncols=len(handles), fontsize=8)
         target, shape, rtol = rows[0]["target"], rows[0]["shape"], rows[0]["rtol"]
         caption(figure, f"Fig. 3: numerical rank of the {MEASURE} update of {target} ({shape}) in the first layers; "

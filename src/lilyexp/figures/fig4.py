@@ -4,9 +4,15 @@ every layer's numbers in ``fig4.csv``). A cell's value is the expert's share of 
 output (the per-token softmax summed over the tokens and steps of training; the shares of a layer sum to 1).
 
 The sums come from the :class:`lilyexp.captures.RouterCapture` artifacts (``<record stem>.router_weights.json``)
-of the runs in group ``fig4`` (``conf/experiment/fig4``: ViT-B/16 on VTAB-1K tasks, three B experts) or of
-another group (``--group figures_minilm``: the CPU replication on GLUE). The paper shows layers 2, 13 and 22;
-:data:`LAYERS` picks blocks (None: the first, middle and last adapted block of :data:`TARGET`).
+of the runs in group ``fig4`` (``conf/experiment/fig4``: Vim-S Lily-S with three B experts on CIFAR-100 and
+Retinopathy, as the paper) or of another group (``--group fig4_vit``: the same on ViT-B/16; ``--group
+figures_minilm``: the CPU replication on GLUE).
+
+Which blocks: the paper shows "layers of index 2 (or 1), 13 and 22" of a 24-block model. Block indices here are
+0-based, as the model names its modules (``layers.2``), and a capture with those blocks shows
+:data:`PAPER_LAYERS` = 2, 13 and 22, reading the paper's indices as 0-based (its "(or 1)" allows a 1-based 2, i.e.
+block 1 here, for the shallow one; 13 and 22 would then be blocks 12 and 21). :data:`LAYERS` overrides the choice;
+other depths show their first, middle and last adapted block of :data:`TARGET`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ GROUP = "fig4"
 EXPERIMENT = "lily"  # the experiment file <group>/<name>.yaml whose runs carry the capture
 ARTIFACT = "router_weights.json"
 TARGET = None  # the adapted module shown (e.g. "query", "qkv.k", "mlp"); None: the first the artifact lists
-LAYERS = None  # blocks shown, e.g. (2, 6, 10); None: first, middle and last
+LAYERS = None  # blocks shown, e.g. (2, 6, 10); None: the paper's when captured, else first, middle and last
+PAPER_LAYERS = (2, 13, 22)
 DATA = {"task.data_dir": "/path/to/vtab-1k"}  # what the default group's VTAB-1K cells need besides their file
 
 
@@ -54,6 +61,8 @@ def shown_layers(rows: list[dict]) -> tuple[str, list[int]]:
     available = sorted({row["layer"] for row in rows if row["target"] == target})
     if LAYERS is not None:
         return target, [layer for layer in LAYERS if layer in available]
+    if set(PAPER_LAYERS) <= set(available):
+        return target, list(PAPER_LAYERS)
     return target, sorted({available[0], available[len(available) // 2], available[-1]})
 
 
@@ -71,7 +80,8 @@ def heat_map(axes, task: str, rows: list[dict]):
     axes.set_xticks(range(len(experts)), experts)
     axes.set_xlabel("B expert")
     first = max(row["first_step"] for row in rows)
-    axes.set_title(f"{task_label(task)} ({target} routers)" + (f"\nresumed: sums from step {first}" if first != 1 else ""))
+    resumed = f"\nresumed: sums from step {first}" if first != 1 else ""
+    axes.set_title(f"{task_label(task)} ({target} routers){resumed}")
     return image
 
 
@@ -89,7 +99,7 @@ def draw(tasks: list[str], rows: list[dict]):
     if image is not None:
         figure.colorbar(image, ax=list(axes), label="share of accumulated router weight", shrink=0.9)
     caption(figure, "Fig. 4: share of each B expert in a layer's router output, summed over the tokens and "
-                    "steps of training (each row sums to 1; uniform = 1/number of experts).")
+                    "steps of training (each row sums to 1; uniform = 1/number of experts). Blocks count from 0.")
     return figure
 
 

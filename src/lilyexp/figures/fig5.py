@@ -73,7 +73,7 @@ def draw(tasks: list[str], rows: list[dict]):
         draw_task(ax, task, rows)
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
-    handles, labels = next(((h, l) for h, l in (ax.get_legend_handles_labels() for ax in axes) if h), ([], []))
+    handles, labels = next(((h, label) for h, label in (ax.get_legend_handles_labels() for ax in axes) if h), ([], []))
     if handles:
         figure.legend(handles, labels, loc="outside upper center", ncols=len(handles), fontsize=8)
     caption(figure, "Fig. 5: Lily (kvmlp, ViT-B/16) accuracy against ne = ne_1 = ne_2 on VTAB-1K; at each ne, s "

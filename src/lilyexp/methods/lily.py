@@ -1,8 +1,9 @@
 """Lily (Low-Rank Interconnected Adaptation across Layers, arXiv 2407.09946) in every variant the paper's
 experiments used, built on peft's upstream Lily (``peft.tuners.lily``, peft >= 0.19).
 
-Upstream reproduces the official NLU/LLM code for whole Linear layers (natural-language-understanding/lily.py, commonsense-reasoning's peft fork). Where the
-paper's experiments need more, this module extends it instead of copying it:
+Upstream reproduces the official NLU/LLM code for whole Linear layers (natural-language-understanding/lily.py,
+commonsense-reasoning's peft fork). Where the paper's experiments need more, this module extends it instead of
+copying it:
 
 * :class:`LilyVariantConfig` subclasses ``LilyConfig`` with the paper's switches (router placement, router
   pooling, padding mask, no-router ablation, whether ``s`` applies, dropout on h, per-target r / ne_2);
@@ -269,7 +270,8 @@ def lily_delta(holder: nn.Module, x: torch.Tensor, adapter: str) -> torch.Tensor
     config = holder.variant[adapter]
     lily_B = holder.lily_B[adapter].weight
     experts = lily_B.reshape(holder.num_B[adapter], -1, lily_B.shape[1])
-    x = x.detach() if config.detach_input else x  # Δ·stop_grad(x): the official Vim kernel's backward omits this term upstream
+    # Δ·stop_grad(x): the official Vim kernel's backward omits this term upstream
+    x = x.detach() if config.detach_input else x
     hidden = holder.lily_A[adapter](x.to(lily_B.dtype))
     hidden = holder.lily_dropout[adapter](holder.lily_activation[adapter](hidden))
     router = holder.lily_router[adapter] if config.use_router else None
@@ -351,7 +353,8 @@ def linear_ends(module: nn.Module) -> tuple[int, int]:
 
 class LilySlicedLinear(nn.Module, BaseTunerLayer):
     """A fused projection (timm ViT's qkv) whose output slices get their own Lily adapters: the official ViT code
-    adds Lily to the k and v slices after the fused Linear, keeping its bias (visual-adaptation-benchmark/vit/lily.py)."""
+    adds Lily to the k and v slices after the fused Linear, keeping its bias
+    (visual-adaptation-benchmark/vit/lily.py)."""
 
     adapter_layer_names = ("lily_parts",)
 

@@ -16,8 +16,8 @@ the pooling is done per *group of rows* that a batch-1 call would have held toge
 
 A recipe states the groups with :func:`routing_groups` around its evaluation forwards or ``generate`` call,
 without knowing which method it runs: modules that support groups define ``set_routing_groups(group_ids)``
-(returning the previous setting) and ``evaluation_routing()`` (what they pool over); on any other model the context does nothing. Whether the groups are used is
-the method's own setting (Lily: ``eval_pooling``).
+(returning the previous setting) and ``evaluation_routing()`` (what they pool over); on any other model the context
+does nothing. Whether the groups are used is the method's own setting (Lily: ``eval_pooling``).
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ def sample_images(parts: SDXLParts, unet: nn.Module, prompts: Sequence[str], ima
         raise ConfigError("sampling needs images_per_prompt, steps and images_per_call of at least 1.")
     pipe = parts.pipeline(unet=bare_unet(unet).eval(), vae=vae)  # eval: no dropout, and evaluation routing
     warn_if_batch_coupled(unet, images_per_call, "infer_lily.py's one image per pipeline call")
-    jobs = [(prompt, index, sample_seed(seed, prompt, index)) for prompt in prompts for index in range(images_per_prompt)]
+    jobs = [(prompt, index, sample_seed(seed, prompt, index))
+            for prompt in prompts for index in range(images_per_prompt)]
     samples = []
     for start in tqdm(range(0, len(jobs), images_per_call), desc="sample", leave=False):
         batch = jobs[start:start + images_per_call]
@@ -202,7 +203,8 @@ def sample_images(parts: SDXLParts, unet: nn.Module, prompts: Sequence[str], ima
                            guidance_scale=guidance, generator=generators, height=height, width=width,
                            output_type="latent").images
         images = decode_latents(pipe.vae, pipe.image_processor, latents)
-        samples += [Sample(prompt, index, image_seed, image) for (prompt, index, image_seed), image in zip(batch, images)]
+        samples += [Sample(prompt, index, image_seed, image)
+                    for (prompt, index, image_seed), image in zip(batch, images)]
     return samples
 
 

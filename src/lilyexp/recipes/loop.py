@@ -407,8 +407,8 @@ class TrainingLoop:
         except RuntimeError as exc:  # AdamW's update overflowing float32 (e.g. trainer.lr=1e38): a divergence
             if "overflow" not in str(exc):
                 raise
-            raise TrainingDiverged(f"the optimizer step overflowed at step {step + 1} (trainer.lr={self.trainer.lr:g}); "
-                                   f"lower trainer.lr.") from None
+            raise TrainingDiverged(f"the optimizer step overflowed at step {step + 1} "
+                                   f"(trainer.lr={self.trainer.lr:g}); lower trainer.lr.") from None
 
     def log_step(self, done: int, loss: float, progress: Any) -> None:
         if self.main and (done % self.trainer.log_every == 0 or done == self.total):

@@ -60,7 +60,8 @@ def expandable(cache: Cache | None) -> bool:
     recurrent state (``LinearAttentionLayer`` in transformers 5) has no ``batch_repeat_interleave``, so its beams
     keep the four-copy prefill rather than lilyexp reaching into the state's tensors."""
     layers = getattr(cache, "layers", None)
-    return cache is not None and layers is not None and all(hasattr(layer, "batch_repeat_interleave") for layer in layers)
+    return (cache is not None and layers is not None
+            and all(hasattr(layer, "batch_repeat_interleave") for layer in layers))
 
 
 def repeats_rows(tensor: torch.Tensor | None, copies: int) -> bool:

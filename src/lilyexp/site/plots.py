@@ -62,7 +62,8 @@ def run_curves(record: dict, steps_path: Path, target: Path) -> bool:
         loss, lr = axes.pop(0), axes.pop(0)
         loss.plot([s["step"] for s in steps], [s["train/loss"] for s in steps], lw=1.2, color="tab:blue")
         loss.set(title="training loss", xlabel="optimizer step", ylabel="loss")
-        lr.plot([s["step"] for s in steps], [s.get("train/lr", float("nan")) for s in steps], lw=1.2, color="tab:orange")
+        lr.plot([s["step"] for s in steps], [s.get("train/lr", float("nan")) for s in steps],
+                lw=1.2, color="tab:orange")
         lr.set(title="learning rate", xlabel="optimizer step", ylabel="lr")
         lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if evaluated:

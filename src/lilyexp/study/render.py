@@ -124,7 +124,8 @@ def markdown(study: StudySettings, result: dict, figures: list[str]) -> str:
              "## Verdicts", "",
              f"Paired differences to {label(study.reference)} in points (metric × {study.scale:g}), mean over the "
              f"confirm seeds with a {study.confidence:.0%} Student-t interval over seeds; \"better\"/\"worse\" only "
-             "when the interval excludes 0.", "", *(verdict_lines(study, result) or ["- pending (no confirm runs yet)"]),
+             "when the interval excludes 0.", "",
+             *(verdict_lines(study, result) or ["- pending (no confirm runs yet)"]),
              "", f"Cells: {done} of {cells['planned']} ended ({cells.get('diverged', 0)} diverged, "
              f"{cells.get('failed', 0)} failed, {waiting} not run yet).", "",
              "## Protocol", "", study.protocol.strip(), "",
@@ -134,7 +135,7 @@ def markdown(study: StudySettings, result: dict, figures: list[str]) -> str:
              f"- **Confirm**: the chosen point at seeds {', '.join(map(str, study.confirm_seeds))} (a seed fixes the "
              "data order and initialisation; every method sees the same order for the same seed), reported once on "
              "the reported split with the checkpoint chosen on the held-out split.",
-             f"- **Intervals**: Student's t over seeds (reported); a percentile bootstrap over seeds (10,000 "
+             "- **Intervals**: Student's t over seeds (reported); a percentile bootstrap over seeds (10,000 "
              "resamples) is in the JSON. Each interval is a separate 95% interval (no multiplicity correction). "
              "Pooled comparisons average each seed's paired differences over the endpoints first.", "",
              "## Per endpoint", "", *endpoint_table(study, result), "",

@@ -62,13 +62,14 @@ def lines_of(table: Table) -> list[tuple[str, str, list[str]]]:
         paper = row.get("paper") or {}
         if cells:
             params = sorted({p for c in cells.values() for p in c.params})
-            out.append((f"{name} — ours", fmt_params(params), [ours_text(cells[l], digits) for l in labels]))
+            out.append((f"{name} — ours", fmt_params(params), [ours_text(cells[label], digits) for label in labels]))
         if paper.get("values") or not cells:
             mark = PROVENANCE_MARKS.get(provenance(row), "")
-            values = [fmt(paper_value(row, l), digits) for l in labels]
+            values = [fmt(paper_value(row, label), digits) for label in labels]
             out.append((f"{name} — paper{mark}", str(paper.get("params") or MISSING), values))
             if any(c.mean is not None for c in cells.values()):
-                out.append((f"{name} — Δ", "", [delta_text(cells[l], paper_value(row, l), digits) for l in labels]))
+                out.append((f"{name} — Δ", "",
+                            [delta_text(cells[label], paper_value(row, label), digits) for label in labels]))
     return out
 
 

@@ -109,7 +109,8 @@ def _check_style(style: str) -> None:
 
 
 def instance_prompt(subject: str, table: PromptTable, style: str = "official", token: str = "sks") -> str:
-    """The training prompt: "a photo of wolf_plushie" (official) or "a sks stuffed animal" (rare_token, as the DreamBooth paper writes them)."""
+    """The training prompt: "a photo of wolf_plushie" (official) or "a sks stuffed animal" (rare_token, as the
+    DreamBooth paper writes them)."""
     _check_style(style)
     class_name = table.class_of(subject)
     return f"a photo of {subject}" if style == "official" else f"a {token} {class_name}"
@@ -285,8 +286,8 @@ def dataset_root(data_dir: str | None, subject: str) -> Path:
     repo = load_manifest("dreambooth")
     hint = "set task.data_dir to a DreamBooth dataset/ folder (subject folders and prompts_and_classes.txt)"
     if not repo.under(f"dataset/{subject}"):
-        raise ConfigError(f"subject '{subject}' is not in {DREAMBOOTH_SOURCE}; known: "
-                          f"{', '.join(sorted({p.split('/')[1] for p in repo.under('dataset') if p.count('/') == 2}))}.")
+        known = sorted({p.split("/")[1] for p in repo.under("dataset") if p.count("/") == 2})
+        raise ConfigError(f"subject '{subject}' is not in {DREAMBOOTH_SOURCE}; known: {', '.join(known)}.")
     fetch_file(repo, f"dataset/{TABLE_FILE}", hint=hint)
     return fetch_folder(repo, f"dataset/{subject}", hint=hint).parent
 

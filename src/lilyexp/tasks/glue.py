@@ -1,7 +1,7 @@
-"""GLUE as the Lily NLU code runs it (natural-language-understanding/glue.py, run.sh): the hub's ``nyu-mll/glue`` or a local folder of the
-classic GLUE TSVs (``glue_data/<TASK>/{train,dev}.tsv``), both read into the same columns and labels; metrics
-from the package's ``evaluate`` GLUE module (offline). The number the paper reports is the best epoch on the
-validation split."""
+"""GLUE as the Lily NLU code runs it (natural-language-understanding/glue.py, run.sh): the hub's ``nyu-mll/glue``
+or a local folder of the classic GLUE TSVs (``glue_data/<TASK>/{train,dev}.tsv``), both read into the same columns
+and labels; metrics from the package's ``evaluate`` GLUE module (offline). The number the paper reports is the best
+epoch on the validation split."""
 
 from __future__ import annotations
 

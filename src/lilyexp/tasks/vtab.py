@@ -1,7 +1,7 @@
-"""VTAB-1K as the official ViT/Vim code runs it (visual-adaptation-benchmark/{vit,vim}/main.py): the NOAH/RepAdapter release layout
-``<data_dir>/<task>/{train800,val200,train800val200,test}.txt`` (lines ``<relative path> <label>``), images resized
-to 224 with bicubic interpolation and NOT normalised (the official choice), group averages as the mean of the three
-group means.
+"""VTAB-1K as the official ViT/Vim code runs it (visual-adaptation-benchmark/{vit,vim}/main.py): the NOAH/RepAdapter
+release layout ``<data_dir>/<task>/{train800,val200,train800val200,test}.txt`` (lines ``<relative path> <label>``),
+images resized to 224 with bicubic interpolation and NOT normalised (the official choice), group averages as the
+mean of the three group means.
 
 Two protocols, one per run (``protocol``), so a table cell holds both:
 - ``paper``: train on train800val200, test every ``eval_every_epochs`` epochs, report the best test accuracy
@@ -32,8 +32,8 @@ TASKS = {
     "dsprites_loc": ("structured", 16), "dsprites_ori": ("structured", 16), "smallnorb_azi": ("structured", 18),
     "smallnorb_ele": ("structured", 9),
 }
-RELEASE = ("the VTAB-1K release of NOAH/RepAdapter (the 'vtab-1k' archive linked from github.com/ZhangYuanhan-AI/NOAH), "
-           "one folder per task")
+RELEASE = ("the VTAB-1K release of NOAH/RepAdapter (the 'vtab-1k' archive linked from "
+           "github.com/ZhangYuanhan-AI/NOAH), one folder per task")
 PROTOCOLS = {"paper": ("train800val200", "test", None, "test_selected"),
              "honest": ("train800", "val200", "test", "val_selected")}
 
