@@ -4,6 +4,7 @@ dt_proj.weight directly, lilyexp.backbones.falcon_mamba routes the time step thr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,9 +88,15 @@ def test_table1_cells_have_their_parameter_counts_on_the_7b_shapes(experiment, c
     assert count_parameters(model, [])["trainable"] == count
 
 
-def test_a_delta_plus_in_cell_trains_and_records(tiny_run, tmp_path):
+def test_a_delta_plus_in_cell_trains_exports_and_evaluates_its_export_alike(tiny_run, tmp_path):
     overrides = ["backbone=tiny_falcon_mamba", "method=lily", "method.ne_1=2",
                  "method.target_modules=[in_proj,dt_proj]", "+method.per_target.dt_proj={r:4,num_B:1,use_router:false}",
                  "trainer.max_steps=2", *tiny_run]
     record = json.loads(execute(compose_run(overrides, tmp_path), overrides).read_text())
     assert record["status"] == "finished" and record["steps"] == 2
+    from safetensors.torch import load_file
+    exported = load_file(next(Path(record["adapter"]["path"]).glob("*.safetensors")))
+    assert any("dt_proj.lily_B" in key and value.abs().max() > 0 for key, value in exported.items())  # trained
+    again = [*overrides, "trainer.max_steps=0", f"method.load_from={record['adapter']['path']}"]
+    evaluated = json.loads(execute(compose_run(again, tmp_path / "eval"), again).read_text())
+    assert evaluated["metrics"]["final"]["val/loss"] == record["metrics"]["final"]["val/loss"]  # reloaded, it runs

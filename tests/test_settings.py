@@ -154,7 +154,8 @@ def test_every_committed_record_is_still_found_as_the_same_cell(group):
     records = [p for p in (REPO / "results" / "runs" / group).glob("*.json") if "." not in p.stem]
     assert records
     for path in records:
-        record = read_record(path)  # as the runner reads it: an older identity version upgraded
+        assert json.loads(path.read_text())["identity"]["version"] == IDENTITY_VERSION, path.name  # as committed
+        record = read_record(path)
         overrides = record.get("overrides") or []
         cfg = compose_run([o for o in overrides if not o.startswith(("paths.", "hydra."))])
         assert RunContext.create(cfg, overrides).identity == record["identity"], path.name
@@ -176,14 +177,29 @@ def test_a_data_folder_is_the_same_cell_from_any_clone_and_any_spelling(tmp_path
     assert seen[0] == seen[1] and seen[0]["task.data_dir"] == "../shared/glue"
 
 
-def test_a_version_1_identity_is_read_with_its_folders_made_relative(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    old = {"version": 1, "seed": 0, "task": "glue", "task.data_dir": str(tmp_path / "data" / "glue")}
+def test_a_folder_elsewhere_is_the_same_cell_from_clones_at_any_depth(tmp_path, monkeypatch):
+    from lilyexp.settings import from_working_folder
+    seen = set()
+    for clone in ("a/main", "b/c/d/main"):
+        (tmp_path / clone).mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / clone)
+        seen.add(from_working_folder("/data/vtab-1k"))
+    assert seen == {"/data/vtab-1k"}
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert from_working_folder("~/data") == str(tmp_path / "home" / "data")
+
+
+def test_a_version_1_identity_is_read_with_its_folders_as_version_2_holds_them(tmp_path, monkeypatch):
     from lilyexp.settings import upgrade_identity
-    assert upgrade_identity(old, ["task.data_dir=../shared/./data/glue"])["task.data_dir"] == "../shared/data/glue"
-    upgraded = upgrade_identity(old, ["task=glue"])
-    assert upgraded == {**old, "version": IDENTITY_VERSION, "task.data_dir": "data/glue"}
-    assert upgrade_identity(upgraded, []) is upgraded
+    (tmp_path / "main").mkdir()
+    monkeypatch.chdir(tmp_path / "main")
+    old = {"version": 1, "seed": 0, "task": "glue", "task.data_dir": str(tmp_path / "shared" / "glue")}
+    spelled = {"task": {"data_dir": "../shared/./glue"}}
+    assert upgrade_identity(old, spelled)["task.data_dir"] == "../shared/glue"  # as the run spelled it
+    upgraded = upgrade_identity(old, {"task": {"data_dir": old["task.data_dir"]}})
+    assert upgraded == {**old, "version": IDENTITY_VERSION, "task.data_dir": "../shared/glue"}
+    assert upgrade_identity(old, None)["task.data_dir"] == "../shared/glue"  # no config: placed from here
+    assert upgrade_identity(upgraded, None) is upgraded
 
 
 def test_a_cell_filed_under_a_version_1_name_is_found_whatever_its_status(tmp_path, monkeypatch):
@@ -197,7 +213,7 @@ def test_a_cell_filed_under_a_version_1_name_is_found_whatever_its_status(tmp_pa
     folder = run.record_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     diverged = {"schema": 2, "status": "failed", "error_type": "TrainingDiverged", "identity": old_identity,
-                "overrides": overrides, "config": run.config, "metrics": {}}
+                "overrides": overrides, "config": run.config, "metrics": {}}  # config spells data/glue
     (folder / "tiny_roberta-glue-mrpc-lora-seed0-0000aaaa.json").write_text(json.dumps(diverged))
     assert run.finished_record() is None and run.own_record()["error_type"] == "TrainingDiverged"
     finished = {**diverged, "status": "finished", "metrics": {"final": {"accuracy": 0.5}}}

@@ -139,7 +139,7 @@ def upgrade(record: dict) -> dict:
     written)."""
     if record.get("schema", 1) < SCHEMA_VERSION:
         record = upgrade_schema_v1(record)
-    return {**record, "identity": upgrade_identity(record.get("identity"), record.get("overrides"))}
+    return {**record, "identity": upgrade_identity(record.get("identity"), record.get("config"))}
 
 
 def upgrade_schema_v1(record: dict) -> dict:
@@ -356,16 +356,20 @@ class RunContext:
 
     def own_record(self) -> dict | None:
         """This cell's record: the one at ``record_path``, or one of the same identity written under another name
-        (an older version's hash), a finished one first; the run then goes on under that name (:meth:`adopt`)."""
-        if self.record_path.exists():
-            return read_record(self.record_path)
+        (an older version's hash) when that one is finished and this one is not; the run then goes on under that
+        name (:meth:`adopt`)."""
+        here = read_record(self.record_path) if self.record_path.exists() else None
+        if here is not None and is_finished(here):
+            return here
         prefix = f"{self.config['backbone']['name']}-{self.config['task']['name']}"
         same = [record for path in sorted(self.record_path.parent.glob(f"{prefix}*.json"))
-                if (record := read_record(path)) and record.get("identity") == self.identity]
+                if path != self.record_path and (record := read_record(path))
+                and record.get("identity") == self.identity]
         chosen = next((record for record in same if record.get("status") == "finished" and is_finished(record)),
-                      same[0] if same else None)
-        if chosen is not None:
-            self.adopt(Path(chosen["_path"]))
+                      None if here is not None else (same[0] if same else None))
+        if chosen is None:
+            return here
+        self.adopt(Path(chosen["_path"]))
         return chosen
 
     def adopt(self, record_path: Path) -> None:

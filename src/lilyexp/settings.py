@@ -16,12 +16,13 @@ group's ``name`` (``task.name=rte`` would only rename the GLUE task: the subset 
 
 :func:`cell_identity` is what makes two runs the same cell: each group's choice, the seed, the ``setting`` label,
 the backbone's architecture and every knob whose value differs from its schema default. A data folder (or an
-exported adapter) is held relative to the folder the command runs in, as ``paths.results_dir`` is: the same
-checkout with its data beside it is the same cell wherever it was cloned, and ``../data/glue`` and its absolute
-spelling are one cell. A knob added later with a neutral default therefore keeps every existing cell whole; changing
-a schema default changes what old records meant, so it must come with a new ``IDENTITY_VERSION`` (tests/test_settings.py
-holds the defaults and fails when one changes silently). Identities of an older version are brought to the current
-one by :func:`upgrade_identity` when a record is read, so their cells are found again.
+exported adapter) beside the folder the command runs in is held relative to it, as ``paths.results_dir`` is: the
+same checkout with its data beside it is the same cell wherever it was cloned, and ``../data/glue`` and its
+absolute spelling are one cell; a folder elsewhere (``/data/vtab-1k``) is held absolute. A knob added later with a
+neutral default therefore keeps every existing cell whole; changing a schema default changes what old records
+meant, so it must come with a new ``IDENTITY_VERSION`` (tests/test_settings.py holds the defaults and fails when
+one changes silently). Identities of an older version are brought to the current one by :func:`upgrade_identity`
+when a record is read, so their cells are found again.
 """
 
 from __future__ import annotations
@@ -220,9 +221,15 @@ def canonical(key: str, value: Any) -> Any:
 
 
 def from_working_folder(path: str) -> str:
-    """``path`` relative to the folder the command runs in. Symlinks are left as they are: a clone whose data
-    folder is a link to a shared copy is laid out as any other clone, and files the same cell."""
-    return os.path.relpath(os.path.abspath(os.path.expanduser(path)), os.getcwd())
+    """A folder as a cell knows it: relative to the folder the command runs in when it lies beside it (under that
+    folder's parent, as ``../shared/data/glue`` lies beside a clone), else absolute (``/data/vtab-1k`` is the same
+    cell from clones at any depth). Symlinks are left as they are: a clone whose data folder links to a shared copy
+    is laid out as any other clone."""
+    absolute, here = os.path.abspath(os.path.expanduser(path)), os.getcwd()
+    beside = os.path.dirname(here)
+    if beside != os.path.dirname(beside) and os.path.commonpath([absolute, beside]) == beside:
+        return os.path.relpath(absolute, here)
+    return absolute
 
 
 def knobs_of(node: dict, schema: type, prefix: str) -> dict[str, Any]:
@@ -261,18 +268,19 @@ def cell_identity(config: dict) -> dict | None:
     return cell
 
 
-def upgrade_identity(identity: dict | None, overrides: list[str] | None) -> dict | None:
-    """A recorded identity in the current version. Version 1 held folders as absolute paths; the relative form is
-    the record's own override when it gave one (the study's ``task.data_dir=../shared/data/glue``), else the path
-    as seen from this folder."""
+def upgrade_identity(identity: dict | None, config: dict | None) -> dict | None:
+    """A recorded identity in the current version. Version 1 held folders as absolute paths; version 2 holds what
+    :func:`from_working_folder` gave in the folder the run ran in: a folder the run's config spelled relative
+    (the study's ``../shared/data/glue``) keeps that spelling, any other is placed from this folder."""
     if not identity or identity.get("version") != 1:
         return identity
-    given = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
     upgraded = {**identity, "version": IDENTITY_VERSION}
     for key, value in identity.items():
         if key.endswith(FOLDER_KNOBS) and isinstance(value, str) and os.path.isabs(value):
-            hint = given.get(key) or given.get(f"+{key}")
-            upgraded[key] = os.path.normpath(hint) if hint and not os.path.isabs(hint) else from_working_folder(value)
+            group, _, knob = key.partition(".")
+            spelled = ((config or {}).get(group) or {}).get(knob)
+            relative = isinstance(spelled, str) and not os.path.isabs(os.path.expanduser(spelled))
+            upgraded[key] = os.path.normpath(spelled) if relative else from_working_folder(value)
     return upgraded
 
 

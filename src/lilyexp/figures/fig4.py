@@ -31,7 +31,8 @@ ARTIFACT = "router_weights.json"
 TARGET = None  # the adapted module shown (e.g. "query", "qkv.k", "mlp"); None: the first the artifact lists
 LAYERS = None  # blocks shown, e.g. (2, 6, 10); None: the paper's when captured, else first, middle and last
 PAPER_LAYERS = (2, 13, 22)
-DATA = {"task.data_dir": "/path/to/vtab-1k"}  # what the default group's VTAB-1K cells need besides their file
+DATA = {"task.data_dir": "/path/to/vtab-1k"}  # what the VTAB-1K cells need besides their file
+VTAB_GROUPS = (GROUP, "fig4_vit")
 
 
 def captured(records: list[dict]) -> dict[str, tuple[dict, dict]]:
@@ -107,7 +108,7 @@ def render(results_dir: Path, out_dir: Path, group: str | None = None) -> Render
     name, group = output_name("fig4", group), group or GROUP
     found = captured(finished(results_dir, [group]))
     tasks = swept(f"{group}/{EXPERIMENT}", "task.subset") or sorted(found)
-    extra = DATA if group == GROUP else {}
+    extra = DATA if group in VTAB_GROUPS else {}
     rendered = Rendered(missing=[command(f"{group}/{EXPERIMENT}", **{"task.subset": task, **extra}) for task in tasks
                                  if task not in found and experiment_exists(f"{group}/{EXPERIMENT}")])
     rows = [row for task in tasks if task in found for row in rows_of(task, *found[task])]

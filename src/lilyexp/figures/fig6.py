@@ -110,7 +110,8 @@ def draw(items: list[dict], rows: list[dict]):
         line[0].set_title(title_of(item, mine), loc="left", fontsize=9)
     caption(figure, "Fig. 6: training cost of Lily vs LoRA from the run records: median time per optimizer step "
                     "(evaluation excluded), total training time, and the run's peak memory (CUDA allocator peak on "
-                    "GPU, peak resident set on CPU).")
+                    "GPU, peak resident set on CPU). Falcon-Mamba: Lily (in) beside the paper's LoRA (Δ+in), whose "
+                    "dt_proj adapter runs here (in the official runs it did not).")
     return figure
 
 
