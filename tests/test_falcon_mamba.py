@@ -97,6 +97,7 @@ def test_a_delta_plus_in_cell_trains_exports_and_evaluates_its_export_alike(tiny
     from safetensors.torch import load_file
     exported = load_file(next(Path(record["adapter"]["path"]).glob("*.safetensors")))
     assert any("dt_proj.lily_B" in key and value.abs().max() > 0 for key, value in exported.items())  # trained
+    assert "route_time_steps_through_dt_proj(base_model)" in (Path(record["adapter"]["path"]) / "README.md").read_text()
     again = [*overrides, "trainer.max_steps=0", f"method.load_from={record['adapter']['path']}"]
     evaluated = json.loads(execute(compose_run(again, tmp_path / "eval"), again).read_text())
     assert evaluated["metrics"]["final"]["val/loss"] == record["metrics"]["final"]["val/loss"]  # reloaded, it runs

@@ -129,7 +129,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
         describe_export(extra["adapter"]["path"], base=cfg.backbone.get("hub_id"), run_name=run.name,
                         method=cfg.method.name, settings=method_settings(run.identity), task=task_label(cfg),
                         metrics=outcome.metrics.get("final", {}), params=params,
-                        command=" ".join(["python -m lilyexp.run", *run.overrides]))
+                        command=" ".join(["python -m lilyexp.run", *run.overrides]), note=cfg.backbone.get("card_note"))
         extra["adapter"]["size_bytes"] = folder_size(extra["adapter"]["path"])  # the card included
     path = run.write_record(status="finished", metrics=outcome.metrics, params=params,
                             extra={**extra, **outcome.extra, "hydra_dir": hydra_dir()})

@@ -32,6 +32,7 @@ class BackboneSettings:
     image_size: Optional[int] = meta(None)  # the image size it was built for (ViT-B/16: 224; tiny_sdxl: 32)
     random_init: bool = meta(False)  # random weights built from a config (the tiny_* test backbones)
     hub_id: Optional[str] = meta(None)  # where the base model is published, whatever copy a run loads
+    card_note: Optional[str] = meta(None)  # what loading an export needs beyond peft, for its model card
     # modules a GPU run needs unless trainer.gradient_checkpointing=true: {modules, install, why} (Mamba's kernels)
     gpu_kernels: dict = meta({})
     architecture: Any = plumbing()  # shapes only, for parameter accounting on the meta device

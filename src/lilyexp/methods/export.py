@@ -139,10 +139,11 @@ def refuse_unused_tensors(loaded: torch.nn.Module, directory: str | Path) -> Non
 
 
 def describe_export(directory: str | Path, *, base: str | None, run_name: str, method: str, settings: dict,
-                    task: str, metrics: dict, params: dict, command: str) -> None:
+                    task: str, metrics: dict, params: dict, command: str, note: str | None = None) -> None:
     """Make an export useful on the hub: ``base_model_name_or_path`` names the published base model (not the local
     copy a run loaded, nor null), and README.md is a model card with the method and its settings, the task, the
-    run's metrics and parameter counts, the command that made it and how to load it (``push_to_hub`` shows it)."""
+    run's metrics and parameter counts, the command that made it and how to load it (``push_to_hub`` shows it),
+    with the backbone's ``card_note`` (what loading it needs beyond peft) when it has one."""
     directory = Path(directory)
     config_path = directory / "adapter_config.json"
     if config_path.exists():
@@ -150,11 +151,12 @@ def describe_export(directory: str | Path, *, base: str | None, run_name: str, m
         config["base_model_name_or_path"] = base
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     (directory / "README.md").write_text(model_card(base=base, run_name=run_name, method=method, settings=settings,
-                                                    task=task, metrics=metrics, params=params, command=command))
+                                                    task=task, metrics=metrics, params=params, command=command,
+                                                    note=note))
 
 
 def model_card(*, base: str | None, run_name: str, method: str, settings: dict, task: str, metrics: dict,
-               params: dict, command: str) -> str:
+               params: dict, command: str, note: str | None = None) -> str:
     front = ["---", "library_name: peft", f"tags: [lilyexp, {method}, {task}]"]
     front += [f"base_model: {base}"] if base else []
     lines = [*front, "---", "", f"# {run_name}", "",
@@ -170,4 +172,5 @@ def model_card(*, base: str | None, run_name: str, method: str, settings: dict, 
               "## Reproduce", "", "```bash", command, "```", "", "## Load", "", "```python", "import lilyexp",
               "model = lilyexp.load_adapter(base_model, adapter_folder)  # or peft.PeftModel.from_pretrained",
               "```", ""]
+    lines += [note, ""] if note else []
     return "\n".join(lines)
