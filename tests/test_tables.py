@@ -72,6 +72,21 @@ def test_seeds_are_aggregated_and_failed_runs_left_out(tmp_path):
     assert cells(table, "Lily")["Avg"].mean == pytest.approx((91 + 50) / 2)
 
 
+def test_a_median_row_prints_the_median_and_the_csv_keeps_mean_std_and_median(tmp_path):
+    spec = {**SPEC, "rows": [{**SPEC["rows"][1], "statistic": "median"}]}
+    scores = ((0, 0.90), (1, 0.80), (2, 0.91), (3, 0.92), (4, 0.89))
+    records = write(tmp_path, [record("lora", "mrpc", s, v) for s, v in scores]
+                    + [record("lora", "cola", s, v) for s, v in ((0, 0.5), (1, 0.6), (2, 0.1))])
+    table = build(spec, records, "best_epoch")
+    mrpc, avg = cells(table, "LoRA")["MRPC"], cells(table, "LoRA")["Avg"]
+    assert mrpc.shown == pytest.approx(90.0) and mrpc.mean == pytest.approx(88.4)
+    assert avg.mean == pytest.approx((90.0 + 50.0) / 2)  # the mean of the medians
+    assert "90.0 (median, n=5)" in markdown(table) and "+1.0" in markdown(table)  # Δ against the paper's 89.0
+    rows = csv.DictReader(io.StringIO(csv_text(table)))
+    row = next(r for r in rows if r["column"] == "MRPC" and r["source"] == "ours")
+    assert float(row["value"]) == pytest.approx(88.4) and float(row["median"]) == pytest.approx(90.0)
+
+
 def test_a_rerun_replaces_the_older_record_of_the_same_seed(tmp_path):
     folder = tmp_path / "runs" / "g"
     folder.mkdir(parents=True)

@@ -147,7 +147,7 @@ def table_context(site: Site, name: str, records_by_group: dict[str, list[dict]]
                 cell, paper = cells.get(label), paper_value(row, label)
                 line["cells"].append({
                     "ours": ours_text(cell, digits) if cell and (cell.mean is not None or cell.failed) else None,
-                    "sort": cell.mean if cell and cell.mean is not None else "",
+                    "sort": cell.shown if cell and cell.shown is not None else "",
                     "paper": None if paper is None else f"{fmt(paper, digits)}{mark}",
                     "delta": delta_text(cell, paper, digits) if cell else None,
                     "runs": [site.link(site.run_page({"_path": p}), page) for p in (cell.records if cell else [])],

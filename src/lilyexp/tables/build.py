@@ -105,6 +105,8 @@ class Cell:
 
     mean: float | None = None
     std: float | None = None
+    median: float | None = None
+    statistic: str = "mean"  # the one printed: a row's `statistic` (median where the paper's source reports it)
     seeds: list[int] = field(default_factory=list)
     params: list[int] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -115,6 +117,10 @@ class Cell:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def shown(self) -> float | None:
+        return self.median if self.statistic == "median" else self.mean
 
 
 def adapter_params(record: dict) -> int:
@@ -147,6 +153,7 @@ def aggregate(records: list[dict], selection: str, metric: str, scale: float) ->
         return Cell(failed=failed, records=[r["_path"] for r in failures])
     scaled = [scale * metric_of(r, selection, metric) for r in finished]
     return Cell(mean=statistics.mean(scaled), std=statistics.stdev(scaled) if len(scaled) > 1 else 0.0,
+                median=statistics.median(scaled),
                 seeds=[r["config"].get("seed") for r in finished], params=[adapter_params(r) for r in finished],
                 records=[r["_path"] for r in finished])
 
@@ -182,16 +189,18 @@ def build_cell(records: list[dict], row: dict, column: dict, selection: str, sca
         aggregate(mine, selection, column["metric"], scale)
     if selection == "initial":  # the untuned model trains nothing
         cell.params = [0] * len(cell.params)
+    cell.statistic = row.get("statistic", "mean")
     if cell.mean is None and row.get("command"):
         cell.command = row["command"].format(**column.get("vars", {}))
     return cell
 
 
 def mean_cell(cells: list[Cell]) -> Cell:
-    """An average column (e.g. Avg, a group mean): the mean of its parts' means, only when every part has one."""
-    if not cells or any(c.mean is None for c in cells):
+    """An average column (e.g. Avg, a group mean): the mean of its parts' printed values (means, or medians), only
+    when every part has one."""
+    if not cells or any(c.shown is None for c in cells):
         return Cell()
-    return Cell(mean=statistics.mean(c.mean for c in cells), std=None,
+    return Cell(mean=statistics.mean(c.shown for c in cells), std=None,
                 seeds=min((c.seeds for c in cells), key=len), params=cells[0].params)
 
 

@@ -32,8 +32,10 @@ def fmt_params(counts: list[int]) -> str:
 def ours_text(cell: Cell, digits: int) -> str:
     if cell.mean is None:
         return "failed" if cell.failed else MISSING
-    spread = f" ± {cell.std:.{digits}f}" if cell.std is not None and cell.n > 1 else ""
     chosen = f" [{cell.chosen}]" if cell.chosen else ""
+    if cell.statistic == "median":
+        return f"{cell.median:.{digits}f} (median, n={cell.n}){chosen}"
+    spread = f" ± {cell.std:.{digits}f}" if cell.std is not None and cell.n > 1 else ""
     return f"{cell.mean:.{digits}f}{spread} (n={cell.n}){chosen}"
 
 
@@ -46,9 +48,9 @@ def provenance(row: dict) -> str:
 
 
 def delta_text(cell: Cell | None, paper: float | None, digits: int) -> str:
-    if cell is None or cell.mean is None or paper is None:
+    if cell is None or cell.shown is None or paper is None:
         return MISSING
-    return f"{cell.mean - paper:+.{digits}f}"
+    return f"{cell.shown - paper:+.{digits}f}"
 
 
 def lines_of(table: Table) -> list[tuple[str, str, list[str]]]:
@@ -143,7 +145,7 @@ def csv_text(table: Table) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["table", "selection", "row", "section", "column", "source", "value", "std", "n", "seeds",
-                     "params", "chosen", "status", "provenance"])
+                     "params", "chosen", "status", "provenance", "median"])
     for entry in table.rows:
         row, cells = entry["row"], entry["cells"]
         base = [table.spec["name"], table.selection, row["label"], row.get("section", "")]
@@ -155,9 +157,9 @@ def csv_text(table: Table) -> str:
                 writer.writerow([*base, label, "ours", "" if cell.mean is None else f"{cell.mean:.4f}",
                                  "" if cell.std is None else f"{cell.std:.4f}", cell.n,
                                  " ".join(map(str, cell.seeds)), " ".join(map(str, sorted(set(cell.params)))),
-                                 cell.chosen or "", status, ""])
+                                 cell.chosen or "", status, "", "" if cell.median is None else f"{cell.median:.4f}"])
             value = paper_value(row, label)
             if value is not None:
                 writer.writerow([*base, label, "paper", value, "", "", "", (row.get("paper") or {}).get("params", ""),
-                                 "", "ok", provenance(row)])
+                                 "", "ok", provenance(row), ""])
     return buffer.getvalue()
