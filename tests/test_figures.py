@@ -202,7 +202,9 @@ def test_fig5_plots_accuracy_against_ne_at_the_s_table4s_rule_picks(tmp_path):
     paper = {int(r["ne"]): (float(r["accuracy"]), r["chosen"]) for r in rows if r["selection"] == "test_selected"}
     assert paper == {2: (70.0, "s=1.0"), 3: (72.0, "s=0.1"), 4: (55.0, "s=1.0")}
     assert [r["accuracy"] for r in rows if r["selection"] == "val_selected"] == ["40.0"]
-    assert len(rendered.missing) == 11 * 3  # every other task, at each ne of the grid
+    assert len(rendered.missing) == 11 * 5 + 2  # every other task at each ne of the grid, dtd at 6 and 12
+    assert "python -m lilyexp.run -m experiment=fig5/lily task.subset=dtd method.ne_1=12 " \
+        "task.data_dir=/path/to/vtab-1k" in rendered.missing  # past Table 4's grid
     assert ("python -m lilyexp.run -m experiment=fig5/lily task.subset=cifar method.ne_1=2 "
             "task.data_dir=/path/to/vtab-1k") in rendered.missing
 

@@ -319,3 +319,11 @@ def test_a_group_of_mixed_backbones_labels_rows_by_name_not_by_architecture(tmp_
         records.append(one)
     labels = [row["label"] for row in group_spec("g", write(tmp_path, records))["rows"]]
     assert labels == ["tiny_a lily", "tiny_b lily"]
+
+
+def test_table4_reads_only_its_own_ne_grid_though_fig5s_cells_share_its_group():
+    from lilyexp.tables.build import matches
+    lily = next(row for row in load_spec("table4")["rows"] if (row.get("where") or {}).get("method.name") == "lily")
+    config = {"backbone": {"name": "vit"}, "method": {"name": "lily", "ne_1": 4}}
+    assert matches({"config": config}, lily["where"])
+    assert not matches({"config": {**config, "method": {"name": "lily", "ne_1": 6}}}, lily["where"])

@@ -76,8 +76,9 @@ def draw(tasks: list[str], rows: list[dict]):
     handles, labels = next(((h, label) for h, label in (ax.get_legend_handles_labels() for ax in axes) if h), ([], []))
     if handles:
         figure.legend(handles, labels, loc="outside upper center", ncols=len(handles), fontsize=8)
-    caption(figure, "Fig. 5: Lily (kvmlp, ViT-B/16) accuracy against ne = ne_1 = ne_2 on VTAB-1K; at each ne, s "
-                    "is the best of Table 4's grid by Table 4's rule (its value in fig5.csv).")
+    caption(figure, "Fig. 5: Lily (kvmlp, ViT-B/16) accuracy against ne = ne_1 = ne_2 on VTAB-1K (ne 2-4: Table 4's "
+                    "grid; 6 and 12: the figure's own cells); at each ne, s is the best of Table 4's s grid by Table "
+                    "4's rule (its value in fig5.csv).")
     return figure
 
 
