@@ -1,8 +1,9 @@
 """Lily (Low-Rank Interconnected Adaptation across Layers, arXiv 2407.09946) in every variant the paper's
 experiments used, built on peft's upstream Lily (``peft.tuners.lily``, peft >= 0.19).
 
-Upstream reproduces the official NLU/LLM code for whole Linear layers (natural-language-understanding/lily.py,
-commonsense-reasoning's peft fork). Where the paper's experiments need more, this module extends it instead of
+Upstream reproduces the official NLU/LLM code (github.com/yibozhong/lily at commit 4620efe; its paths, e.g.
+natural-language-understanding/lily.py or commonsense-reasoning's peft fork, are what "the official code" names
+throughout lilyexp) for whole Linear layers. Where the paper's experiments need more, this module extends it instead of
 copying it:
 
 * :class:`LilyVariantConfig` subclasses ``LilyConfig`` with the paper's switches (router placement, router
