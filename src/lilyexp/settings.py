@@ -2,7 +2,7 @@
 run's record is filed under.
 
 Every backbone, task, method and trainer yaml names its schema (a dataclass) in ``_schema_``; the run-level keys
-have :class:`RunSettings`. A schema's fields are of three kinds (``field`` metadata ``kind``):
+have :class:`RunSettings`. A schema's fields are of four kinds (``field`` metadata ``kind``):
 
 * ``knob``: a setting a user or an experiment file changes (``method.r``, ``task.subset``, ``trainer.lr``); typed,
   and part of the cell's identity when it differs from the schema's default;
