@@ -277,3 +277,13 @@ def test_a_sweep_printed_by_the_study_runs_the_study_cells(shared_data, tmp_path
     assert not swept  # the sweep's two cells are found as the study's tune cells ...
     confirm = [line for line in remaining if "subset=mrpc" in line and "method=lora" in line]
     assert len(confirm) == 2  # ... so LoRA's point on MRPC is chosen and its confirm cells are due
+
+
+def test_the_forest_plot_marks_an_interval_over_fewer_than_all_seeds_as_interim():
+    """Read from the committed report, whose MRPC Lily comparison had four of five confirm seeds."""
+    from conftest import REPO
+    from lilyexp.study.render import is_interim
+    result = json.loads((REPO / "results" / "studies" / "glue_minilm.json").read_text())
+    mrpc = result["endpoints"]["MRPC (accuracy)"]["methods"]
+    assert not is_interim(mrpc["pissa"]["difference"])
+    assert is_interim({**mrpc["pissa"]["difference"], "verdict": "pending (4 of 5 seeds)"})

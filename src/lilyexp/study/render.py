@@ -216,6 +216,11 @@ def numeric_grids(study: StudySettings) -> bool:
         return False
 
 
+def is_interim(difference: dict) -> bool:
+    """A paired difference over fewer than all of its confirm seeds (its verdict is still pending)."""
+    return str(difference.get("verdict", "")).startswith("pending")
+
+
 def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
     """Each method's paired difference to the reference per endpoint and pooled, with its interval."""
     rows = [(name, entry["methods"]) for name, entry in result["endpoints"].items()]
@@ -232,7 +237,7 @@ def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
             diff = entry.get("difference")
             if diff and diff["estimate"]["ci_t"][0] is not None and math.isfinite(diff["estimate"]["ci_t"][0]):
                 mean, (low, high) = diff["estimate"]["mean"], diff["estimate"]["ci_t"]
-                interim = str(entry.get("verdict", "")).startswith("pending")  # not every confirm seed yet
+                interim = is_interim(diff)
                 row_y = y + (len(others) - 1 - offset) * step
                 ax.errorbar([mean], [row_y], xerr=[[mean - low], [high - mean]], fmt="o", color=COLORS.get(method),
                             capsize=3, label=label(method), mfc="white" if interim else COLORS.get(method),
