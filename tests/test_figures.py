@@ -160,6 +160,13 @@ def test_fig4_shows_expert_shares_of_a_shallow_middle_and_deep_layer(tmp_path):
     assert not any("task.subset=cifar " in command for command in rendered.missing)
 
 
+def test_fig2_shows_the_papers_highlighted_prompts_first():
+    sampled = [f"A picture of a duck_toy {c}" for c in ("in the jungle", "in the snow", "on the beach",
+                                                          "floating on top of water", "on a cobblestone street")]
+    assert fig2.shown_prompts(sampled, count=3) == [sampled[3], sampled[1], sampled[0]]
+    assert fig2.shown_prompts(sampled[:1]) == sampled[:1]
+
+
 def test_fig4_shows_the_papers_blocks_of_a_24_block_model():
     rows = [{"target": "in_proj", "layer": layer} for layer in range(24)]
     assert fig4.shown_layers(rows) == ("in_proj", [2, 13, 22])

@@ -15,9 +15,20 @@ from lilyexp.tables.build import newest_per_seed, read_records
 
 GROUP = "dreambooth"
 METHODS = {"Lily": "lily", "LoRA": "lora"}
-# The subjects train_lily.sh trained (the default group's sweep); another group shows the subjects it has.
-SUBJECTS = ("bear_plushie", "grey_sloth_plushie", "monster_toy", "rc_car", "red_cartoon", "robot_toy", "wolf_plushie")
+# The subjects train_lily.sh trained and duck_toy, which the paper's Fig. 2 shows with wolf_plushie (the default
+# group's sweep); another group shows the subjects it has.
+SUBJECTS = ("bear_plushie", "duck_toy", "grey_sloth_plushie", "monster_toy", "rc_car", "red_cartoon", "robot_toy",
+            "wolf_plushie")
 PROMPTS_SHOWN = 6
+# The contexts the paper's Fig. 2 highlights ("floating on water", "in the snow", as the prompt list words them):
+# a panel shows the sampled prompts holding them first, then the others in sampling order.
+HIGHLIGHTED = ("floating on top of water", "in the snow")
+
+
+def shown_prompts(sampled: list[str], highlighted: tuple[str, ...] = HIGHLIGHTED,
+                  count: int = PROMPTS_SHOWN) -> list[str]:
+    picked = [prompt for text in highlighted for prompt in sampled if text in prompt]
+    return list(dict.fromkeys([*picked, *sampled]))[:count]
 
 
 def newest(records: list[dict]) -> dict[tuple[str, str], dict]:
@@ -54,7 +65,7 @@ def caption(record: dict) -> str:
 def subject_grid(subject: str, runs: dict[str, dict], out: Path) -> Path:
     """The Fig. 2 panel of one subject: the prompts every method sampled, in the order they were sampled."""
     orders = [[s["prompt"] for s in run["dreambooth"]["samples"] if s["index"] == 0] for run in runs.values()]
-    prompts = [p for p in orders[0] if all(p in order for order in orders)][:PROMPTS_SHOWN]
+    prompts = shown_prompts([p for p in orders[0] if all(p in order for order in orders)])
     reference_run = next(iter(runs.values()))
     reference = Image.open(Path(reference_run["_path"]).with_suffix(".images") / "reference.png")
     grid = make_grid(reference, {label: first_images(run, prompts) for label, run in runs.items()}, prompts,
