@@ -124,7 +124,8 @@ clean-venv:
 # Paper figures from run records (Figs. 3-6, 9, 12-13; Fig. 2 above). `make figN` runs the cells of the experiment
 # files its figure reads that have no finished record (as `make tableN` does; TABLE_ARGS passes overrides to every
 # cell, e.g. TABLE_ARGS="task.data_dir=/data/vtab-1k"), then renders $(FIGURES_OUT)/figN.{png,pdf,csv}. Fig. 6
-# also runs Table 1's cells (its LLM setting), Fig. 9 Table 2's Lily cell; Figs. 5 and 12 are Table 4 cells.
+# also runs Table 1's cells (its LLM setting), Fig. 9 Table 2's Lily cell; Figs. 5 and 12 are Table 4 cells (Fig. 5 adds
+# its own ne 6 and 12 cells to the group; Table 4 and Fig. 12 read only ne 2-4).
 # FIG12_IMAGES=<folder> draws Figs. 12-13 on those images instead of Caltech101 test images.
 # `make figures-cpu`: the CPU-scale replication of Figs. 3, 4 and 6 (all-MiniLM-L6-v2 on real GLUE, about 90
 # minutes on 2 cores), rendered as figN_figures_minilm (Fig. 6 adds the commonsense_smollm2 records if present).

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lilyexp.figures import fig2, fig3, fig4, fig5, fig6, fig9, fig12, figure_names
 from lilyexp.figures.__main__ import main as figures_main
+from lilyexp.figures.plots import finished
 from lilyexp.run import execute
 from conftest import compose_run
 from test_captures import CAPTURES, fake_vtab, vit_cell
@@ -195,6 +196,16 @@ def vtab_record(folder: Path, task: str, s: float, ne: int, accuracy: float, rul
     metric = "test/accuracy"
     final = {metric: accuracy, "val/accuracy": accuracy} if rule == "val_selected" else {metric: accuracy}
     return write_record(folder, f"lily-{task}-s{s}-ne{ne}-{rule}-{seed}", config, final=final, rule=rule)
+
+
+def test_fig12_picks_among_table4s_own_cells_not_fig5s_extra_ne(tmp_path):
+    folder = tmp_path / "runs" / "table4"
+    for ne, accuracy in ((2, 0.80), (4, 0.85), (12, 0.90)):  # ne 12 is one of Fig. 5's own cells
+        record = vtab_record(folder, fig12.SUBSET, 1.0, ne, accuracy)
+        stored = json.loads(record.read_text())
+        record.write_text(json.dumps({**stored, "adapter": {"path": str(tmp_path / "adapter")}}))
+    records = finished(tmp_path / "runs", ["table4"])
+    assert fig12.chosen(fig12.candidates(records, "lily"))["config"]["method"]["ne_1"] == 4
 
 
 def test_fig5_plots_accuracy_against_ne_at_the_s_table4s_rule_picks(tmp_path):

@@ -63,7 +63,7 @@ def caption(record: dict) -> str:
 
 
 def subject_grid(subject: str, runs: dict[str, dict], out: Path) -> Path:
-    """The Fig. 2 panel of one subject: the prompts every method sampled, in the order they were sampled."""
+    """The Fig. 2 panel of one subject: prompts every method sampled, the highlighted contexts first."""
     orders = [[s["prompt"] for s in run["dreambooth"]["samples"] if s["index"] == 0] for run in runs.values()]
     prompts = shown_prompts([p for p in orders[0] if all(p in order for order in orders)])
     reference_run = next(iter(runs.values()))

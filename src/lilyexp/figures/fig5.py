@@ -1,7 +1,8 @@
 """Paper Fig. 5 (§4.5.2, "What's the influence of adapter granularity?"): VTAB-1K accuracy against ne (the number
 of A's and of B experts, set equal) on 12 tasks, one panel per task (``fig5.png``/``.pdf``, ``fig5.csv``).
 
-The points come from Table 4's grid records (group ``table4``: Lily kvmlp on ViT-B/16 over s × ne). For each ne,
+The points come from Table 4's grid records (group ``table4``: Lily kvmlp on ViT-B/16 over s × ne 2-4) and the
+figure's own cells past that grid (ne 6 and 12, same group; Table 4 does not read them). For each ne,
 s is chosen the way Table 4 chooses its cells (the rule in ``lilyexp/tables/specs/table4.yaml``: the best
 accuracy over s, on the test split under the paper protocol, on val200 under the honest one), so each point is
 the best s at that ne. The paper protocol is drawn solid, the honest protocol dashed where its records exist.
