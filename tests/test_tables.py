@@ -322,8 +322,16 @@ def test_a_group_of_mixed_backbones_labels_rows_by_name_not_by_architecture(tmp_
 
 
 def test_table4_reads_only_its_own_ne_grid_though_fig5s_cells_share_its_group():
-    from lilyexp.tables.build import matches
-    lily = next(row for row in load_spec("table4")["rows"] if (row.get("where") or {}).get("method.name") == "lily")
+    from lilyexp.tables.build import matches, method_row
+    lily = method_row(load_spec("table4"), "lily")
     config = {"backbone": {"name": "vit"}, "method": {"name": "lily", "ne_1": 4}}
     assert matches({"config": config}, lily["where"])
     assert not matches({"config": {**config, "method": {"name": "lily", "ne_1": 6}}}, lily["where"])
+
+
+def test_a_row_statistic_is_mean_or_median_and_a_choosing_row_prints_the_mean():
+    from lilyexp.tables.build import check_statistics
+    check_statistics("fixture", {"rows": [{"label": "LoRA", "statistic": "median"}, {"label": "Lily"}]})
+    for row in ({"label": "x", "statistic": "mode"}, {"label": "y", "statistic": "median", "choose": {"over": "s"}}):
+        with pytest.raises(SystemExit, match="statistic is one of"):
+            check_statistics("fixture", {"rows": [row]})

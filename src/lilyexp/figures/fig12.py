@@ -29,7 +29,7 @@ from lilyexp.errors import ConfigError
 from lilyexp.figures import Rendered, save_figure, write_csv
 from lilyexp.figures.plots import (caption, command, finished, first_seed, method_label, new_figure, output_name,
                                    setting)
-from lilyexp.tables.build import aggregate, load_spec, matches
+from lilyexp.tables.build import aggregate, load_spec, matches, method_row
 
 GROUP = "table4"
 SUBSET, SELECTION, METRIC = "caltech101", "test_selected", "test/accuracy"
@@ -48,9 +48,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 def candidates(records: list[dict], method: str) -> list[dict]:
     """The method's Table 4 cells: its row's method settings hold (Lily: ne 2-4; Fig. 5's own ne 6 and 12 cells
     share the group), whatever the backbone (a tiny stand-in in tests and smoke runs)."""
-    row = next((row for row in load_spec("table4")["rows"] if (row.get("where") or {}).get("method.name") == method),
-               {})
-    where = {k: v for k, v in (row.get("where") or {"method.name": method}).items() if k.startswith("method.")}
+    row = method_row(load_spec("table4"), method) or {"where": {"method.name": method}}
+    where = {k: v for k, v in row["where"].items() if k.startswith("method.")}
     return [r for r in records if setting(r, "task.subset") == SUBSET and matches(r, where)
             and r.get("metrics", {}).get("selection", {}).get("rule") == SELECTION and r.get("adapter")]
 

@@ -11,14 +11,11 @@ from PIL import Image
 
 from lilyexp.figures import Rendered, write_csv
 from lilyexp.figures.grid import make_grid, save_grid
+from lilyexp.figures.plots import swept
 from lilyexp.tables.build import newest_per_seed, read_records
 
 GROUP = "dreambooth"
 METHODS = {"Lily": "lily", "LoRA": "lora"}
-# The subjects train_lily.sh trained and duck_toy, which the paper's Fig. 2 shows with wolf_plushie (the default
-# group's sweep); another group shows the subjects it has.
-SUBJECTS = ("bear_plushie", "duck_toy", "grey_sloth_plushie", "monster_toy", "rc_car", "red_cartoon", "robot_toy",
-            "wolf_plushie")
 PROMPTS_SHOWN = 6
 # The contexts the paper's Fig. 2 highlights ("floating on water", "in the snow", as the prompt list words them):
 # a panel shows the sampled prompts holding them first, then the others in sampling order.
@@ -85,7 +82,8 @@ def metric_rows(subject: str, runs: dict[str, dict]) -> list[dict]:
 def render(results_dir: Path, out_dir: Path, group: str | None = None) -> Rendered:
     group = group or GROUP
     cells = newest(read_records(Path(results_dir), [group]))
-    subjects = SUBJECTS if group == GROUP else sorted({subject for subject, _ in cells})
+    # the subjects its experiment file sweeps (the default: train_lily.sh's and duck_toy), run or not, then any other
+    subjects = list(dict.fromkeys([*(swept(f"{group}/lily", "task.subset") or []), *sorted(s for s, _ in cells)]))
     rendered, rows = Rendered(), []
     prefix = "fig2" if group == GROUP else f"fig2_{group}"
     for subject in subjects:

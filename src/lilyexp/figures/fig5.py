@@ -15,7 +15,7 @@ from pathlib import Path
 from lilyexp.figures import Rendered, save_figure, write_csv
 from lilyexp.figures.plots import (caption, command, finished, new_figure, no_data, output_name, setting, swept,
                                    task_label)
-from lilyexp.tables.build import choose, load_spec
+from lilyexp.tables.build import choose, load_spec, method_row
 
 GROUP = "table4"
 EXPERIMENT = "fig5/lily"  # the 12 tasks and the ne grid it sweeps
@@ -27,7 +27,7 @@ SELECTIONS = {"test_selected": ("paper protocol (test-selected)", "-", "tab:red"
 
 def lily_rule() -> dict:
     """Table 4's rule for Lily's cells, choosing s alone (ne is the figure's axis)."""
-    row = next(row for row in load_spec("table4")["rows"] if (row.get("where") or {}).get("method.name") == "lily")
+    row = method_row(load_spec("table4"), "lily")
     return {**row["choose"], "over": [key for key in row["choose"]["over"] if key != "method.ne_1"]}
 
 

@@ -41,6 +41,9 @@ def spec_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+STATISTICS = ("mean", "median")  # what a row prints over seeds (``statistic``; the CSV keeps both)
+
+
 def load_spec(name: str) -> dict:
     path = resources.files("lilyexp.tables").joinpath("specs", f"{name}.yaml")
     if not path.is_file():
@@ -49,7 +52,21 @@ def load_spec(name: str) -> dict:
     for selection in spec.get("selections", ["best_epoch"]):
         if selection not in SELECTIONS:
             raise SystemExit(f"table {name}: unknown selection '{selection}'; known: {sorted(SELECTIONS)}.")
+    check_statistics(name, spec)
     return spec
+
+
+def check_statistics(name: str, spec: dict) -> None:
+    for row in spec.get("rows", []):
+        if row.get("statistic", "mean") not in STATISTICS or (row.get("statistic") == "median" and row.get("choose")):
+            raise SystemExit(f"table {name}, row {row.get('label')}: statistic is one of {STATISTICS}, and a row "
+                             f"that chooses by the mean prints the mean.")
+
+
+def method_row(spec: dict, method: str) -> dict | None:
+    """The row of a table holding a method's own cells (its ``where`` names the method), e.g. Table 4's Lily row,
+    whose grid and rule the figures drawn from the same records share."""
+    return next((row for row in spec["rows"] if (row.get("where") or {}).get("method.name") == method), None)
 
 
 def lookup(tree: Any, dotted: str) -> Any:
