@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from lilyexp.budget import lily_count, lora_count, main, target_shapes, within_budget
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel
 from lilyexp.methods.peft_method import PeftMethod
-from lilyexp.records import count_parameters
+from lilyexp.params import count_parameters
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import compose_run
-from lilyexp.captures import (DeltaWeightCapture, RouterCapture, default_rtol, delta_weight, find_layers,
+from lilyexp.figures.captures import (DeltaWeightCapture, RouterCapture, default_rtol, delta_weight, find_layers,
                               layer_index, numerical_rank, pooled_mixture)
 from lilyexp.errors import ConfigError
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, RowGroups, mix_experts
@@ -90,7 +90,7 @@ def batches(seed: int, count: int, size: int = 3, tokens: int = 7) -> list[torch
 
 class ByHand:
     """The expected updates of the q_proj layers in blocks 0 and 1, computed from their inputs and the
-    parameters as they were at the forward, independently of lilyexp.captures."""
+    parameters as they were at the forward, independently of lilyexp.figures.captures."""
 
     def __init__(self, model: torch.nn.Module, lily: bool):
         self.layers = {i: model.get_submodule(f"{self.prefix(model)}.{i}.self_attn.q_proj") for i in (0, 1)}
@@ -227,7 +227,7 @@ def test_the_layer_update_equals_what_the_layer_adds_to_its_output():
     layer = next(iter(find_layers(model, ["v_proj"], [2]).values()))
     x = torch.randn(2, 5, 32)
     hidden = layer.lily_A["default"](x)
-    mixture = pooled_mixture(layer.lily_router["default"](hidden).softmax(-1), None, "batch_mean", None)
+    mixture = pooled_mixture(layer.lily_router["default"](hidden), "batch_mean", None)
     with torch.no_grad():
         added = layer(x) - layer.base_layer(x)
     torch.testing.assert_close(added.double(), x.double() @ delta_weight(layer, mixture).T, rtol=1e-5, atol=1e-6)
@@ -239,7 +239,7 @@ def test_the_pooled_mixture_gives_the_batch_mean_of_the_applied_updates(pooling)
     hidden, experts = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
     router = torch.nn.Linear(4, 3, bias=False).double()
     logits = router(hidden)
-    mixture = pooled_mixture(logits.softmax(-1), logits, pooling, None)
+    mixture = pooled_mixture(logits, pooling, None)
     mixed = torch.einsum("e,eio->io", mixture, experts)
     if pooling == "batch_mean":  # one mixture for the batch: the layer's output itself
         torch.testing.assert_close(mix_experts(hidden, experts, router, pooling), hidden @ mixed)
@@ -258,10 +258,10 @@ def test_the_pooled_mixture_under_per_sample_routing_is_the_token_mean_of_each_r
     first = per_token[:2].sum((0, 1)) / mask[:2].sum()
     per_row = [first, first, per_token[2].sum(0) / mask[2].sum(), per_token[3].sum(0) / mask[3].sum()]
     expected = sum(m * n for m, n in zip(per_row, mask.sum(1))) / mask.sum()
-    torch.testing.assert_close(pooled_mixture(probabilities, logits, "batch_mean", mask, groups), expected)
+    torch.testing.assert_close(pooled_mixture(logits, "batch_mean", mask, groups), expected)
     everything = RowGroups.of(torch.zeros(4, dtype=torch.long))  # one group: the official pooling
-    torch.testing.assert_close(pooled_mixture(probabilities, logits, "batch_mean", mask, everything),
-                               pooled_mixture(probabilities, logits, "batch_mean", mask))
+    torch.testing.assert_close(pooled_mixture(logits, "batch_mean", mask, everything),
+                               pooled_mixture(logits, "batch_mean", mask))
 
 
 def test_captures_run_beside_per_sample_evaluation_routing(tmp_path):
@@ -296,8 +296,8 @@ def fake_vtab(folder: Path, task: str = "caltech101", images: int = 6) -> Path:
     return folder
 
 
-CAPTURES = ("trainer.callbacks=[{_target_:lilyexp.captures.DeltaWeightCapture,modules:[qkv],layers:[0,1]},"
-            "{_target_:lilyexp.captures.RouterCapture}]")
+CAPTURES = ("trainer.callbacks=[{_target_:lilyexp.figures.captures.DeltaWeightCapture,modules:[qkv],layers:[0,1]},"
+            "{_target_:lilyexp.figures.captures.RouterCapture}]")
 
 
 def vit_cell(tmp_path: Path, method: str, *extra: str) -> Path:

@@ -33,7 +33,7 @@ def test_the_documented_options_exist(group):
 def expected_ok(cfg: DictConfig) -> bool:
     modality_ok = cfg.task.modality in cfg.backbone.provides
     method_ok = cfg.method.get("modalities") is None or cfg.task.modality in cfg.method.modalities
-    family_ok = cfg.method.get("family") is None or cfg.method.family in cfg.backbone.adapter_targets
+    family_ok = cfg.method.get("targets") is None or cfg.method.targets in cfg.backbone.adapter_targets
     return modality_ok and method_ok and family_ok and cfg.task.recipe is not None
 
 

@@ -15,7 +15,7 @@ from lilyexp.backbones.falcon_mamba import route_time_steps_through_dt_proj
 from lilyexp.compose import build
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel
 from lilyexp.methods.peft_method import PeftMethod
-from lilyexp.records import count_parameters
+from lilyexp.params import count_parameters
 from lilyexp.recipes.loop import check_every_parameter_got_a_gradient
 from lilyexp.run import execute
 

@@ -129,7 +129,7 @@ def test_router_weights_are_counted_once_under_activation_checkpointing(tmp_path
         folder = tmp_path / checkpointing
         record = vit_cell(folder, "lily", "method.ne_1=2", "method.ne_2=3", "trainer.max_steps=2",
                           f"trainer.gradient_checkpointing={checkpointing}",
-                          "trainer.callbacks=[{_target_:lilyexp.captures.RouterCapture}]")
+                          "trainer.callbacks=[{_target_:lilyexp.figures.captures.RouterCapture}]")
         rows = json.loads(record.with_name(f"{record.stem}.router_weights.json").read_text())["layers"]
         tokens.append([row["tokens"] for row in rows])
     assert tokens[0] == tokens[1] and all(count > 0 for count in tokens[0])

@@ -197,7 +197,7 @@ def test_a_non_utf8_data_file_names_the_file(tmp_path):
         GlueTask("mrpc", data_dir=str(data))
     (tmp_path / "bad.json").write_bytes(b"[\xff]")
     with pytest.raises(ConfigError, match="bad.json is not UTF-8 text"):
-        cs.read_records(tmp_path / "bad.json")
+        cs.read_examples(tmp_path / "bad.json")
 
 
 def vtab_folder(tmp_path: Path, listing: str) -> Path:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lilyexp.errors import ConfigError
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, mix_experts
-from lilyexp.records import count_parameters
+from lilyexp.params import count_parameters
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 

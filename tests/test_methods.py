@@ -17,7 +17,7 @@ from lilyexp.methods.baselines import FullFineTune, LinearProbe
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel
 from lilyexp.methods.milora import MiLoRAMethod
 from lilyexp.methods.peft_method import PeftMethod
-from lilyexp.records import count_parameters
+from lilyexp.params import count_parameters
 from lilyexp.recipes.loop import check_every_parameter_got_a_gradient
 
 from conftest import compose_run
@@ -154,7 +154,7 @@ def test_svd_initialised_factors_checkpoint_as_contiguous_tensors(tmp_path):
     """safetensors refuses strided tensors; MiLoRA's (and PiSSA's) SVD factors come back column-major."""
     from safetensors.torch import save_file
 
-    from lilyexp.recipes.core import trainable_state
+    from lilyexp.params import trainable_state
     model = MiLoRAMethod(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj"])).apply(tiny_llama())
     A, B, residual = lora_factors(model)
     assert A.is_contiguous() and B.is_contiguous() and residual.is_contiguous()

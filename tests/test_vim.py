@@ -14,7 +14,7 @@ from conftest import compose_run
 from lilyexp.backbones.vim import VisionMamba, load_checkpoint
 from lilyexp.errors import ConfigError
 from lilyexp.methods.lily import LilyMethod, LilyVariantConfig
-from lilyexp.records import count_parameters
+from lilyexp.params import count_parameters
 from lilyexp.run import execute
 from test_vtab import vtab_dir  # noqa: F401  (the generated VTAB-1K folder)
 

@@ -1,8 +1,8 @@
 """Checks and helpers the runner uses to turn a composed config into objects, before any model is loaded.
 
-A backbone yaml declares the modalities it `provides` and per method family its `adapter_targets`; a task
-yaml declares the `modality` it needs and its `recipe` (training loop); a method yaml may name its `family`
-and the `modalities` it supports. Everything here reads those fields; nothing branches on component names.
+A backbone yaml declares the modalities it `provides` and its `adapter_targets` (module names per target list:
+`lora`, `lily`, ...); a task yaml declares the `modality` it needs and its `recipe` (training loop); a method yaml
+may name the target list it adapts (`targets`) and the `modalities` it supports. Everything here reads those fields; nothing branches on component names.
 """
 
 from __future__ import annotations
@@ -95,11 +95,11 @@ def check_combination(cfg: DictConfig) -> None:
     if supported is not None and task.modality not in supported:
         raise ConfigError(f"method '{method.name}' supports {list(supported)}, not task '{task.name}' "
                           f"('{task.modality}').")
-    family = method.get("family")
-    if family is not None and family not in backbone.get("adapter_targets", {}):
+    targets = method.get("targets")
+    if targets is not None and targets not in backbone.get("adapter_targets", {}):
         raise ConfigError(
-            f"method '{method.name}' adapts the backbone's '{family}' targets, but backbone '{backbone.name}' "
-            f"declares none; add backbone.adapter_targets.{family}=[module names].")
+            f"method '{method.name}' adapts the backbone's '{targets}' targets, but backbone '{backbone.name}' "
+            f"declares none; add backbone.adapter_targets.{targets}=[module names].")
     if cfg.trainer.get("head_lr") is not None and not backbone.get("head_modules"):
         raise ConfigError(f"trainer.head_lr is set, but backbone '{backbone.name}' has no task head "
                           f"(backbone.head_modules is empty); leave trainer.head_lr unset.")

@@ -40,3 +40,9 @@ def is_disk_full(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return type(exc).__name__ == "SafetensorError" and any(f"code: {code}," in text for code in NO_SPACE)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -2,8 +2,10 @@
 
 Record schema, version 2 (``schema``), the same for every paradigm:
 
-* ``run_name``, ``status`` (``finished`` | ``failed``), ``identity`` (what makes the run a cell:
-  :func:`lilyexp.settings.cell_identity`), ``config`` (resolved), ``overrides`` (the command line's);
+* ``run_name``, ``status`` (``finished`` | ``failed`` | ``interrupted``; read as ``outdated``
+  when its task's scoring changed since: :func:`outdated_if_rescored`), ``identity`` (what makes the run a cell:
+  :func:`lilyexp.settings.cell_identity`), ``scoring_version`` (how its task scored: :class:`lilyexp.contracts.Task`),
+  ``config`` (resolved), ``overrides`` (the command line's);
 * ``metrics``:
     - ``final``: the numbers the run reports, i.e. the selected model's evaluation (and its test, when the task
       tests the selected model once);
@@ -43,6 +45,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+import hydra.utils
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -136,10 +139,39 @@ def upgrade_metrics_v1(metrics: dict, record: dict) -> dict:
 
 def upgrade(record: dict) -> dict:
     """A record in the current schema, its identity in the current version (older ones are converted; nothing is
-    written)."""
+    written), and a finished one scored under an older version of its task's scoring read as ``outdated``."""
     if record.get("schema", 1) < SCHEMA_VERSION:
         record = upgrade_schema_v1(record)
-    return {**record, "identity": upgrade_identity(record.get("identity"), record.get("config"))}
+    record = {**record, "identity": upgrade_identity(record.get("identity"), record.get("config"))}
+    return outdated_if_rescored(record)
+
+
+def outdated_if_rescored(record: dict) -> dict:
+    """A finished record whose ``scoring_version`` (1 when absent: every record before versions were kept) is
+    below its task's current one no longer counts as finished: tables, figures and studies leave it out and the
+    runner runs its cell again. Its numbers stay in the file, and a failed rerun never replaces it."""
+    current = task_scoring_version(record.get("config") or {})
+    held = record.get("scoring_version", 1)
+    if record.get("status") != "finished" or current is None or held >= current:
+        return record
+    return {**record, "status": "outdated", "outdated": {"scoring_version": held, "current": current}}
+
+
+def task_scoring_version(config: dict) -> int | None:
+    """The scoring version of the task class the config's ``task.load`` builds (``scoring_version``, 1 where the
+    class states none: :class:`lilyexp.contracts.Task`); None when that class is not importable here."""
+    load = (config.get("task") or {}).get("load") or {}
+    return scoring_version_of(load.get("_target_") if isinstance(load, dict) else None)
+
+
+def scoring_version_of(target: str | None) -> int | None:
+    if not isinstance(target, str):
+        return None
+    try:
+        task_class = hydra.utils.get_class(target)
+    except Exception:  # a record of a task this installation lacks (a plugin, a renamed class): not judged
+        return None
+    return int(getattr(task_class, "scoring_version", 1))
 
 
 def upgrade_schema_v1(record: dict) -> dict:
@@ -195,28 +227,6 @@ def is_main_process() -> bool:
     """Rank 0 of a distributed launch (torchrun / accelerate launch set RANK), or a plain process. Read from the
     environment, because creating accelerate's state here, before the recipe's Accelerator, would fix it too early."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def in_head(parameter_name: str, head_modules: list[str] | set[str]) -> bool:
-    """Whether a parameter belongs to the task head (a module named in ``backbone.head_modules``)."""
-    return bool(set(head_modules) & set(parameter_name.split(".")))
-
-
-def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> dict[str, int]:
-    """Unique parameter counts: shared tensors (Lily's A and B) are counted once."""
-    counts = {"total": 0, "trainable": 0, "head": 0}
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        counts["total"] += param.numel()
-        if param.requires_grad:
-            counts["trainable"] += param.numel()
-            if in_head(name, head_modules):
-                counts["head"] += param.numel()
-    counts["adapter"] = counts["trainable"] - counts["head"]
-    return counts
 
 
 def git_sha() -> str | None:
@@ -354,6 +364,12 @@ class RunContext:
         record = self.own_record()
         return record if record and is_finished(record) else None
 
+    def holds_results(self) -> bool:
+        """Whether this cell's record holds results a failed or interrupted rerun must not replace: a finished
+        record, or one outdated by a newer scoring version."""
+        record = self.own_record()
+        return record is not None and (is_finished(record) or record.get("status") == "outdated")
+
     def own_record(self) -> dict | None:
         """This cell's record: the one at ``record_path``, or one of the same identity written under another name
         (an older version's hash) when that one is finished and this one is not; the run then goes on under that
@@ -383,7 +399,7 @@ class RunContext:
         the cell is never replaced by one."""
         note = {"interrupted": {"signal": exc.signal_name, "after_step": exc.step,
                                 "resume": "the same command with trainer.resume=true"}}
-        target = self.work_dir / "interrupted_record.json" if self.finished_record() is not None else None
+        target = self.work_dir / "interrupted_record.json" if self.holds_results() else None
         return self.write_record(status="interrupted", metrics={}, params=params, extra=note, path=target)
 
     def write_failure(self, exc: BaseException, params: dict) -> Path:
@@ -392,7 +408,7 @@ class RunContext:
         failure = {"error": str(exc), "error_type": type(exc).__name__}
         if not isinstance(exc, ConfigError):
             failure["traceback"] = traceback.format_exc(limit=-8)
-        target = self.work_dir / "failed_record.json" if self.finished_record() is not None else None
+        target = self.work_dir / "failed_record.json" if self.holds_results() else None
         return self.write_record(status="failed", metrics={}, params=params, extra=failure, path=target)
 
     def write_record(self, *, status: str, metrics: dict, params: dict, extra: dict | None = None,
@@ -408,6 +424,7 @@ class RunContext:
             "run_name": self.name,
             "status": status,
             "identity": self.identity,
+            "scoring_version": task_scoring_version(self.config),
             "config": self.config,
             "overrides": self.overrides,
             "metrics": metrics,

@@ -26,7 +26,7 @@ class BackboneSettings:
     provides: list = meta([])  # modalities (a task's `modality` must be one of them)
     peft_task_type: Optional[str] = meta(None)
     head_modules: list = meta([])  # the task head's module names (trained by every method)
-    adapter_targets: dict = meta({})  # per method family, the module names it adapts
+    adapter_targets: dict = meta({})  # per target list (a method's ``targets``), the module names
     token_scale: int = meta(1)  # tokens per BPE token of its tokenizer (byte-level tiny backbones: 4)
     latent_scale: Optional[int] = meta(None)  # pixels per latent of an image generator's VAE (SDXL: 8)
     image_size: Optional[int] = meta(None)  # the image size it was built for (ViT-B/16: 224; tiny_sdxl: 32)

@@ -6,10 +6,10 @@ paper's wording, "weight updates" over training, reads as; the first row) and th
 its rank threshold; ``fig3.csv`` holds both. Bars: Lily at about LoRA's budget (r 32, ne 2 and 3), Lily with 16.7%
 of LoRA's parameters (r 8, ne 2, the paper's third bar; ``conf/experiment/fig3/lily_small``) and LoRA r 8.
 
-The numbers come from the :class:`lilyexp.captures.DeltaWeightCapture` artifacts (``<record stem>.delta_w.json``)
-of the runs in group ``fig3`` (``conf/experiment/fig3``: RoBERTa-base, the paper's epochs) or of another group
-(``--group figures_minilm``: the CPU replication). Rank = the number of singular values above rtol·σ_max, with
-the tolerance the capture states (default max(m, n)·ε(float32)).
+The numbers come from the :class:`lilyexp.figures.captures.DeltaWeightCapture` artifacts
+(``<record stem>.delta_w.json``) of the runs in group ``fig3`` (``conf/experiment/fig3``: RoBERTa-base, the
+paper's epochs) or of another group (``--group figures_minilm``: the CPU replication). Rank = the number of
+singular values above rtol·σ_max, with the tolerance the capture states (default max(m, n)·ε(float32)).
 """
 
 from __future__ import annotations

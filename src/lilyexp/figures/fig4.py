@@ -3,7 +3,7 @@ accumulated over training, in a shallow, a middle and a deep layer, one heat-map
 every layer's numbers in ``fig4.csv``). A cell's value is the expert's share of its layer's accumulated router
 output (the per-token softmax summed over the tokens and steps of training; the shares of a layer sum to 1).
 
-The sums come from the :class:`lilyexp.captures.RouterCapture` artifacts (``<record stem>.router_weights.json``)
+The sums come from the :class:`lilyexp.figures.captures.RouterCapture` artifacts (``<record stem>.router_weights.json``)
 of the runs in group ``fig4`` (``conf/experiment/fig4``: Vim-S Lily-S with three B experts on CIFAR-100 and
 Retinopathy, as the paper) or of another group (``--group fig4_vit``: the same on ViT-B/16; ``--group
 figures_minilm``: the CPU replication on GLUE).

@@ -10,12 +10,12 @@ from lilyexp.settings import knob, meta, plumbing
 
 @dataclass
 class MethodSettings:
-    """What every method yaml declares: its name, the backbone targets it adapts (``family``, a key of the
-    backbone's ``adapter_targets``; None = no targets), the task modalities it supports (None = all) and the
+    """What every method yaml declares: its name, which of the backbone's target lists it adapts (``targets``, a
+    key of the backbone's ``adapter_targets``, e.g. ``lora``; None = no targets), the task modalities it supports (None = all) and the
     ``adapter`` node that builds the method object."""
 
     name: str = meta("")
-    family: Optional[str] = meta(None)
+    targets: Optional[str] = meta(None)
     modalities: Optional[list] = meta(None)
     adapter: Any = plumbing()
     load_from: Optional[str] = knob(None, help="an exported adapter to evaluate (with trainer.max_steps=0)")

@@ -22,7 +22,7 @@ from torch import nn
 from lilyexp.errors import ConfigError
 from lilyexp.methods import MethodSettings
 from lilyexp.methods.baselines import SavesTrainedWeights
-from lilyexp.records import in_head
+from lilyexp.params import in_head
 from lilyexp.settings import knob
 
 

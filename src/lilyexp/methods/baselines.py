@@ -10,8 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lilyexp.errors import ConfigError
 from lilyexp.methods.export import WEIGHTS_FILE, write_lilyexp_config
-from lilyexp.recipes.core import load_trainable_state, trainable_state
-from lilyexp.records import in_head
+from lilyexp.params import in_head, load_trainable_state, trainable_state
 
 class SavesTrainedWeights:
     """Export and load what the method trains (all weights, the head, an AdaptFormer's bottlenecks) in lilyexp's

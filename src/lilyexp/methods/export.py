@@ -16,12 +16,17 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.errors import ConfigError
+from lilyexp.records import RunContext, task_label
+
+if TYPE_CHECKING:
+    from lilyexp.contracts import Method
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -174,3 +179,18 @@ def model_card(*, base: str | None, run_name: str, method: str, settings: dict, 
               "```", ""]
     lines += [note, ""] if note else []
     return "\n".join(lines)
+
+
+def export_run_adapter(method: Method, model: torch.nn.Module, run: RunContext, cfg: DictConfig, metrics: dict,
+                       params: dict) -> dict:
+    """A finished run's selected adapter in peft's layout, under the run's checkpoint folder, with the method
+    settings that made it (an evaluation-only run is checked against them) and a model card; what the record says
+    of it (``adapter``)."""
+    directory = (run.work_dir / "adapter").resolve()  # absolute: the record is read from anywhere
+    method.export(model, directory, OmegaConf.to_container(cfg.method.adapter, resolve=True))
+    write_export_cell(directory, run.identity, params)
+    describe_export(directory, base=cfg.backbone.get("hub_id"), run_name=run.name, method=cfg.method.name,
+                    settings=method_settings(run.identity), task=task_label(cfg), metrics=metrics, params=params,
+                    command=" ".join(["python -m lilyexp.run", *run.overrides]), note=cfg.backbone.get("card_note"))
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())  # the card included
+    return {"path": str(directory), "load": "lilyexp.load_adapter(model, path)", "size_bytes": size}

@@ -213,45 +213,48 @@ def group_mean(probabilities: torch.Tensor, token_weights: torch.Tensor | None, 
     return sums / counts.clamp_min(1)[:, None]
 
 
-def group_mix(hidden: torch.Tensor, experts: torch.Tensor, probabilities: torch.Tensor,
-              token_weights: torch.Tensor | None, groups: RowGroups) -> torch.Tensor:
-    """The official batch_mean mixture computed per group of rows: each row uses its group's mixed B."""
-    mixed = torch.einsum("ge,eio->gio", group_mean(probabilities, token_weights, groups), experts)
-    per_row = mixed[groups.index_on(mixed.device)]
-    tokens = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
-    return (tokens @ per_row).reshape(*hidden.shape[:-1], experts.shape[-1])
+def routing_weights(logits: torch.Tensor, pooling: str, token_weights: torch.Tensor | None = None,
+                    groups: RowGroups | None = None) -> torch.Tensor:
+    """The expert weights a Lily layer applies, at the grain its pooling routes (the one place the routing math
+    lives: the layer's forward and the routing captures both read it). ``batch_mean`` (official): the per-token
+    softmax averaged over batch and unmasked tokens (E,), or per group of rows when evaluation routes per sample
+    (groups, E); ``token``: each token's softmax (..., E); ``sample_sum`` (paper Eq. 2): each sample's softmax of
+    its logits summed over its tokens (rows, E)."""
+    if pooling == "batch_mean" and groups is not None:
+        return group_mean(logits.softmax(-1), token_weights, groups)
+    if pooling == "batch_mean":
+        probabilities = logits.softmax(-1)
+        if token_weights is None:
+            return probabilities.reshape(-1, probabilities.shape[-1]).mean(0)
+        return (probabilities * token_weights.unsqueeze(-1)).sum((0, 1)) / token_weights.sum().clamp_min(1)
+    if pooling == "token":
+        return logits.softmax(-1)
+    logits = logits if logits.dim() == 3 else logits.unsqueeze(1)
+    summed = logits.sum(1) if token_weights is None else (logits * token_weights.unsqueeze(-1)).sum(1)
+    return summed.softmax(-1)
 
 
 def mix_experts(hidden: torch.Tensor, experts: torch.Tensor, router: nn.Module | None, pooling: str,
                 token_weights: torch.Tensor | None = None, groups: RowGroups | None = None) -> torch.Tensor:
-    """Δ = h · Σ_e w_e B_e with one matmul (paper Eq. 3: mix the B's first, never N_e matmuls).
+    """Δ = h · Σ_e w_e B_e with one matmul (paper Eq. 3: mix the B's first, never N_e matmuls), the weights w
+    from :func:`routing_weights`.
 
     hidden (rows, ..., r); experts (E, r, out); router maps r -> E, or None for the no-router ablation (mean of
     B's). ``groups``: batch_mean pools per group of rows instead of over the whole call (``eval_pooling``).
     """
-    num_experts = experts.shape[0]
     if router is None:
         return hidden @ experts.mean(0)
-    logits = router(hidden)
-    if pooling == "batch_mean" and groups is not None:
-        return group_mix(hidden, experts, logits.softmax(-1), token_weights, groups)
+    weights = routing_weights(router(hidden), pooling, token_weights, groups)
     if pooling == "token":  # per-token mixture: (p_t ⊗ h_t) · reshape(B, (E·r, out))
-        probabilities = logits.softmax(-1)
-        outer = (probabilities.unsqueeze(-1) * hidden.unsqueeze(-2)).flatten(-2)
+        outer = (weights.unsqueeze(-1) * hidden.unsqueeze(-2)).flatten(-2)
         return outer @ experts.reshape(-1, experts.shape[-1])
-    if pooling == "batch_mean":  # official: mean over batch and tokens of the per-token softmax
-        probabilities = logits.softmax(-1)
-        if token_weights is None:
-            mix = probabilities.reshape(-1, num_experts).mean(0)
-        else:
-            mix = (probabilities * token_weights.unsqueeze(-1)).sum((0, 1)) / token_weights.sum().clamp_min(1)
-        return hidden @ torch.einsum("e,eio->io", mix, experts)
-    # paper Eq. 2: softmax of the logits summed over each sample's tokens
-    tokens = hidden if hidden.dim() == 3 else hidden.unsqueeze(1)
-    logits = logits if logits.dim() == 3 else logits.unsqueeze(1)
-    summed = logits.sum(1) if token_weights is None else (logits * token_weights.unsqueeze(-1)).sum(1)
-    per_sample = torch.einsum("be,eio->bio", summed.softmax(-1), experts)
-    return (tokens @ per_sample).reshape(*hidden.shape[:-1], experts.shape[-1])
+    if weights.dim() == 1:  # one mixture for the whole call
+        return hidden @ torch.einsum("e,eio->io", weights, experts)
+    per_row = torch.einsum("ge,eio->gio", weights, experts)  # per group of rows, or per sample
+    if groups is not None:
+        per_row = per_row[groups.index_on(per_row.device)]
+    tokens = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+    return (tokens @ per_row).reshape(*hidden.shape[:-1], experts.shape[-1])
 
 
 def dropout_module(p: float) -> nn.Module:

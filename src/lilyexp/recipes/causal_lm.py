@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from lilyexp.contracts import InstructionTask, for_tasks
 from lilyexp.errors import ConfigError
 from lilyexp.methods.routing import beam_groups, routing_groups, routing_record, warn_if_batch_coupled
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, selected_evaluation
@@ -25,10 +26,14 @@ from lilyexp.recipes.prefill import PrefillCount, prefill_once
 from lilyexp.recipes.sharding import map_batches
 from lilyexp.records import run_metrics
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
+
+
 IGNORE_INDEX = -100
 
 
-def tokenize_for_training(tokenizer: Any, task: Any, example: dict) -> dict[str, list[int]]:
+def tokenize_for_training(tokenizer: Tokenizer, task: InstructionTask, example: dict) -> dict[str, list[int]]:
     ids = tokenizer(task.train_text(example), truncation=True, max_length=task.cutoff_len)["input_ids"]
     if ids[-1] != tokenizer.eos_token_id and len(ids) < task.cutoff_len:
         ids = ids + [tokenizer.eos_token_id]
@@ -75,7 +80,7 @@ def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, b
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], settings: dict, device,
+def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[str], settings: dict, device,
              prefill: PrefillCount | None = None) -> list[str]:
     """Decoded prompt + generation per prompt (left padding, KV cache, beam search or greedy). Each prompt's
     beams form one routing group: with per-group routing a batch generates what batch 1 generates. Beam search
@@ -104,8 +109,8 @@ def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], dev
     return score, lines
 
 
-def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predictions_path: Path | None,
-                        device, prefill: PrefillCount | None = None) -> dict:
+def generation_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, task: InstructionTask,
+                        predictions_path: Path | None, device, prefill: PrefillCount | None = None) -> dict:
     """The task's score per test set and their mean; one JSON line per example goes to ``predictions_path``."""
     prefill = prefill if prefill is not None else PrefillCount()
     model.eval()
@@ -123,7 +128,7 @@ def generation_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, predi
     return metrics
 
 
-def scoring_record(task: Any, model: torch.nn.Module, batch_size: int) -> dict:
+def scoring_record(task: InstructionTask, model: torch.nn.Module, batch_size: int) -> dict:
     """How the test sets were scored, for the record."""
     record = {"scoring": task.scoring}
     if task.scoring != "generation":
@@ -134,6 +139,7 @@ def scoring_record(task: Any, model: torch.nn.Module, batch_size: int) -> dict:
     return record
 
 
+@for_tasks(InstructionTask)
 def run(inputs: RecipeInputs) -> Outcome:
     tokenizer, task, trainer = inputs.processor, inputs.task, inputs.trainer
     accelerator = make_accelerator(trainer)

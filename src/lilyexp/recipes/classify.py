@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lilyexp.contracts import ClassificationTask, for_tasks
 from lilyexp.methods.routing import routing_groups, routing_record, row_groups
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, StepPlan, TrainerConfig, selected_evaluation
 from lilyexp.recipes.devices import make_accelerator
@@ -27,7 +28,7 @@ from lilyexp.recipes.sharding import map_batches
 from lilyexp.records import run_metrics
 
 
-def classification_loss(task: Any, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def classification_loss(task: ClassificationTask, model: torch.nn.Module, batch: dict) -> torch.Tensor:
     logits = task.logits(model, batch)
     if task.is_regression:
         return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
@@ -35,8 +36,8 @@ def classification_loss(task: Any, model: torch.nn.Module, batch: dict) -> torch
 
 
 @torch.no_grad()
-def evaluate_split(model: torch.nn.Module, processor: Any, task: Any, features: list, batch_size: int, device,
-                   split: str) -> dict:
+def evaluate_split(model: torch.nn.Module, processor: Any, task: ClassificationTask, features: list, batch_size: int,
+                   device, split: str) -> dict:
     model.eval()
 
     def predict(chunk: list) -> list[tuple]:
@@ -50,7 +51,8 @@ def evaluate_split(model: torch.nn.Module, processor: Any, task: Any, features: 
     return task.score(split, [p for p, _ in pairs], [r for _, r in pairs])
 
 
-def with_epoch_evaluation(trainer: TrainerConfig, task: Any, train_size: int, world: int) -> TrainerConfig:
+def with_epoch_evaluation(trainer: TrainerConfig, task: ClassificationTask, train_size: int,
+                          world: int) -> TrainerConfig:
     """Evaluate every ``task.eval_every_epochs`` epochs unless the trainer names a step interval."""
     if trainer.eval_every is not None:
         return trainer
@@ -58,6 +60,7 @@ def with_epoch_evaluation(trainer: TrainerConfig, task: Any, train_size: int, wo
     return dataclasses.replace(trainer, eval_every=epoch * task.eval_every_epochs)
 
 
+@for_tasks(ClassificationTask)
 def run(inputs: RecipeInputs) -> Outcome:
     task, processor = inputs.task, inputs.processor
     accelerator = make_accelerator(inputs.trainer)

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from transformers import SchedulerType, get_scheduler
 
 from lilyexp.errors import ConfigError
-from lilyexp.records import RunContext, in_head
+from lilyexp.params import in_head
+from lilyexp.records import RunContext
 from lilyexp.settings import bookkeeping, knob
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
+
+    from lilyexp.backbones.sdxl import SDXLParts
+    from lilyexp.contracts import AnyTask, Logger
 
 SCHEDULERS = tuple(kind.value for kind in SchedulerType) + ("timm_cosine_epochs",)
 
@@ -121,11 +128,11 @@ class RecipeInputs:
     """What the runner hands a recipe (``recipe(inputs) -> Outcome``)."""
 
     model: torch.nn.Module
-    processor: Any  # the backbone's tokenizer, or None where the task builds its own transform
-    task: Any  # the task object (a protocol per paradigm: lilyexp.contracts)
+    processor: Tokenizer | SDXLParts | None  # None where the task builds its own transform (VTAB)
+    task: AnyTask  # a protocol per paradigm: lilyexp.contracts
     trainer: TrainerConfig
     run: RunContext
-    logger: Any
+    logger: Logger
     seed: int
     head_modules: list[str]
 
@@ -185,23 +192,6 @@ def selected_evaluation(result: FitResult, trainer: TrainerConfig, rule: str) ->
     if trainer.select == "best" and result.best and trainer.max_steps != 0:
         return result.best, rule
     return (result.history[-1] if result.history else {}), "last"
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by (deduplicated) name: a shared A or B appears once. Copied contiguous: safetensors
-    refuses strided tensors, such as SVD-initialised factors."""
-    return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)
-            for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise ConfigError(f"checkpoint does not match the model: unknown tensors {missing[:3]}.")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
 # timm's CosineLRScheduler as the official VTAB code configures it (visual-adaptation-benchmark/vit/main.py).

@@ -12,11 +12,12 @@ The backbone's processor holds everything besides the adapted UNet (VAE, text en
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 
+from lilyexp.contracts import DiffusionTask, for_tasks
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs
 from lilyexp.recipes.devices import make_accelerator
 from lilyexp.methods.routing import routing_record
@@ -25,11 +26,14 @@ from lilyexp.recipes.diffusion_steps import (add_time_ids, cache_latents, encode
 from lilyexp.recipes.loop import fit
 from lilyexp.records import run_metrics
 
+if TYPE_CHECKING:
+    from lilyexp.backbones.sdxl import SDXLParts
+
 
 class InstanceBatches:
     """The cached training inputs: latent posteriors, prompt embeddings and time ids of the instance photos."""
 
-    def __init__(self, parts: Any, task: Any, device: torch.device):
+    def __init__(self, parts: SDXLParts, task: DiffusionTask, device: torch.device):
         parts.to_device(device)
         self.latents = cache_latents(parts.vae, task.instance.pixel_values)
         self.embeds, self.pooled = encode_prompts(parts, [task.instance.prompt])
@@ -83,6 +87,7 @@ def generate_and_score(inputs: RecipeInputs, accelerator: Accelerator) -> tuple[
                      "prompt": task.instance.prompt}
 
 
+@for_tasks(DiffusionTask)
 def run(inputs: RecipeInputs) -> Outcome:
     accelerator = make_accelerator(inputs.trainer)
     batches = InstanceBatches(inputs.processor, inputs.task, accelerator.device)

@@ -7,15 +7,20 @@ per sample (Lily ``eval_pooling: sample``) scores each option as a batch-1 call 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from lilyexp.methods.routing import routing_groups, row_groups, warn_if_batch_coupled
 from lilyexp.recipes.sharding import map_batches
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
-def continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    from lilyexp.contracts import InstructionTask
+
+
+def continuation_ids(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of the context (with the tokenizer's special tokens, e.g. LLaMA-3's BOS, as training and
     generation encode it) and of the continuation, split on the joint encoding (so a BPE merge across the
     boundary is tokenised as the model reads the whole text)."""
@@ -33,7 +38,7 @@ def right_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def option_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], device
+def option_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: list[tuple[list[int], list[int]]], device
                     ) -> list[float]:
     """Summed log-probability of each continuation given its context, one row per pair."""
     rows = [context + continuation for context, continuation in pairs]
@@ -70,7 +75,8 @@ def score_set(model, tokenizer, task, name: str, examples: list[dict], batch_siz
             f"test/mc_accuracy_norm/{name}": sum(j[1] for j in judged) / total}
 
 
-def loglikelihood_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, batch_size: int, device) -> dict:
+def loglikelihood_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, task: InstructionTask, batch_size: int,
+                           device) -> dict:
     """Both accuracies per test set and their means over the sets."""
     model.eval()
     warn_if_batch_coupled(model, batch_size, "scoring each option alone")

@@ -18,7 +18,7 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,11 +28,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lilyexp.errors import ConfigError, RunInterrupted, TrainingDiverged
-from lilyexp.recipes.core import (FitResult, Objective, RecipeInputs, StepPlan, build_optimizer, build_scheduler,
-                                  load_trainable_state, trainable_state)
+from lilyexp.params import load_trainable_state, trainable_state
+from lilyexp.recipes.core import FitResult, Objective, RecipeInputs, StepPlan, build_optimizer, build_scheduler
 from lilyexp.recipes.devices import (enable_gradient_checkpointing, make_accelerator, precision_ran, upcast_trainable,
                                      warn_unscaled_half_precision)
 from lilyexp.records import RunContext
+
+if TYPE_CHECKING:
+    from lilyexp.contracts import Logger
 
 log = logging.getLogger("lilyexp")
 
@@ -192,7 +195,7 @@ def set_rng_state(state: dict) -> None:
 class StepLog:
     """Per-step scalars as JSON lines; on resume, lines past the checkpoint are dropped (they will be redone)."""
 
-    def __init__(self, path: Path, logger: Any):
+    def __init__(self, path: Path, logger: Logger):
         self.path, self.logger = path, logger
 
     def truncate_after(self, step: int) -> None:
@@ -493,6 +496,21 @@ def preemption_signal() -> signal.Signals:
     """What SLURM sends ahead of a time-out or preemption when submitit asked for it (``--signal=USR2@90``;
     submitit's ``SUBMITIT_PREEMPT_SIGNAL`` names another)."""
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+
+
+def ignore_further_signals() -> dict:
+    """Ignore SIGINT/SIGTERM/the preemption signal from now on; the handlers they had."""
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM,
+                                                                       preemption_signal())}
+
+
+def hand_on(signal_name: str, handlers: dict) -> None:
+    """Give the signal that stopped training to the handler that was installed before the run's (submitit's
+    requeue-and-exit on a SLURM time-out), now that the step is checkpointed and the record written."""
+    signum = signal.Signals[signal_name]
+    handler = handlers.get(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
 
 
 class stop_requests:

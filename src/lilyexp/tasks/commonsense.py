@@ -161,7 +161,7 @@ class InstructionData:
 RECORD_FIELDS = ("instruction", "output", "answer")
 
 
-def read_records(path: Path) -> list[dict]:
+def read_examples(path: Path) -> list[dict]:
     """An LLM-Adapters file: a non-empty JSON list of records whose ``instruction``, ``output`` and ``answer``
     are text (``input``, when present, too); every record is checked, naming the file and the record."""
     try:
@@ -215,13 +215,13 @@ def training_records(root: Path | None, train_file: str | None) -> list[dict]:
             records.extend(hub_records(item.removeprefix(HUB_PREFIX)))
         elif item.startswith(PINNED_PREFIX):
             hint = "set task.train_file to a local copy (a JSON file of LLM-Adapters records)"
-            records.extend(read_records(pinned_file(item.removeprefix(PINNED_PREFIX), hint)))
+            records.extend(read_examples(pinned_file(item.removeprefix(PINNED_PREFIX), hint)))
         elif item:
             path = Path(item).expanduser()
             path = path if path.is_absolute() or root is None else root / item
             if not path.exists():
                 raise ConfigError(f"task.train_file '{path}' does not exist.")
-            records.extend(read_records(path))
+            records.extend(read_examples(path))
     return records
 
 
@@ -242,7 +242,7 @@ def llm_adapters_files(data_dir: str | None, train_file: str | None, subset: lis
     names = list(subset or LLM_ADAPTERS_SETS)
     if data_dir is None:
         hint = "set task.data_dir to LLM-Adapters' dataset/ folder holding <set>/test.json"
-        tests = {name: read_records(pinned_file(f"dataset/{name}/test.json", hint)) for name in names}
+        tests = {name: read_examples(pinned_file(f"dataset/{name}/test.json", hint)) for name in names}
         return InstructionData(training_records(None, train_file), tests)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
@@ -252,13 +252,15 @@ def llm_adapters_files(data_dir: str | None, train_file: str | None, subset: lis
         path = root / name / "test.json"
         if not path.exists():
             raise ConfigError(f"test set '{name}' is missing: expected {path}.")
-        tests[name] = read_records(path)
+        tests[name] = read_examples(path)
     return InstructionData(training_records(root, train_file), tests)
 
 
 class CommonsenseTask:
     """An instruction-tuning task with generation-based multiple-choice evaluation (the causal-LM recipe):
     training texts and prompts, the held-out validation split, the test sets, answer extraction and scoring."""
+
+    scoring_version = 1  # bump when how this task scores changes: older records then count as outdated
 
     model_kwargs: dict[str, Any] = {}
 

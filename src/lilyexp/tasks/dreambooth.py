@@ -256,7 +256,7 @@ class MetricSettings:
 
 
 @dataclass
-class DreamboothSettings(TaskSettings):
+class DreamBoothSettings(TaskSettings):
     """task=dreambooth: one subject of the DreamBooth dataset (paper Fig. 2)."""
 
     subset: str = knob("wolf_plushie", help="the subject (a folder of the DreamBooth dataset)")
@@ -268,6 +268,9 @@ class DreamboothSettings(TaskSettings):
     sample_vae: str = knob("base", choices=("base", "training"), help="base: decode samples with the base VAE")
     sampling: SamplingSettings = field(default_factory=SamplingSettings, metadata={"kind": "knob"})
     metrics: MetricSettings = field(default_factory=MetricSettings, metadata={"kind": "knob"})
+
+
+DreamboothSettings = DreamBoothSettings  # the name records written before 0.2 give as their _schema_
 
 
 DREAMBOOTH_SOURCE = "google/dreambooth"
@@ -295,6 +298,8 @@ def dataset_root(data_dir: str | None, subject: str) -> Path:
 class DreamBoothTask:
     """One subject: the instance images and prompt for training, the prompts to sample after training, the real
     photos the metrics compare against, and the metrics (:mod:`lilyexp.tasks.dreambooth_metrics`)."""
+
+    scoring_version = 1  # bump when how this task scores changes: older records then count as outdated
 
     def __init__(self, subset: str, data_dir: str | None = None, *, resolution: int = 1024, vae_scale_factor: int = 8,
                  prompt_style: str = "official", token: str = "sks", center_crop: bool = False, seed: int = 0,

@@ -155,6 +155,8 @@ class GlueTask:
     ``best_epoch``). With ``val_fraction`` a part of the training file is held out for selection and the dev split
     is tested once with the selected weights (``val_selected``): dev then never informs a choice."""
 
+    scoring_version = 1  # bump when how this task scores changes: older records then count as outdated
+
     def __init__(self, subset: str, data_dir: str | None = None, max_length: int = 512,
                  train_limit: int | None = None, eval_limit: int | None = None, subsample_seed: int = 0,
                  val_fraction: float | None = None, val_max: int | None = None, val_seed: int = 0):

@@ -114,6 +114,8 @@ def list_entry(listing: Path, number: int, line: str, classes: int) -> Example:
 class VtabTask:
     """One VTAB-1K task under one protocol; each split decoded once (:mod:`lilyexp.tasks.images`)."""
 
+    scoring_version = 1  # bump when how this task scores changes: older records then count as outdated
+
     def __init__(self, subset: str, data_dir: str | None, *, protocol: str = "paper", image_size: int = 224,
                  normalize: bool = False, eval_every_epochs: int = 10, test_batch_size: int = 256,
                  train_limit: int | None = None, eval_limit: int | None = None, image_cache: str = "auto",

@@ -1,7 +1,7 @@
 """A method as one module: norm tuning (only the normalisation layers' weights and the task head train)."""
 
 from lilyexp.methods.baselines import SavesTrainedWeights
-from lilyexp.records import in_head
+from lilyexp.params import in_head
 
 
 class NormTuning(SavesTrainedWeights):

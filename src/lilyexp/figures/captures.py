@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lilyexp.errors import ConfigError
-from lilyexp.methods.lily import RowGroups, group_mean
+from lilyexp.methods.lily import RowGroups, routing_weights
 from lilyexp.recipes.loop import Callback
 
 ACCUMULATED_DEFINITION = ("sum over training steps of the update each layer applied to that step's batch: its "
@@ -175,26 +175,21 @@ def trainable_snapshot(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------- routing of Lily
 
-def pooled_mixture(probabilities: torch.Tensor, logits: torch.Tensor, pooling: str,
-                   token_weights: torch.Tensor | None, groups: RowGroups | None = None) -> torch.Tensor:
-    """The expert weights a Lily layer applied to a batch, averaged over the batch (E,): ΔW is linear in them,
-    so this mixture gives the layer's mean update. ``batch_mean`` (official) pools the per-token softmax over
-    batch and tokens, or per group of rows when evaluation routes per sample (``groups``; each token then takes
-    its group's mixture); ``token`` mixes per token; ``sample_sum`` (Eq. 2) per sample from its summed logits."""
-    experts = probabilities.shape[-1]
-    if pooling == "batch_mean" and groups is not None:
-        rows = probabilities.shape[0]
-        tokens = probabilities.new_ones(rows, probabilities[0].numel() // experts) if token_weights is None \
-            else token_weights.reshape(rows, -1).to(probabilities)
-        per_row = group_mean(probabilities, token_weights, groups)[groups.index_on(probabilities.device)]
+def pooled_mixture(logits: torch.Tensor, pooling: str, token_weights: torch.Tensor | None,
+                   groups: RowGroups | None = None) -> torch.Tensor:
+    """The expert weights a Lily layer applied to a batch (:func:`routing_weights`), averaged over the batch (E,):
+    ΔW is linear in them, so this mixture gives the layer's mean update. Per-group weights (evaluation routing per
+    sample) are averaged over the tokens that took them; per-token and per-sample weights over tokens and rows."""
+    weights = routing_weights(logits, pooling, token_weights, groups)
+    if weights.dim() == 1:
+        return weights
+    if pooling == "batch_mean":  # per group: each token took its group's mixture
+        rows = logits.shape[0]
+        tokens = logits.new_ones(rows, logits[0].numel() // logits.shape[-1]) if token_weights is None \
+            else token_weights.reshape(rows, -1).to(logits)
+        per_row = weights[groups.index_on(weights.device)]
         return (per_row * tokens.sum(1, keepdim=True)).sum(0) / tokens.sum().clamp_min(1)
-    if pooling == "batch_mean" and token_weights is not None:
-        return (probabilities * token_weights.unsqueeze(-1)).sum((0, 1)) / token_weights.sum().clamp_min(1)
-    if pooling in ("batch_mean", "token"):
-        return probabilities.reshape(-1, experts).mean(0)
-    logits = logits if logits.dim() == 3 else logits.unsqueeze(1)
-    summed = logits.sum(1) if token_weights is None else (logits * token_weights.unsqueeze(-1)).sum(1)
-    return summed.softmax(-1).mean(0)
+    return weights.reshape(-1, weights.shape[-1]).mean(0)
 
 
 def recomputing() -> bool:
@@ -239,7 +234,7 @@ class RoutingTap:
         weights = torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device) if token_weights is None \
             else token_weights.reshape(-1).to(flat)
         token_sum, tokens = (flat * weights.unsqueeze(-1)).sum(0), weights.sum()
-        mixture = pooled_mixture(probabilities, logits, pooling, token_weights, groups)
+        mixture = pooled_mixture(logits, pooling, token_weights, groups)
         for listener in list(self.listeners):
             listener(token_sum, tokens, mixture, self.holder.training)
 
