@@ -108,14 +108,17 @@ gpu-check: venv
 	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The whole suite (what CI runs), offline on CPU, after the linter (ruff, pyproject's [tool.ruff]); test-fast leaves
-# out the end-to-end and subprocess tests.
+# out the end-to-end and subprocess tests. A pytest-xdist worker per core (at most 4: each holds torch and a model),
+# one torch thread each; TEST_WORKERS=0 runs in this process (e.g. with a debugger).
+TEST_WORKERS ?= auto
 test: venv
 	$(BIN)/ruff check src scripts tests
-	$(BIN)/python -m pytest -q -rs -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not gpu" -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/ruff check src scripts tests
-	$(BIN)/python -m pytest -q -rs -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not slow and not gpu" -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal \
+		$(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -18,6 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LILYEXP_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: one thread each, not one per core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,10 +44,18 @@ TINY_RUN = ["task.n_train=120", "task.n_eval=2", "task.val_size=8", "task.cutoff
 
 
 def compose_run(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
+    """The config the CLI composes for ``overrides`` (a copy: tests may edit it; interpolations resolve when read,
+    so environment variables set later still apply)."""
     extra = [] if tmp_path is None else [f"paths.results_dir={tmp_path}/results",
                                          f"paths.checkpoint_dir={tmp_path}/checkpoints"]
+    return copy.deepcopy(composed((*overrides, *extra)))
+
+
+@functools.lru_cache(maxsize=1024)
+def composed(overrides: tuple[str, ...]) -> DictConfig:
+    """Hydra's composition takes ~0.15 s; the config tests compose the same cells several times."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="run", overrides=[*overrides, *extra])
+        return compose(config_name="run", overrides=list(overrides))
 
 
 def run_cli(args: list[str], tmp_path: Path, timeout: int = 300, env: dict | None = None

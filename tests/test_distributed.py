@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,10 +23,17 @@ CELL = ["backbone=tiny_llama", "trainer.max_steps=3", "task.n_train=120", "task.
 pytestmark = pytest.mark.slow  # real CLI subprocesses
 
 
+def free_port() -> int:
+    """A port no other test holds now (test workers run side by side under pytest-xdist)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_cell(out, processes: int, cell: list[str]) -> dict:
     """``cell`` run by ``processes`` gloo processes (torch.distributed.run), results under ``out``; its record."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(29500 + processes)] if processes > 1 else [sys.executable]
+                "--master_port", str(free_port())] if processes > 1 else [sys.executable]
     command = [*launcher, "-m", "lilyexp.run", *cell, f"paths.results_dir={out}/results",
                f"paths.checkpoint_dir={out}/checkpoints", f"hydra.run.dir={out}/hydra"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -85,8 +93,8 @@ with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as 
 
 
 def test_evaluation_batches_are_dealt_whole_to_the_processes_and_gathered_in_order(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
-               str(tmp_path / "deal.py"), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(tmp_path / "deal.py"), str(tmp_path)]
     (tmp_path / "deal.py").write_text(SHARDED_EVALUATION)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)

@@ -51,3 +51,14 @@ def test_my_peft_method_my_method_module_and_my_backbone_run_and_land_in_a_table
                            text=True, timeout=120, cwd=REPO)
     assert table.returncode == 0, table.stderr[-1500:]
     assert "loha" in table.stdout and "norm_tuning" in table.stdout
+
+
+def test_my_task_as_one_module_and_one_yaml_trains_scores_and_keeps_its_contract(tmp_path):
+    data = EXAMPLES / "data"
+    run_mine(["backbone=tiny_roberta", "task=jsonl_classification", f"task.data_dir={data}", "method=lora"], tmp_path)
+    record = next(iter(json.loads(p.read_text()) for p in (tmp_path / "results" / "adhoc").glob("*.json")))
+    assert record["status"] == "finished" and record["scoring_version"] == 1
+    assert record["metrics"]["selection"]["rule"] == "best_epoch"
+    assert 0 <= record["metrics"]["final"]["val/accuracy"] <= 1
+    assert record["data"]["train"] == 24
+

@@ -59,6 +59,16 @@ def test_a_built_wheel_runs_a_tiny_cell_from_another_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(next((elsewhere / "results" / "runs").rglob("*.json")).read_text())
     assert record["status"] == "finished"
+    # README "Extending lilyexp", as a pip user: a peft method of one's own as one YAML, run, and put in a table
+    shutil.copytree(REPO / "tests" / "data" / "extending" / "conf", elsewhere / "my_conf")
+    mine = subprocess.run([sys.executable, "-m", "lilyexp.run", "--config-dir", "my_conf", "backbone=tiny_llama",
+                           "method=loha", "debug=smoke"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert mine.returncode == 0, mine.stderr[-3000:]
+    table = subprocess.run([sys.executable, "-m", "lilyexp.tables", "--group", "adhoc"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "loha" in table.stdout and "lora" in table.stdout  # one row each
 
 
 # The upstream internals lilyexp builds on; pyproject.toml bounds peft and transformers so these keep existing.

@@ -2,7 +2,8 @@
 
 A backbone yaml declares the modalities it `provides` and its `adapter_targets` (module names per target list:
 `lora`, `lily`, ...); a task yaml declares the `modality` it needs and its `recipe` (training loop); a method yaml
-may name the target list it adapts (`targets`) and the `modalities` it supports. Everything here reads those fields; nothing branches on component names.
+may name the target list it adapts (`targets`) and the `modalities` it supports. Everything here reads those
+fields; nothing branches on component names.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from lilyexp.settings import knob, meta, plumbing
 @dataclass
 class MethodSettings:
     """What every method yaml declares: its name, which of the backbone's target lists it adapts (``targets``, a
-    key of the backbone's ``adapter_targets``, e.g. ``lora``; None = no targets), the task modalities it supports (None = all) and the
-    ``adapter`` node that builds the method object."""
+    key of the backbone's ``adapter_targets``, e.g. ``lora``; None = no targets), the task modalities it supports
+    (None = all) and the ``adapter`` node that builds the method object."""
 
     name: str = meta("")
     targets: Optional[str] = meta(None)

@@ -22,7 +22,8 @@ class SavesTrainedWeights:
 
     def check(self, skeleton: torch.nn.Module) -> None:
         """Attach to the backbone's weightless skeleton: what it needs (a head, named modules) must be there."""
-        model = self.apply(skeleton)
+        with torch.device("meta"):  # what it adds stays weightless too
+            model = self.apply(skeleton)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"{type(self).__name__} would train nothing on this backbone.")
 

@@ -528,7 +528,8 @@ class LilyMethod:
         """Refuse what cannot be built (more A's than layers, a target the backbone lacks) on the backbone's
         weightless skeleton, before any weights load."""
         try:
-            LilyVariantModel(skeleton, self.config)
+            with torch.device("meta"):  # the adapter's A's, B's and routers too: no memory, no initialisation
+                LilyVariantModel(skeleton, self.config)
         except ConfigError:
             raise
         except ValueError as exc:  # peft's refusal, e.g. a target module the backbone lacks

@@ -84,7 +84,8 @@ class PeftMethod:
         config = copy.deepcopy(self.config)
         config.init_lora_weights = True  # the structure only: no SVD of meta weights
         try:
-            peft_model = get_peft_model(skeleton, config)
+            with torch.device("meta"):  # the adapter's tensors too: an 8B model's r=8192 factors would fill memory
+                peft_model = get_peft_model(skeleton, config)
         except ValueError as exc:
             raise ConfigError(f"peft could not adapt the backbone: {exc}") from None
         if self.residual_init():
