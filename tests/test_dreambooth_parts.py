@@ -331,6 +331,26 @@ def test_prompts_from_the_table(data_root):
     assert db.evaluation_prompts("dog", table) == ["A picture of a dog in the jungle", "A picture of a red dog"]
 
 
+def test_clip_t_compares_with_the_class_noun_in_place_of_the_identifier(data_root):
+    table = db.read_prompt_table(data_root / db.TABLE_FILE)
+    assert db.class_prompts("wolf_plushie", table) == ["A picture of a stuffed animal in the jungle",
+                                                      "A picture of a red stuffed animal"]
+    assert db.class_prompts("dog", table, "rare_token") == ["a dog wearing a red hat"]
+    task = db.DreamBoothTask("wolf_plushie", str(data_root), resolution=16, vae_scale_factor=2,
+                             metrics={"dino": "random", "clip": "random"})
+    assert task.clip_texts == {PROMPT: "A picture of a stuffed animal in the jungle",
+                               "A picture of a red wolf_plushie": "A picture of a red stuffed animal"}
+    images = {prompt: [Image.new("RGB", (32, 32), (120, 30, 30))] for prompt in task.prompts}
+    by_class = task.evaluate("test", [(p, i) for p, images in images.items() for i in images], task.real_images)[0]
+    raw = db.DreamBoothTask("wolf_plushie", str(data_root), resolution=16, vae_scale_factor=2, clip_text="prompt",
+                            metrics={"dino": "random", "clip": "random"})
+    assert raw.clip_texts == {}
+    by_prompt = raw.evaluate("test", [(p, i) for p, images in images.items() for i in images], raw.real_images)[0]
+    assert by_class["test/dino"] == by_prompt["test/dino"] and by_class["test/clip_t"] != by_prompt["test/clip_t"]
+    with pytest.raises(ConfigError, match="task.clip_text must be one of"):
+        db.DreamBoothTask("wolf_plushie", str(data_root), resolution=16, vae_scale_factor=2, clip_text="caption")
+
+
 @needs_data
 def test_the_real_prompt_table():
     table = db.read_prompt_table(DATA / db.TABLE_FILE)

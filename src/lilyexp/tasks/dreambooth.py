@@ -31,6 +31,7 @@ from lilyexp.settings import knob
 from lilyexp.tasks import TaskSettings
 
 PROMPT_STYLES = ("official", "rare_token")
+CLIP_TEXTS = ("class", "prompt")  # what CLIP-T compares an image with (see class_prompts)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIVE_CLASSES = ("dog", "cat")  # the dataset's live subjects are its dogs and cats; the rest are objects
 TABLE_FILE = "prompts_and_classes.txt"
@@ -125,6 +126,17 @@ def evaluation_prompts(subject: str, table: PromptTable, style: str = "official"
     if style == "rare_token":
         return [template.format(token, class_name) for template in table.templates(subject)]
     return ["A picture of " + template.replace("{0} {1}", "{0}").format(subject) for template in table.object_templates]
+
+
+def class_prompts(subject: str, table: PromptTable, style: str = "official") -> list[str]:
+    """The evaluation prompts with the subject's identifier replaced by its class noun, what DreamBench's CLIP-T
+    compares an image with: "A picture of a toy in the jungle" for the official "A picture of a duck_toy in the
+    jungle", "a toy in the jungle" for rare_token's "a sks toy in the jungle" (one list per prompt, same order)."""
+    _check_style(style)
+    class_name = table.class_of(subject)
+    if style == "rare_token":
+        return [" ".join(template.format("", class_name).split()) for template in table.templates(subject)]
+    return ["A picture of " + " ".join(template.format("", class_name).split()) for template in table.object_templates]
 
 
 def subject_image_paths(folder: str | Path) -> list[Path]:
@@ -268,6 +280,9 @@ class DreamBoothSettings(TaskSettings):
     sample_vae: str = knob("base", choices=("base", "training"), help="base: decode samples with the base VAE")
     sampling: SamplingSettings = field(default_factory=SamplingSettings, metadata={"kind": "knob"})
     metrics: MetricSettings = field(default_factory=MetricSettings, metadata={"kind": "knob"})
+    clip_text: str = knob("class", choices=CLIP_TEXTS,
+                          help="class: CLIP-T compares each image with its prompt, the identifier replaced by the "
+                               "class noun (DreamBench); prompt: with the prompt as sampled, identifier included")
 
 
 DreamboothSettings = DreamBoothSettings  # the name records written before 0.2 give as their _schema_
@@ -299,12 +314,14 @@ class DreamBoothTask:
     """One subject: the instance images and prompt for training, the prompts to sample after training, the real
     photos the metrics compare against, and the metrics (:mod:`lilyexp.tasks.dreambooth_metrics`)."""
 
-    scoring_version = 1  # bump when how this task scores changes: older records then count as outdated
+    # bump when how this task scores changes: older records then count as outdated. 2: CLIP-T compares with the
+    # prompt whose identifier is replaced by the class noun (clip_text=class; version 1 compared the raw prompt)
+    scoring_version = 2
 
     def __init__(self, subset: str, data_dir: str | None = None, *, resolution: int = 1024, vae_scale_factor: int = 8,
                  prompt_style: str = "official", token: str = "sks", center_crop: bool = False, seed: int = 0,
                  train_limit: int | None = None, eval_limit: int | None = None, sample_vae: str = "base",
-                 sampling: dict | None = None, metrics: dict | None = None):
+                 sampling: dict | None = None, metrics: dict | None = None, clip_text: str = "class"):
         for key, value in {"train_limit": train_limit, "eval_limit": eval_limit, "resolution": resolution}.items():
             if value is not None and value <= 0:  # refused now, not after the model loads (or after training)
                 raise ConfigError(f"task.{key} must be positive, got {value}.")
@@ -314,6 +331,10 @@ class DreamBoothTask:
         self.instance.examples = self.instance.examples[:train_limit]
         table = read_prompt_table(root / TABLE_FILE)
         self.prompts = evaluation_prompts(subset, table, prompt_style, token)[:eval_limit]
+        if clip_text not in CLIP_TEXTS:
+            raise ConfigError(f"task.clip_text must be one of {CLIP_TEXTS}, got '{clip_text}'.")
+        self.clip_texts = dict(zip(self.prompts, class_prompts(subset, table, prompt_style))) \
+            if clip_text == "class" else {}  # what CLIP-T compares each prompt's images with
         self.real_images = read_subject_images(root / subset)
         self.sampling = SamplingSettings(**(sampling or {}))
         check_sampling(self.sampling)
@@ -333,7 +354,7 @@ class DreamBoothTask:
         generated: dict[str, list] = {}
         for prompt, image in predictions:
             generated.setdefault(prompt, []).append(image)
-        scores = score_subject(generated, references, *self.embedders).as_dict()
+        scores = score_subject(generated, references, *self.embedders, texts=self.clip_texts).as_dict()
         averages = {f"{split}/{name}": value for name, value in scores.items() if isinstance(value, float)}
         return averages, scores["per_prompt"]
 
