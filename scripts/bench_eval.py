@@ -50,7 +50,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lilyexp.backbones import load_backbone
-from lilyexp.compose import CONF_DIR, build
+from lilyexp.compose import CONF_DIR, build, build_task
 from lilyexp.methods.export import load_adapter
 from lilyexp.recipes.causal_lm import generate, left_pad, supervised, tokenize_for_training
 from lilyexp.recipes.prefill import PrefillCount, generating_model
@@ -112,7 +112,7 @@ def build_parts(args: argparse.Namespace):
     """(config, task, backbone, method) as the runner builds them."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="run", overrides=overrides(args))
-    task = build(cfg.task.load)
+    task = build_task(cfg.task)
     backbone = load_backbone(cfg.backbone, **task.model_kwargs)
     return cfg, task, backbone, build(cfg.method.adapter)
 

@@ -11,7 +11,7 @@ from conftest import compose_run
 from test_captures import fake_vtab
 
 from lilyexp import contracts
-from lilyexp.compose import CONF_DIR, build
+from lilyexp.compose import CONF_DIR, build, build_task
 from lilyexp.errors import ConfigError
 from lilyexp.records import read_record
 from lilyexp.run import execute
@@ -42,7 +42,7 @@ def task_overrides(task: str, shared_data, tmp_path) -> list[str]:
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_yaml_builds_a_task_its_recipe_can_train(task, shared_data, tmp_path):
     cfg = compose_run(task_overrides(task, shared_data, tmp_path), tmp_path)
-    recipe, built = build(cfg.task.recipe), build(cfg.task.load)
+    recipe, built = build(cfg.task.recipe), build_task(cfg.task)
     protocol = contracts.task_protocol(recipe)
     assert protocol is not contracts.Task, "every recipe names the task protocol it trains on"
     assert isinstance(recipe, contracts.Recipe)

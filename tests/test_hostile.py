@@ -646,7 +646,7 @@ def test_dreambooth_on_tiny_sdxl_takes_its_size_and_finds_its_metric_models_befo
                                                                                              monkeypatch):
     import huggingface_hub.constants
 
-    from lilyexp.compose import build
+    from lilyexp.compose import build_task
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # never cached
 
@@ -654,7 +654,7 @@ def test_dreambooth_on_tiny_sdxl_takes_its_size_and_finds_its_metric_models_befo
                        "task.subset=dog"], tmp_path)
     assert cfg.task.resolution == 32 and compose_run(["backbone=sdxl", "task=dreambooth"]).task.resolution == 1024
     with pytest.raises(ConfigError, match="facebook/dino-vits16.*task.metrics.dino=") as info:
-        build(cfg.task.load)  # the task is built before any model loads; offline and not cached: refused now
+        build_task(cfg.task)  # the task is built before any model loads; offline and not cached: refused now
     sentence(info)
 
 
@@ -696,12 +696,12 @@ VTAB_TASK = ["task=vtab", "task.subset=eurosat", "backbone=tiny_vit"]
 ])
 def test_settings_only_used_late_are_refused_when_the_task_is_built(cell, folder, setting, message, shared_data,
                                                                      tmp_path):
-    from lilyexp.compose import build
+    from lilyexp.compose import build_task
 
     data = shared_data / folder if folder else tmp_path
     cfg = compose_run([*cell, f"task.data_dir={data}", setting], tmp_path)
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
-        build(cfg.task.load)
+        build_task(cfg.task)
 
 
 def test_torch_s_own_report_of_a_full_disk_is_recognised(monkeypatch, tiny_run, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import importlib.util
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.errors import ConfigError
@@ -130,6 +131,25 @@ def build(node: Any, **kwargs: Any) -> Any:
         if isinstance(cause, ValueError):  # a library's own validation of a setting (e.g. peft configs)
             raise ConfigError(f"{OmegaConf.select(node, '_target_') or 'config'}: {cause}") from None
         raise
+
+
+def build_task(task: DictConfig) -> Any:
+    """The task object of a composed ``task`` node: its ``load`` node, given every setting of the task's schema
+    that the target's signature names and the load node does not set itself. A task setting is thus declared in
+    its dataclass and its yaml, and read by the constructor under the same name, without a forwarding line."""
+    return build(task.load, **settings_arguments(task))
+
+
+def settings_arguments(node: DictConfig) -> dict[str, Any]:
+    """The settings of a group node (its ``_schema_``'s knobs and bookkeeping fields) that its ``load`` target
+    takes by name, resolved."""
+    from lilyexp.settings import kind_of
+
+    load = node.load
+    accepted = inspect.signature(get_method(load._target_)).parameters
+    settings = {f.name for f in dataclasses.fields(get_class(node._schema_)) if kind_of(f) in ("knob", "bookkeeping")}
+    return {key: OmegaConf.to_container(node[key], resolve=True) if OmegaConf.is_config(node[key]) else node[key]
+            for key in node if key in settings and key in accepted and key not in load}
 
 
 def check_evaluation_only(cfg: DictConfig) -> None:
