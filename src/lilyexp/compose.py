@@ -133,10 +133,12 @@ def build(node: Any, **kwargs: Any) -> Any:
         raise
 
 
-def build_task(task: DictConfig) -> Any:
-    """The task object of a composed ``task`` node: its ``load`` node, given every setting of the task's schema
-    that the target's signature names and the load node does not set itself. A task setting is thus declared in
-    its dataclass and its yaml, and read by the constructor under the same name, without a forwarding line."""
+def build_task(task: DictConfig | dict) -> Any:
+    """The task object of a composed ``task`` node (or a record's resolved one): its ``load`` node, given every
+    setting of the task's schema that the target's signature names and the load node does not set itself. A task
+    setting is thus declared in its dataclass and its yaml, and read by the constructor under the same name,
+    without a forwarding line."""
+    task = task if isinstance(task, DictConfig) else OmegaConf.create(task)
     return build(task.load, **settings_arguments(task))
 
 
@@ -145,9 +147,11 @@ def settings_arguments(node: DictConfig) -> dict[str, Any]:
     takes by name, resolved."""
     from lilyexp.settings import kind_of
 
-    load = node.load
+    load, schema = node.load, node.get("_schema_")
+    if schema is None:  # a record from before schemas: its load node spelled every argument out
+        return {}
     accepted = inspect.signature(get_method(load._target_)).parameters
-    settings = {f.name for f in dataclasses.fields(get_class(node._schema_)) if kind_of(f) in ("knob", "bookkeeping")}
+    settings = {f.name for f in dataclasses.fields(get_class(schema)) if kind_of(f) in ("knob", "bookkeeping")}
     return {key: OmegaConf.to_container(node[key], resolve=True) if OmegaConf.is_config(node[key]) else node[key]
             for key in node if key in settings and key in accepted and key not in load}
 

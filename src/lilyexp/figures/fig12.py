@@ -71,11 +71,11 @@ def rebuild(record: dict) -> tuple[torch.nn.Module, object]:
     """The adapted model of a record (its backbone, seed and task head, its exported adapter) and its task."""
     from accelerate.utils import set_seed
 
-    from lilyexp.compose import build
+    from lilyexp.compose import build, build_task
     from lilyexp.methods.export import load_adapter
 
     config = record["config"]
-    task = build(config["task"]["load"])
+    task = build_task(config["task"])
     set_seed(config["seed"])  # a random-init backbone is rebuilt as the run built it
     backbone = build(config["backbone"]["load"], **task.model_kwargs)
     adapter = Path(record["adapter"]["path"])
