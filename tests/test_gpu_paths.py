@@ -359,6 +359,7 @@ def gpu_check(tmp_path, *args: str, timeout: int = 600):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 def test_gpu_check_composes_every_paper_scale_cell_with_random_weights_of_the_real_shapes(tmp_path):
     done = gpu_check(tmp_path, "--dry-run")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -402,6 +402,7 @@ def test_the_budget_helper_refuses_in_one_sentence():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 def test_the_budget_helper_counts_the_tiny_sdxl_unet_from_its_meta_skeleton():
     result = budget("tiny_sdxl")
     assert result.returncode == 0 and "| 32 |" in result.stdout, result.stderr[-1500:]
@@ -581,6 +582,7 @@ def test_a_full_results_disk_at_the_record_keeps_the_checkpoint_and_resume_write
     assert record["status"] == "finished" and record["resumed_from_step"] == 3
 
 
+@pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 @pytest.mark.parametrize("args,message", [
     (["trainer.max_step=2"], "unknown setting trainer.max_step; did you mean trainer.max_steps"),
     (["method=lora", "method.alhpa=4"], "unknown setting method.alhpa; did you mean method.alpha"),
@@ -621,6 +623,7 @@ def test_figures_refuse_a_missing_group_and_say_when_nothing_was_drawn(tmp_path,
     assert "fig3: nothing drawn: none of its cells has a record" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 def test_a_deleted_setting_that_another_reads_is_named(tmp_path):
     result = run_cli(["~method.r", "method=lora", "backbone=tiny_llama"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

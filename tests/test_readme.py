@@ -135,6 +135,7 @@ def test_smoke_commands_run(command, tmp_path, request):
     assert list((tmp_path / "results").rglob("*.json")), "the command wrote no record"
 
 
+@pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(("python -m lilyexp.tables",
                                                                           "python -m lilyexp.figures",
                                                                           "python -m lilyexp.budget"))])
@@ -153,6 +154,7 @@ def study_arguments(command: str) -> tuple[str, ...]:
 STUDY_COMMANDS = {study_arguments(c): c for c in COMMANDS if c.startswith("python -m lilyexp.study")}
 
 
+@pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 @pytest.mark.parametrize("arguments", list(STUDY_COMMANDS), ids=list(STUDY_COMMANDS.values()))
 def test_study_commands_compose_every_cell(arguments, tmp_path):
     """A study runs for hours: here each of README's study commands composes every cell it would run, without

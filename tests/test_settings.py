@@ -235,6 +235,7 @@ def test_describe_lists_every_setting_with_type_default_kind_and_help(capsys):
     assert main(["trainer.nope=1"]) == 2 and "unknown setting trainer.nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 def test_help_lists_the_choosable_groups_not_the_internal_fragments(tmp_path):
     result = run_cli(["--help"], tmp_path)
     assert result.returncode == 0

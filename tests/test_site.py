@@ -69,6 +69,7 @@ def committed_results(tmp_path: Path) -> Path:
     return results
 
 
+@pytest.mark.slow  # end to end over every committed record (make test-fast leaves it out)
 def test_the_site_renders_from_the_committed_records_with_every_link_resolving(tmp_path):
     results = committed_results(tmp_path)
     assert site_main(["--results", str(results / "runs"), "--out", str(results / "site")]) == 0
