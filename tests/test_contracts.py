@@ -52,7 +52,7 @@ def test_every_task_yaml_builds_a_task_its_recipe_can_train(task, shared_data, t
 
 def test_the_protocols_list_what_the_runner_and_recipes_call():
     assert contracts.members(contracts.Method) == ["check", "apply", "summary", "export", "load"]
-    assert contracts.members(contracts.InstructionTask)[:3] == ["scoring_version", "model_kwargs", "score"]
+    assert contracts.members(contracts.InstructionTask)[:2] == ["model_kwargs", "score"]
     assert "logits" in contracts.members(contracts.ClassificationTask)
     assert contracts.members(contracts.Recipe) == ["__call__"]
 
@@ -87,6 +87,66 @@ def test_a_part_that_breaks_its_contract_is_refused_before_any_model(overrides, 
         execute(cfg)
 
 
+class GenerationOnlyTask:
+    """An instruction task of a user's, written before scoring versions and log-likelihood scoring existed."""
+
+    model_kwargs: dict = {}
+    train = validation = []
+    eval_sets: dict = {}
+    cutoff_len, train_on_inputs, align_eval_prompt, generation, scoring = 64, True, False, {}, "generation"
+
+    def score(self, split, predictions, references):
+        return {}
+
+    def train_text(self, example):
+        return ""
+
+    def train_prompt(self, example):
+        return ""
+
+    def prompt(self, example):
+        return ""
+
+    def extract(self, split, decoded):
+        return decoded, decoded
+
+    def is_correct(self, prediction, answer):
+        return prediction == answer
+
+
+def test_a_task_needs_only_what_its_scoring_uses_and_no_scoring_version():
+    from lilyexp.recipes.causal_lm import run as causal_lm
+    from lilyexp.methods.baselines import FullFineTune
+
+    method, task = FullFineTune(), GenerationOnlyTask()
+    contracts.check_parts(method, task, causal_lm)  # no choices(), no scoring_version: accepted
+    task.scoring = "both"
+    with pytest.raises(ConfigError, match="lacks choices of lilyexp.contracts.AnswerChoices"):
+        contracts.check_parts(method, task, causal_lm)
+
+
+def test_every_task_setting_reaches_its_constructor_and_a_deleted_one_is_its_schema_default():
+    """A setting the constructor does not take, and that the load node does not read, would be silently dead."""
+    import dataclasses
+    import inspect
+
+    from hydra.utils import get_class, get_method
+    from omegaconf import OmegaConf
+
+    from lilyexp.compose import load_option, settings_arguments
+    from lilyexp.settings import kind_of
+
+    for task in TASKS:
+        node = load_option("task", task)
+        accepted = inspect.signature(get_method(node.load._target_)).parameters
+        read_in_load = OmegaConf.to_yaml(node.load)
+        for field in dataclasses.fields(get_class(node._schema_)):
+            if kind_of(field) in ("knob", "bookkeeping"):
+                assert field.name in accepted or f"task.{field.name}" in read_in_load, f"{task}: {field.name}"
+    cfg = compose_run(["task=glue", "~task.max_length"])
+    assert settings_arguments(cfg.task)["max_length"] == 512  # GlueSettings' default
+
+
 def test_a_record_scored_under_an_older_scoring_version_is_outdated_and_its_cell_runs_again(tiny_run, tmp_path,
                                                                                          monkeypatch):
     cfg = compose_run(["backbone=tiny_llama", "trainer.max_steps=1", *tiny_run], tmp_path)
@@ -111,4 +171,17 @@ def test_a_record_scored_under_an_older_scoring_version_is_outdated_and_its_cell
     monkeypatch.setattr(CommonsenseTask, "scoring_version", 2)
     rerun = json.loads(execute(cfg).read_text())
     assert rerun["scoring_version"] == 2 and rerun["status"] == "finished"
+    assert read_record(path)["status"] == "finished"
+
+
+@pytest.mark.parametrize("record", [
+    {"status": "finished", "config": {"task": "glue"}, "metrics": {"final": {}}},
+    {"status": "finished", "config": "x", "metrics": {"final": {}}},
+    {"status": "finished", "scoring_version": "2", "metrics": {"final": {}},
+     "config": {"task": {"load": {"_target_": "lilyexp.tasks.glue.GlueTask"}}}},
+    {"status": "finished", "metrics": {"final": {}}, "config": {"task": {"load": {"_target_": "nowhere.Task"}}}},
+], ids=["task-not-a-node", "config-not-a-node", "version-not-a-number", "task-class-not-here"])
+def test_a_record_whose_scoring_cannot_be_judged_is_read_as_it_says(record, tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": 2, "identity": {"version": 2}, **record}))
     assert read_record(path)["status"] == "finished"

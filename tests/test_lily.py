@@ -306,3 +306,14 @@ def test_vit_placements_adapt_exactly_their_parts(placement, adapted_parts, has_
         assert same == (part not in adapted_parts), (placement, "qkv"[part])
     mlp_changed = not torch.allclose(model.model.blocks[0].mlp(block_in), base.blocks[0].mlp(block_in))
     assert mlp_changed == has_mlp
+
+
+def test_routing_groups_regroup_only_the_batch_mean_pooling(routing_inputs):
+    """Groups say which rows pool together under batch_mean; per-sample and per-token pooling ignore them."""
+    from lilyexp.methods.lily import RowGroups
+
+    h, experts, router = routing_inputs
+    groups = RowGroups.of(torch.zeros(h.shape[0], dtype=torch.long))
+    for pooling in ("sample_sum", "token"):
+        torch.testing.assert_close(mix_experts(h, experts, router, pooling, None, groups),
+                                   mix_experts(h, experts, router, pooling))

@@ -15,7 +15,7 @@ from lilyexp.errors import ConfigError, RunInterrupted
 from lilyexp.study import __main__ as study_cli
 from lilyexp.study.analyse import Seeds, compare, select
 from lilyexp.study.plan import Cell, confirm_cells, grid_points, tune_cells
-from lilyexp.study.run_cells import CellState
+from lilyexp.study.run_cells import CellIndex, CellState, run_cell
 from lilyexp.study.settings import StudyMethod, StudySettings, StudyTask, load_study
 from lilyexp.study.stats import bootstrap_interval, estimate, paired_differences, t_interval, verdict
 from lilyexp.tasks.glue import GlueTask, carve_validation
@@ -252,6 +252,16 @@ def test_a_tiny_study_end_to_end_and_its_resume(shared_data, tmp_path, monkeypat
 
     ran.clear()
     assert study_cli.main([*study_args(shared_data, tmp_path), "--report"]) == 0 and not ran
+
+    # A change to GLUE's scoring outdates every cell: the study runs them again, and a rerun refused for a reason
+    # of its own (here: the data folder is gone) is a failed cell, not a reason to stop the study.
+    monkeypatch.setattr(GlueTask, "scoring_version", 2)
+    index = CellIndex(load_study(str(TINY)), tuple(study_args(shared_data, tmp_path)[1:-2]))
+    cell = tune_cells(index.study, next(iter(index.study.tasks)))[0]
+    assert index.state(cell).status == "outdated"
+    monkeypatch.setattr("lilyexp.run.execute", lambda *a, **k: (_ for _ in ()).throw(ConfigError("data gone")))
+    run_cell(index, cell)  # logged, not raised
+    assert index.state(cell).status == "outdated"
 
 
 @pytest.mark.slow

@@ -5,14 +5,15 @@ runs; a new task or method is one module satisfying these plus one yaml. ``tests
 method, task and recipe of the config tree and checks it against its protocol.
 
 Every task scores with one signature, ``score(split, predictions, references) -> {"<split>/<metric>": value}``
-(for generation tasks the split is the test set's name), and states its ``scoring_version``: how it scores, as
-lm-eval-harness versions its tasks. A change to a task's scoring bumps it; records scored under an older version
-are read as ``outdated``, not finished, so their cells run again (:func:`lilyexp.records.upgrade`)."""
+(for generation tasks the split is the test set's name), and may state its ``scoring_version`` (a class attribute;
+1 where a task states none): how it scores, as lm-eval-harness versions its tasks. A change to a task's scoring
+bumps it; records scored under an older version are read as ``outdated``, not finished, so their cells run again
+(:func:`lilyexp.records.upgrade`). Every task of lilyexp states it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -42,10 +43,9 @@ class Method(Protocol):
 
 @runtime_checkable
 class Task(Protocol):
-    """What every task gives the runner: keyword arguments for the backbone loader (e.g. ``num_labels``), its
-    scoring, and the version of that scoring."""
+    """What every task gives the runner: keyword arguments for the backbone loader (e.g. ``num_labels``) and its
+    scoring (``scoring_version``, optional, says which version of it)."""
 
-    scoring_version: ClassVar[int]
     model_kwargs: dict[str, Any]
 
     def score(self, split: str, predictions: list, references: list) -> dict[str, float]: ...
@@ -78,7 +78,8 @@ class ClassificationTask(Task, Protocol):
 @runtime_checkable
 class InstructionTask(Task, Protocol):
     """For recipes.causal_lm: training texts (and the prompt part the loss may skip), the held-out validation
-    examples, named test sets, the evaluation prompt, answer extraction and generation settings."""
+    examples, named test sets, the evaluation prompt and generation settings; and what its ``scoring`` needs
+    besides (:data:`SCORING_NEEDS`)."""
 
     train: list[dict]
     validation: list[dict]
@@ -95,11 +96,26 @@ class InstructionTask(Task, Protocol):
 
     def prompt(self, example: dict) -> str: ...
 
+
+@runtime_checkable
+class GeneratedAnswers(Protocol):
+    """An instruction task scored by generation: the answer extracted from a decoded generation, and whether it
+    is right."""
+
     def extract(self, split: str, decoded: str) -> tuple[str, str]: ...
 
     def is_correct(self, prediction: str, answer: str) -> bool: ...
 
+
+@runtime_checkable
+class AnswerChoices(Protocol):
+    """An instruction task scored by log-likelihood: each question's context, its options and the right one."""
+
     def choices(self, split: str, example: dict) -> tuple[str, list[str], int]: ...
+
+
+SCORING_NEEDS = {"generation": (GeneratedAnswers,), "loglikelihood": (AnswerChoices,),
+                 "both": (GeneratedAnswers, AnswerChoices)}
 
 
 @runtime_checkable
@@ -176,8 +192,9 @@ def check_parts(method: object, task: object, recipe: object) -> None:
     """Refuse, in one sentence, a method, task or recipe that does not keep its contract: e.g. a new method class
     without ``export``, or a VTAB task under the causal-LM recipe."""
     required = task_protocol(recipe) if callable(recipe) else Task
+    needs = SCORING_NEEDS.get(getattr(task, "scoring", None), ()) if required is InstructionTask else ()
     for node, obj, protocol in (("method.adapter", method, Method), ("task.load", task, required),
-                                ("task.recipe", recipe, Recipe)):
+                                *(("task.load", task, need) for need in needs), ("task.recipe", recipe, Recipe)):
         lacking = missing(obj, protocol)
         if lacking:
             raise ConfigError(f"{node} built a {type(obj).__name__}, which lacks {', '.join(lacking)} of "

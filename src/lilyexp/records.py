@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -45,11 +47,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-import hydra.utils
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.errors import CellBusy, ConfigError, RunInterrupted
+from lilyexp.params import count_parameters, in_head  # noqa: F401 - their home before 0.2; importable here still
 from lilyexp.placement import numerics
 from lilyexp.settings import cell_identity, identity_hash, upgrade_identity
 
@@ -149,29 +151,42 @@ def upgrade(record: dict) -> dict:
 def outdated_if_rescored(record: dict) -> dict:
     """A finished record whose ``scoring_version`` (1 when absent: every record before versions were kept) is
     below its task's current one no longer counts as finished: tables, figures and studies leave it out and the
-    runner runs its cell again. Its numbers stay in the file, and a failed rerun never replaces it."""
-    current = task_scoring_version(record.get("config") or {})
-    held = record.get("scoring_version", 1)
-    if record.get("status") != "finished" or current is None or held >= current:
+    runner runs its cell again. Its numbers stay in the file, and a failed rerun never replaces it. A record whose
+    task cannot be judged (no task class importable here, an odd version) is left as it is."""
+    if record.get("status") != "finished" or not isinstance((record.get("metrics") or {}).get("final"), dict):
+        return record
+    current, held = task_scoring_version(record.get("config")), record.get("scoring_version", 1)
+    if current is None or not isinstance(held, int) or held >= current:
         return record
     return {**record, "status": "outdated", "outdated": {"scoring_version": held, "current": current}}
 
 
-def task_scoring_version(config: dict) -> int | None:
-    """The scoring version of the task class the config's ``task.load`` builds (``scoring_version``, 1 where the
-    class states none: :class:`lilyexp.contracts.Task`); None when that class is not importable here."""
-    load = (config.get("task") or {}).get("load") or {}
-    return scoring_version_of(load.get("_target_") if isinstance(load, dict) else None)
+def task_scoring_version(config: Any) -> int | None:
+    """The scoring version of the task class the config's ``task.load`` builds (its class attribute
+    ``scoring_version``, 1 where the class states none: :class:`lilyexp.contracts.Task`); None when that class is
+    not importable here."""
+    task = config.get("task") if isinstance(config, dict) else None
+    load = task.get("load") if isinstance(task, dict) else None
+    target = load.get("_target_") if isinstance(load, dict) else None
+    task_class = located(target) if isinstance(target, str) else None
+    version = getattr(task_class, "scoring_version", 1) if task_class is not None else None
+    return version if isinstance(version, int) else None
 
 
-def scoring_version_of(target: str | None) -> int | None:
-    if not isinstance(target, str):
-        return None
-    try:
-        task_class = hydra.utils.get_class(target)
-    except Exception:  # a record of a task this installation lacks (a plugin, a renamed class): not judged
-        return None
-    return int(getattr(task_class, "scoring_version", 1))
+@functools.lru_cache(maxsize=None)
+def located(target: str) -> Any:
+    """The object a dotted path names (``package.module.Class``), or None when it is not importable here (a
+    plugin this installation lacks, a renamed class): quietly, since every record read asks."""
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except Exception:  # not a module (or one that fails to import here): try the shorter prefix
+            continue
+        for name in parts[split:]:
+            found = getattr(found, name, None)
+        return found
+    return None
 
 
 def upgrade_schema_v1(record: dict) -> dict:

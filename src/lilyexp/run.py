@@ -25,6 +25,7 @@ from lilyexp.contracts import Method, Task, check_parts
 from lilyexp.errors import ConfigError, RunInterrupted
 from lilyexp.failures import failures_recorded
 from lilyexp.launch import end_unfinished, hydra_dir, hydra_overrides, objective_of, print_summary
+from lilyexp.launch import SweepSummary  # noqa: F401 - run.yaml files written for 0.1 name lilyexp.run.SweepSummary
 from lilyexp.loggers import NullLogger
 from lilyexp.methods.export import export_cell, export_run_adapter, load_adapter
 from lilyexp.params import count_parameters, warn_if_oversized

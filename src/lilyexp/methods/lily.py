@@ -251,7 +251,7 @@ def mix_experts(hidden: torch.Tensor, experts: torch.Tensor, router: nn.Module |
     if weights.dim() == 1:  # one mixture for the whole call
         return hidden @ torch.einsum("e,eio->io", weights, experts)
     per_row = torch.einsum("ge,eio->gio", weights, experts)  # per group of rows, or per sample
-    if groups is not None:
+    if pooling == "batch_mean":  # one mixture per group: each row takes its group's
         per_row = per_row[groups.index_on(per_row.device)]
     tokens = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
     return (tokens @ per_row).reshape(*hidden.shape[:-1], experts.shape[-1])

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from lilyexp.compose import CONF_DIR
 from lilyexp.errors import CellBusy, ConfigError, RunInterrupted
-from lilyexp.records import RunContext
+from lilyexp.records import RunContext, read_record
 from lilyexp.study.plan import Cell
 from lilyexp.study.settings import StudySettings
 
@@ -28,7 +28,8 @@ ENDED = ("finished", "diverged")  # a cell that is not run again
 @dataclass
 class CellState:
     """``finished`` (its record), ``diverged`` (a failed record: the loss became NaN/inf, a result for tuning),
-    ``failed`` (any other failure; retried), ``missing``."""
+    ``failed`` (any other failure; retried), ``outdated`` (finished under an older scoring version; run again),
+    ``missing``."""
 
     status: str
     record: dict | None
@@ -66,10 +67,12 @@ class CellIndex:
             self._finished[cell] = CellState("finished", record, context.record_path)
             return self._finished[cell]
         record = context.own_record()
+        if record and record.get("status") == "outdated":  # scored under an older version: its rerun's failure
+            record = read_record(context.work_dir / "failed_record.json") or record  # went beside its checkpoint
         if record and record.get("status") == "failed" and record.get("error_type") == "TrainingDiverged":
             return CellState("diverged", record, context.record_path)
         status = record.get("status") if record else "missing"
-        return CellState("failed" if status == "failed" else "missing", record, context.record_path)
+        return CellState(status if status in ("failed", "outdated") else "missing", record, context.record_path)
 
 
 def run_cell(index: CellIndex, cell: Cell) -> None:
