@@ -63,3 +63,11 @@ def test_bench_eval_smoke_reproduces_batch_1_with_the_real_task_and_method(tmp_p
         assert modes[name]["vs_batch1"]["identical_pct"] == 100.0 and modes[name]["prefill"] == "once per prompt"
     assert modes["batch1"]["prefill"] == "every beam" and report["load_before"] >= 0
     assert (tmp_path / "cache").is_dir()  # the trained adapter is cached in the smoke folder, not checkpoints/
+
+
+@pytest.mark.slow
+def test_the_independent_stsb_check_trains_plain_peft_on_the_study_examples(shared_data):
+    """scripts/check_stsb_plain.py (the README's independent check of the STS-B verdict), on 64 examples."""
+    result = script("check_stsb_plain").main(["--train-limit", "64", "--data-dir", str(shared_data / "glue")])
+    assert result["steps"] == 4 and result["trainable"] == 74_113  # LoRA r 8 on query and value plus the head
+    assert -1 <= result["val_pearson"] <= 1 and -1 <= result["dev_pearson"] <= 1
