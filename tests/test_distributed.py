@@ -20,7 +20,8 @@ CELL = ["backbone=tiny_llama", "trainer.max_steps=3", "task.n_train=120", "task.
         "method.dropout=0.0", "trainer.eval_every=3",
         "trainer.eval_batch_size=8"]  # one validation batch: the second process evaluates none (no collective may wait)
 
-pytestmark = pytest.mark.slow  # real CLI subprocesses
+# real CLI subprocesses, each several processes: under pytest-xdist one worker runs them, one at a time
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
 
 def free_port() -> int:
