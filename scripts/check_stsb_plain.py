@@ -1,7 +1,7 @@
 """An independent check of the glue_minilm study's STS-B cells: plain transformers + peft with their own training
 loop (no lilyexp runner, recipe, method or model loader), on the same examples (lilyexp's GlueTask supplies only
 the data split: 1,600 training examples, the held-out 10% and the GLUE dev split) and the study's settings:
-all-MiniLM-L6-v2, LoRA r 8 alpha 8 on query and value with a trained regression head (or a full fine-tune),
+all-MiniLM-L6-v2, LoRA r 8 alpha 8 on query and value with a trained regression head,
 AdamW, linear schedule with 6% warm-up, 2 epochs at batch 32, max length 128, no clipping. Prints the held-out
 and dev Pearson of the last epoch, what the study's records state as val/pearson and test/pearson.
 
@@ -46,7 +46,6 @@ def pearson(model, tokenizer, examples: list[dict]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--train-limit", type=int, default=1600)
@@ -59,9 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    if args.method == "lora":
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
-                                                 modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                                             modules_to_save=["classifier"], task_type="SEQ_CLS"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     steps = 2 * math.ceil(len(task.train) / 32)
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-    result = {"method": args.method, "lr": args.lr, "seed": args.seed, "steps": steps,
+    result = {"lr": args.lr, "seed": args.seed, "steps": steps,
               "trainable": sum(p.numel() for p in trainable),
               "val_pearson": round(pearson(model, tokenizer, task.validation), 4),
               "dev_pearson": round(pearson(model, tokenizer, task.final), 4)}

@@ -333,9 +333,9 @@ def test_prompts_from_the_table(data_root):
 
 def test_clip_t_compares_with_the_class_noun_in_place_of_the_identifier(data_root):
     table = db.read_prompt_table(data_root / db.TABLE_FILE)
-    assert db.class_prompts("wolf_plushie", table) == ["A picture of a stuffed animal in the jungle",
-                                                      "A picture of a red stuffed animal"]
-    assert db.class_prompts("dog", table, "rare_token") == ["a dog wearing a red hat"]
+    assert db.evaluation_prompts("wolf_plushie", table, class_noun=True) == [
+        "A picture of a stuffed animal in the jungle", "A picture of a red stuffed animal"]
+    assert db.evaluation_prompts("dog", table, "rare_token", class_noun=True) == ["a dog wearing a red hat"]
     task = db.DreamBoothTask("wolf_plushie", str(data_root), resolution=16, vae_scale_factor=2,
                              metrics={"dino": "random", "clip": "random"})
     assert task.clip_texts == {PROMPT: "A picture of a stuffed animal in the jungle",

@@ -146,7 +146,7 @@ def settings_arguments(node: DictConfig) -> dict[str, Any]:
     """The settings of a group node (its ``_schema_``'s knobs and bookkeeping fields) that its ``load`` target
     takes by name and the load node does not set, resolved; a setting the node lacks (deleted with ``~``) is given
     its schema default, the value the cell's identity assumes."""
-    from lilyexp.settings import default_of, kind_of
+    from lilyexp.settings import default_of, kind_of, plain
 
     load, schema = node.load, node.get("_schema_")
     if schema is None:  # a record from before schemas: its load node spelled every argument out
@@ -157,12 +157,8 @@ def settings_arguments(node: DictConfig) -> dict[str, Any]:
     except Exception as exc:  # a misspelt _target_ or _schema_
         raise ConfigError(f"cannot find what {node.get('name', 'the task')}'s yaml names ({load._target_} or "
                           f"{schema}): {exc}") from None
-    return {f.name: resolved_value(node[f.name]) if f.name in node else default_of(f)
+    return {f.name: plain(node, f.name) if f.name in node else default_of(f)
             for f in fields if f.name in accepted and f.name not in load}
-
-
-def resolved_value(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def check_evaluation_only(cfg: DictConfig) -> None:

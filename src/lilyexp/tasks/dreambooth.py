@@ -31,7 +31,7 @@ from lilyexp.settings import knob
 from lilyexp.tasks import TaskSettings
 
 PROMPT_STYLES = ("official", "rare_token")
-CLIP_TEXTS = ("class", "prompt")  # what CLIP-T compares an image with (see class_prompts)
+CLIP_TEXTS = ("class", "prompt")  # what CLIP-T compares an image with (evaluation_prompts' class_noun)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIVE_CLASSES = ("dog", "cat")  # the dataset's live subjects are its dogs and cats; the rest are objects
 TABLE_FILE = "prompts_and_classes.txt"
@@ -117,26 +117,20 @@ def instance_prompt(subject: str, table: PromptTable, style: str = "official", t
     return f"a photo of {subject}" if style == "official" else f"a {token} {class_name}"
 
 
-def evaluation_prompts(subject: str, table: PromptTable, style: str = "official", token: str = "sks") -> list[str]:
+def evaluation_prompts(subject: str, table: PromptTable, style: str = "official", token: str = "sks",
+                       class_noun: bool = False) -> list[str]:
     """The prompts images are generated for. ``official``: infer_lily.py's 25 prompts, which are the dataset's
     object list with "a {0} {1}" written "A picture of a <subject>" (it has no live-subject list, so dogs get the
-    object contexts too). ``rare_token``: the dataset's list for the subject's kind, formatted with token and class."""
+    object contexts too). ``rare_token``: the dataset's list for the subject's kind, formatted with token and class.
+    ``class_noun``: the same prompts with the subject's identifier replaced by its class noun, what DreamBench's
+    CLIP-T compares an image with ("A picture of a toy in the jungle", "a toy in the jungle")."""
     _check_style(style)
     class_name = table.class_of(subject)
     if style == "rare_token":
-        return [template.format(token, class_name) for template in table.templates(subject)]
-    return ["A picture of " + template.replace("{0} {1}", "{0}").format(subject) for template in table.object_templates]
-
-
-def class_prompts(subject: str, table: PromptTable, style: str = "official") -> list[str]:
-    """The evaluation prompts with the subject's identifier replaced by its class noun, what DreamBench's CLIP-T
-    compares an image with: "A picture of a toy in the jungle" for the official "A picture of a duck_toy in the
-    jungle", "a toy in the jungle" for rare_token's "a sks toy in the jungle" (one list per prompt, same order)."""
-    _check_style(style)
-    class_name = table.class_of(subject)
-    if style == "rare_token":
-        return [" ".join(template.format("", class_name).split()) for template in table.templates(subject)]
-    return ["A picture of " + " ".join(template.format("", class_name).split()) for template in table.object_templates]
+        prompts = [template.format("" if class_noun else token, class_name) for template in table.templates(subject)]
+        return [" ".join(prompt.split()) for prompt in prompts] if class_noun else prompts
+    name = class_name if class_noun else subject
+    return ["A picture of " + template.replace("{0} {1}", "{0}").format(name) for template in table.object_templates]
 
 
 def subject_image_paths(folder: str | Path) -> list[Path]:
@@ -333,7 +327,7 @@ class DreamBoothTask:
         self.prompts = evaluation_prompts(subset, table, prompt_style, token)[:eval_limit]
         if clip_text not in CLIP_TEXTS:
             raise ConfigError(f"task.clip_text must be one of {CLIP_TEXTS}, got '{clip_text}'.")
-        self.clip_texts = dict(zip(self.prompts, class_prompts(subset, table, prompt_style))) \
+        self.clip_texts = dict(zip(self.prompts, evaluation_prompts(subset, table, prompt_style, class_noun=True))) \
             if clip_text == "class" else {}  # what CLIP-T compares each prompt's images with
         self.real_images = read_subject_images(root / subset)
         self.sampling = SamplingSettings(**(sampling or {}))
