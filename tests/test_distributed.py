@@ -86,8 +86,10 @@ from accelerate import Accelerator
 from lilyexp.recipes.sharding import map_batches
 state = Accelerator()  # as a recipe creates it before evaluating
 seen = []
-results = map_batches(list(range(7)), 2, lambda batch: (seen.append(list(batch)), [10 * i for i in batch])[1])
-report = {"rank": state.process_index, "seen": seen, "results": results}
+work = lambda batch: (seen.append(list(batch)), [10 * i for i in batch])[1]
+results = map_batches(list(range(7)), 2, work)
+by_length = map_batches(list(range(7)), 2, work, length=lambda i: i % 3)  # lengths 0 1 2 0 1 2 0
+report = {"rank": state.process_index, "seen": seen, "results": results, "by_length": by_length}
 with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as out:  # not stdout: lines interleave
     json.dump(report, out)
 """
@@ -101,5 +103,6 @@ def test_evaluation_batches_are_dealt_whole_to_the_processes_and_gathered_in_ord
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert [r["seen"] for r in reports] == [[[0, 1], [4, 5]], [[2, 3], [6]]]  # the one-process batches, dealt
-    assert all(r["results"] == [0, 10, 20, 30, 40, 50, 60] for r in reports)
+    # the one-process batches, dealt; then those of the items sorted longest first
+    assert [r["seen"] for r in reports] == [[[0, 1], [4, 5], [2, 5], [0, 3]], [[2, 3], [6], [1, 4], [6]]]
+    assert all(r["results"] == r["by_length"] == [0, 10, 20, 30, 40, 50, 60] for r in reports)

@@ -273,6 +273,40 @@ def test_causal_lm_generate_routes_each_prompts_beams_on_their_own(prompts):
     assert routing_record(official, "beams")["mode"] == "per_call"
 
 
+class Numbers:
+    """A test set of token-number prompts, scored by whether the generation is non-empty (enough for
+    causal_lm.answer_test_set: the test is which batches run and what comes back)."""
+
+    generation = {"num_beams": BEAMS, "max_new_tokens": NEW_TOKENS, "batch_size": 3}
+
+    def prompt(self, example: dict) -> str:
+        return example["text"]
+
+    def extract(self, name: str, text: str) -> tuple[str, str]:
+        return text, text
+
+    def is_correct(self, prediction: str, answer: str) -> bool:
+        return True
+
+    def score(self, name: str, predictions: list, answers: list) -> dict:
+        return {f"test/accuracy/{name}": 1.0}
+
+
+def test_a_test_set_is_answered_in_batches_of_similar_length_and_comes_back_in_order(prompts, monkeypatch):
+    examples = [{"text": " ".join(map(str, p)), "answer": ""} for p in prompts]  # lengths 3, 7, 5, 11, 4, 9
+    per_group, official = lily(tiny_llama()), lily(tiny_llama(), eval_pooling="batch")
+    reference = [causal_lm.generate(official, Tokens(), [e["text"]], Numbers.generation, "cpu")[0] for e in examples]
+    seen, real_generate = [], causal_lm.generate
+    monkeypatch.setattr(causal_lm, "generate", lambda model, tok, texts, *rest: (
+        seen.append([t.count(" ") + 1 for t in texts]), real_generate(model, tok, texts, *rest))[1])
+    _, lines = causal_lm.answer_test_set(per_group, Tokens(), Numbers(), "set", examples, "cpu", None)
+    assert seen == [[11, 9, 7], [5, 4, 3]]  # longest first, so the batches pad little
+    assert [line["generation"] for line in lines] == reference and [line["id"] for line in lines] == list(range(6))
+    seen.clear()
+    causal_lm.answer_test_set(official, Tokens(), Numbers(), "set", examples, "cpu", None)
+    assert seen == [[3, 7, 5], [11, 4, 9]]  # a batch-coupled router keeps the test set's own batches
+
+
 class Rows:
     """A regression task over token rows: evaluate_split's predictions are then the raw outputs."""
 

@@ -82,10 +82,16 @@ def routing_record(model: nn.Module, groups: str) -> dict:
     return {"mode": evaluation_routing(model), "groups": groups}
 
 
+def batch_coupled(model: nn.Module) -> bool:
+    """Whether a router of the model pools over the whole forward call, so a sample's output depends on the
+    other samples of its batch."""
+    return "per_call" in (evaluation_routing(model) or "")
+
+
 def warn_if_batch_coupled(model: nn.Module, samples_per_call: int, official: str) -> None:
     """A warning when several samples share a forward call while a router pools over the whole call: the
     results then depend on the batch and differ from the official protocol (``official``)."""
-    if samples_per_call > 1 and "per_call" in (evaluation_routing(model) or ""):
+    if samples_per_call > 1 and batch_coupled(model):
         log.warning("%d samples per forward call with routing pooled over the whole call: results depend on the "
                     "batch, unlike %s; the method's eval_pooling=sample reproduces it batched.",
                     samples_per_call, official)

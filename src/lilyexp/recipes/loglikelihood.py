@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lilyexp.methods.routing import routing_groups, row_groups, warn_if_batch_coupled
+from lilyexp.methods.routing import batch_coupled, routing_groups, row_groups, warn_if_batch_coupled
 from lilyexp.recipes.sharding import map_batches
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def option_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: list[tu
 
 
 def score_set(model, tokenizer, task, name: str, examples: list[dict], batch_size: int, device) -> dict:
-    """Accuracy (summed log-probability) and byte-normalised accuracy of one test set."""
+    """Accuracy (summed log-probability) and byte-normalised accuracy of one test set (batches of questions of
+    similar length, unless a router couples the batch)."""
 
     def judge(chunk: list[dict]) -> list[tuple[bool, bool]]:  # (summed, byte-normalised) right, per question
         questions = [task.choices(name, e) for e in chunk]
@@ -69,7 +70,8 @@ def score_set(model, tokenizer, task, name: str, examples: list[dict], batch_siz
             judged.append((mine.index(max(mine)) == gold, normed.index(max(normed)) == gold))
         return judged
 
-    judged = map_batches(examples, batch_size, judge, desc=f"score {name}")
+    by_length = None if batch_coupled(model) else (lambda example: len(task.choices(name, example)[0]))
+    judged = map_batches(examples, batch_size, judge, desc=f"score {name}", length=by_length)
     total = max(len(examples), 1)
     return {f"test/mc_accuracy/{name}": sum(j[0] for j in judged) / total,
             f"test/mc_accuracy_norm/{name}": sum(j[1] for j in judged) / total}

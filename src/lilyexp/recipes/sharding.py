@@ -15,9 +15,21 @@ Item, Result = TypeVar("Item"), TypeVar("Result")
 
 
 def map_batches(items: Sequence[Item], batch_size: int, work: Callable[[Sequence[Item]], list[Result]],
-                desc: str = "eval") -> list[Result]:
+                desc: str = "eval", length: Callable[[Item], int] | None = None) -> list[Result]:
     """``work(batch)`` (one result per item) over ``items`` in batches of ``batch_size``; the results of all
-    items, in order."""
+    items, in order. With ``length``, batches are formed from the items sorted longest first (stable), so a batch
+    pads little and the first batch is the largest (memory runs out at once, not at the end); the results still
+    come back in the items' order. Only for work whose per-item result does not depend on its batch-mates."""
+    order = sorted(range(len(items)), key=lambda i: -length(items[i])) if length else list(range(len(items)))
+    arranged = [items[i] for i in order]
+    results = [None] * len(items)
+    for position, result in zip(order, batch_results(arranged, batch_size, work, desc)):
+        results[position] = result
+    return results
+
+
+def batch_results(items: Sequence[Item], batch_size: int, work: Callable[[Sequence[Item]], list[Result]],
+                  desc: str) -> list[Result]:
     starts = range(0, len(items), batch_size)
     state = PartialState() if PartialState._shared_state else None
     world, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
