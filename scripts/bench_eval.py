@@ -47,10 +47,9 @@ from pathlib import Path
 import torch
 import transformers
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from lilyexp.backbones import load_backbone
-from lilyexp.compose import CONF_DIR, build, build_task
+from lilyexp.compose import CONF_DIR, build_method, build_task, method_node
 from lilyexp.methods.export import load_adapter
 from lilyexp.recipes.causal_lm import generate, left_pad, supervised, tokenize_for_training
 from lilyexp.recipes.prefill import PrefillCount, generating_model
@@ -114,7 +113,7 @@ def build_parts(args: argparse.Namespace):
         cfg = compose(config_name="run", overrides=overrides(args))
     task = build_task(cfg.task)
     backbone = load_backbone(cfg.backbone, **task.model_kwargs)
-    return cfg, task, backbone, build(cfg.method.adapter)
+    return cfg, task, backbone, build_method(cfg.method)
 
 
 def train_batches(tokenizer, task, steps: int, batch: int, seed: int) -> list[dict]:
@@ -155,7 +154,7 @@ def trained_adapter(args: argparse.Namespace):
     model = method.apply(backbone.model)
     start = time.perf_counter()
     losses = train_adapter(model, backbone.processor, task, args)
-    method.export(model, directory, OmegaConf.to_container(cfg.method.adapter, resolve=True))
+    method.export(model, directory, method_node(cfg.method))
     info = {"init_B": init, "steps": args.train_steps, "batch": args.train_batch, "lr": args.lr,
             "backbone": name, "ne_1": int(cfg.method.ne_1), "train_sets": list(TRAIN_SETS),
             "loss_first5": losses[:5], "loss_last5": losses[-5:], "seconds": round(time.perf_counter() - start, 1)}

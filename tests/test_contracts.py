@@ -5,25 +5,29 @@ whether a record still counts as finished."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 from conftest import compose_run
 from test_captures import fake_vtab
 
 from lilyexp import contracts
-from lilyexp.compose import CONF_DIR, build, build_task
+from lilyexp.compose import CONF_DIR, build, build_method, build_task, method_node
 from lilyexp.errors import ConfigError
+from lilyexp.methods import MethodSettings
 from lilyexp.records import read_record
 from lilyexp.run import execute
+from lilyexp.settings import knob, knobs_of
 from lilyexp.tasks.commonsense import CommonsenseTask
 
 METHODS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
 TASKS = sorted(path.stem for path in (CONF_DIR / "task").glob("*.yaml"))
+VISION_ONLY = ("adaptformer", "lora_sliced")  # modalities: [image-classification]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_yaml_builds_a_method(method):
-    built = build(compose_run(["backbone=tiny_roberta", "task=glue", f"method={method}"]).method.adapter)
+    built = build_method(compose_run(["backbone=tiny_roberta", "task=glue", f"method={method}"]).method)
     assert isinstance(built, contracts.Method) and not contracts.missing(built, contracts.Method)
 
 
@@ -144,7 +148,37 @@ def test_every_task_setting_reaches_its_constructor_and_a_deleted_one_is_its_sch
             if kind_of(field) in ("knob", "bookkeeping"):
                 assert field.name in accepted or f"task.{field.name}" in read_in_load, f"{task}: {field.name}"
     cfg = compose_run(["task=glue", "~task.max_length"])
-    assert settings_arguments(cfg.task)["max_length"] == 512  # GlueSettings' default
+    assert settings_arguments(cfg.task, cfg.task.load)["max_length"] == 512  # GlueSettings' default
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_setting_reaches_the_object_it_configures_under_its_name(method):
+    """A knob the built object does not take, and that the adapter node does not read, would be silently dead;
+    a knob the node sets itself is not overridden; peft's names (passed_as) replace the paper's."""
+    import dataclasses
+
+    from hydra.utils import get_class
+
+    from lilyexp.settings import kind_of, plain
+
+    cfg = compose_run(["backbone=tiny_llama", f"method={method}"] if method not in VISION_ONLY else
+                      ["backbone=tiny_vit", "task=vtab", f"method={method}"])
+    node = method_node(cfg.method)
+    configured = node["config"] if "_target_" in node.get("config", {}) else node
+    for field in dataclasses.fields(get_class(cfg.method._schema_)):
+        name = field.metadata.get("passed_as") or field.name
+        if kind_of(field) == "knob" and field.name not in ("load_from", "config"):
+            assert name in configured, f"{method}: {field.name} does not reach {configured['_target_']}"
+            assert configured[name] == plain(cfg.method, field.name), f"{method}: {field.name}"
+
+
+def test_a_deleted_method_setting_is_its_schema_default_and_the_paper_names_become_peft_names():
+    lily = method_node(compose_run(["method=lily", "method.s=0.1", "method.ne_2=3", "~method.r"]).method)["config"]
+    assert (lily["r"], lily["scaling"], lily["num_B"]) == (16, 0.1, 3) and "s" not in lily and "ne_2" not in lily
+    lora = method_node(compose_run(["method=pissa", "method.alpha=8"]).method)["config"]
+    assert (lora["lora_alpha"], lora["init_lora_weights"], lora["target_modules"][0]) == (8, "pissa", "q_proj")
+    kept = method_node(compose_run(["method=lora", "+method.adapter.config.r=2"]).method)["config"]
+    assert kept["r"] == 2  # what the adapter node sets itself wins
 
 
 def test_a_record_scored_under_an_older_scoring_version_is_outdated_and_its_cell_runs_again(tiny_run, tmp_path,
@@ -185,3 +219,25 @@ def test_a_record_whose_scoring_cannot_be_judged_is_read_as_it_says(record, tmp_
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"schema": 2, "identity": {"version": 2}, **record}))
     assert read_record(path)["status"] == "finished"
+
+
+@dataclass
+class RankedSettings(MethodSettings):
+    """A user's method schema, as the README's "A setting of the method's own" describes it."""
+
+    rank: int = knob(8, passed_as="r")
+    scale: float = knob(1.0)
+
+
+class Ranked:
+    def __init__(self, r: int, scale: float, head_modules: list):
+        self.r, self.scale = r, scale
+
+
+def test_a_users_method_setting_reaches_its_object_by_name_and_enters_the_identity():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"_schema_": "test_contracts.RankedSettings", "name": "ranked", "rank": 4,
+                             "adapter": {"_target_": "test_contracts.Ranked", "head_modules": []}})
+    assert method_node(node) == {"_target_": "test_contracts.Ranked", "head_modules": [], "r": 4, "scale": 1.0}
+    assert knobs_of(OmegaConf.to_container(node), RankedSettings, "method") == {"method.rank": 4}  # identity part

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
 
 import lilyexp
+from lilyexp.compose import method_node
 from lilyexp.errors import ConfigError
 
 from conftest import compose_run
@@ -48,7 +48,7 @@ def trained(method, base: torch.nn.Module) -> torch.nn.Module:
 
 def method_and_node(backbone: str, method: str, *overrides: str):
     cfg = compose_run([f"backbone={backbone}", f"method={method}", *overrides])
-    node = OmegaConf.to_container(cfg.method.adapter, resolve=True)
+    node = method_node(cfg.method)
     return instantiate(node), node
 
 

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, FalconMambaConfig
 
 from lilyexp.backbones.falcon_mamba import route_time_steps_through_dt_proj
-from lilyexp.compose import build
+from lilyexp.compose import build_method
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel
 from lilyexp.methods.peft_method import PeftMethod
 from lilyexp.params import count_parameters
@@ -84,7 +84,7 @@ def test_adapters_on_dt_proj_receive_gradients(adapt):
 def test_table1_cells_have_their_parameter_counts_on_the_7b_shapes(experiment, count):
     """LoRA (Δ+in) is the paper's 3,702,784; Lily (Δ+in) our assumed dt_proj adapter (paper: 3.7M in all)."""
     cfg = compose_run([f"experiment={experiment}"])
-    model = build(cfg.method.adapter).apply(meta_model(FalconMambaConfig(**FALCON_MAMBA_7B)))
+    model = build_method(cfg.method).apply(meta_model(FalconMambaConfig(**FALCON_MAMBA_7B)))
     assert count_parameters(model, [])["trainable"] == count
 
 

@@ -13,6 +13,7 @@ import timm
 import torch
 from hydra.utils import instantiate
 
+from lilyexp.compose import build_method
 from lilyexp.methods.sliced_lora import SlicedLoraMethod
 from lilyexp.recipes.core import TrainerConfig, build_optimizer
 
@@ -46,13 +47,13 @@ def test_the_vit_lora_baseline_has_the_reference_rows_count():
     cfg = compose_run(["backbone=vit", "task=vtab", "experiment=table4/lora"])
     with torch.device("meta"):
         vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    instantiate(cfg.method.adapter).apply(vit)
+    build_method(cfg.method).apply(vit)
     assert sum(p.numel() for p in vit.parameters() if p.requires_grad) == 294_912  # 12 x 2 x (768·8 + 8·768)
 
 
 def test_adaptformer_is_the_official_bias_free_bottleneck():
     cfg = compose_run(["backbone=tiny_vit", "task=vtab", "method=adaptformer"])
-    model = instantiate(cfg.method.adapter).apply(tiny_vit())
+    model = build_method(cfg.method).apply(tiny_vit())
     bottleneck = model.blocks[0].adaptformer
     assert bottleneck.down.bias is None and bottleneck.up.bias is None and bottleneck.dropout.p == 0.1
 

@@ -357,8 +357,8 @@ def test_an_export_loaded_into_a_base_with_fewer_layers_is_refused(tmp_path):
     import copy
 
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
+    from lilyexp.compose import method_node
     from lilyexp.methods.export import load_adapter
 
     def base(layers: int):
@@ -367,7 +367,7 @@ def test_an_export_loaded_into_a_base_with_fewer_layers_is_refused(tmp_path):
         return cfg, instantiate(cfg.backbone.load).model
 
     cfg, deep = base(4)
-    node = OmegaConf.to_container(cfg.method.adapter, resolve=True)
+    node = method_node(cfg.method)
     method = instantiate(node)
     method.export(method.apply(copy.deepcopy(deep)), tmp_path / "adapter", node)
     with pytest.raises(ConfigError, match="fit no module of this model.*another base model"):
@@ -625,10 +625,10 @@ def test_figures_refuse_a_missing_group_and_say_when_nothing_was_drawn(tmp_path,
 
 @pytest.mark.slow  # a subprocess (make test-fast leaves these out)
 def test_a_deleted_setting_that_another_reads_is_named(tmp_path):
-    result = run_cli(["~method.r", "method=lora", "backbone=tiny_llama"], tmp_path)
+    result = run_cli(["~backbone.peft_task_type", "method=lora", "backbone=tiny_llama"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("error: method.adapter.config.r reads method.r, which is not set (deleted with "
-                                     "~?); give method.r a value instead.")
+    assert result.stderr.strip() == ("error: method.adapter.config.task_type reads backbone.peft_task_type, which is "
+                                     "not set (deleted with ~?); give backbone.peft_task_type a value instead.")
 
 
 def test_make_demo_trains_every_time_into_an_ignored_folder_and_prints_beside_the_reference():
@@ -669,12 +669,12 @@ def test_every_method_s_defaults_fit_every_tiny_backbone(backbone, task, method)
     """A newcomer's first `backbone=tiny_vit task=vtab method=lily` must not be refused for too few layers."""
     from hydra.utils import instantiate
 
-    from lilyexp.compose import build
+    from lilyexp.compose import build_method
 
     cfg = compose_run([f"backbone={backbone}", f"task={task}", f"method={method}"])
     kwargs = {"vtab": {"num_classes": 3}, "glue": {"num_labels": 2}}.get(task, {})
     model = instantiate(cfg.backbone.load, **kwargs).model
-    build(cfg.method.adapter).check(model)
+    build_method(cfg.method).check(model)
 
 
 def test_a_pissa_rank_the_weights_cannot_hold_is_refused_before_the_tiny_model_is_built(tmp_path, monkeypatch):

@@ -294,11 +294,12 @@ def test_half_precision_backbone_gets_fp32_adapters_still_shared():
 def test_vit_placements_adapt_exactly_their_parts(placement, adapted_parts, has_mlp):
     """Table 15's placements: qv leaves k alone, mlp leaves the whole qkv alone."""
     from conftest import compose_run
-    from hydra.utils import instantiate
+
+    from lilyexp.compose import build_method
     cfg = compose_run([f"experiment=table15/lily_{placement}", "backbone=tiny_vit", "method.ne_1=2",
                        "method.zero_init_B=false"])
     base = tiny_vit()
-    model = instantiate(cfg.method.adapter).apply(copy.deepcopy(base))
+    model = build_method(cfg.method).apply(copy.deepcopy(base))
     block_in = torch.randn(2, 17, 32)
     adapted, original = model.model.blocks[0].attn.qkv(block_in), base.blocks[0].attn.qkv(block_in)
     for part in range(3):

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, FalconMambaConfig, LlamaConfig
 
+from lilyexp.compose import build_method, method_node
 from lilyexp.errors import ConfigError
 from lilyexp.methods.baselines import FullFineTune, LinearProbe
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel
@@ -72,7 +73,7 @@ def test_methods_leave_the_output_unchanged_at_init(method):
     x = torch.randint(0, 100, (2, 6))
     expected = base(input_ids=x).logits
     cfg.method.target_modules = ["q_proj", "k_proj", "v_proj"]
-    model = instantiate(cfg.method.adapter).apply(copy.deepcopy(base))
+    model = build_method(cfg.method).apply(copy.deepcopy(base))
     torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(("lora_" in n) or ("lily_" in n) for n in trainable)
@@ -115,14 +116,14 @@ def test_full_and_linear_probe_choose_their_parameters():
 def test_any_peft_config_through_the_generic_method():
     cfg = compose_run(["backbone=tiny_llama", "method=peft", "method.config._target_=peft.LoraConfig",
                        "+method.config.use_dora=true", "+method.config.r=2"])
-    model = instantiate(cfg.method.adapter).apply(tiny_llama())
+    model = build_method(cfg.method).apply(tiny_llama())
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
 
 
 def test_negative_rank_is_refused_before_any_model():
     cfg = compose_run(["backbone=tiny_llama", "method=lora", "method.r=-1"])
     with pytest.raises(ConfigError, match="positive"):
-        PeftMethod(instantiate(cfg.method.adapter.config))
+        PeftMethod(instantiate(method_node(cfg.method)["config"]))
 
 
 def tiny_falcon_mamba() -> torch.nn.Module:

@@ -13,7 +13,7 @@ import sys
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from lilyexp.compose import check_combination
+from lilyexp.compose import check_combination, method_node
 from lilyexp.settings import check_settings
 
 from conftest import REPO, compose_run
@@ -187,11 +187,10 @@ def test_python_snippets_run_on_a_real_export(block, tmp_path):
     import copy
 
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     cfg = compose_run(["backbone=tiny_llama", "method=lora", "method.r=4"])
     base = instantiate(cfg.backbone.load).model
-    node = OmegaConf.to_container(cfg.method.adapter, resolve=True)
+    node = method_node(cfg.method)
     method = instantiate(node)
     method.export(method.apply(copy.deepcopy(base)), tmp_path / "adapter", node)
     namespace = {"base_model": base, "adapter_dir": str(tmp_path / "adapter")}

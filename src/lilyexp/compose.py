@@ -139,26 +139,46 @@ def build_task(task: DictConfig | dict) -> Any:
     setting is thus declared in its dataclass and its yaml, and read by the constructor under the same name,
     without a forwarding line."""
     task = task if isinstance(task, DictConfig) else OmegaConf.create(task)
-    return build(task.load, **settings_arguments(task))
+    return build(task.load, **settings_arguments(task, task.load))
 
 
-def settings_arguments(node: DictConfig) -> dict[str, Any]:
-    """The settings of a group node (its ``_schema_``'s knobs and bookkeeping fields) that its ``load`` target
-    takes by name and the load node does not set, resolved; a setting the node lacks (deleted with ``~``) is given
-    its schema default, the value the cell's identity assumes."""
+def method_node(method: DictConfig) -> dict:
+    """The resolved node that builds a composed method's object: its ``adapter`` node, where the object the
+    method configures (the ``config`` sub-node where there is one, as peft's configs; else the adapter itself)
+    is given every setting of the method's schema its signature names, under the name it reads (``passed_as``:
+    Lily's ``s`` is peft's ``scaling``), unless the node sets it itself. This whole node is saved with every
+    export, so an export rebuilds its method on its own (:func:`lilyexp.load_adapter`)."""
+    node = OmegaConf.to_container(method.adapter, resolve=True)
+    inner = node.get("config")
+    configured = inner if isinstance(inner, dict) and "_target_" in inner else node
+    configured.update(settings_arguments(method, configured))
+    return node
+
+
+def build_method(method: DictConfig) -> Any:
+    """The method object of a composed ``method`` node (:func:`method_node`)."""
+    return build(method_node(method))
+
+
+def settings_arguments(node: DictConfig, target: DictConfig | dict) -> dict[str, Any]:
+    """The settings of a group node (its ``_schema_``'s knobs and bookkeeping fields) that ``target`` (a node
+    with a ``_target_``) takes by name and does not set itself, resolved and under the name the target reads
+    (``passed_as``); a setting the node lacks (deleted with ``~``) is given its schema default, the value the
+    cell's identity assumes. A setting is thus declared in its dataclass and its yaml, without forwarding lines."""
     from lilyexp.settings import default_of, kind_of, plain
 
-    load, schema = node.load, node.get("_schema_")
-    if schema is None:  # a record from before schemas: its load node spelled every argument out
+    schema = node.get("_schema_")
+    if schema is None:  # a record from before schemas: its nodes spelled every argument out
         return {}
     try:
-        accepted = inspect.signature(get_method(load._target_)).parameters
+        accepted = inspect.signature(get_method(target["_target_"])).parameters
         fields = [f for f in dataclasses.fields(get_class(schema)) if kind_of(f) in ("knob", "bookkeeping")]
     except Exception as exc:  # a misspelt _target_ or _schema_
-        raise ConfigError(f"cannot find what {node.get('name', 'the task')}'s yaml names ({load._target_} or "
+        raise ConfigError(f"cannot find what {node.get('name', 'the group')}'s yaml names ({target['_target_']} or "
                           f"{schema}): {exc}") from None
-    return {f.name: plain(node, f.name) if f.name in node else default_of(f)
-            for f in fields if f.name in accepted and f.name not in load}
+    passed = {f.name: f.metadata.get("passed_as") or f.name for f in fields}
+    return {passed[f.name]: plain(node, f.name) if f.name in node else default_of(f)
+            for f in fields if passed[f.name] in accepted and passed[f.name] not in target}
 
 
 def check_evaluation_only(cfg: DictConfig) -> None:

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from lilyexp.backbones import load_backbone, skeleton
-from lilyexp.compose import CONF_DIR, build, build_task, check_combination, check_override_keys
+from lilyexp.compose import CONF_DIR, build, build_method, build_task, check_combination, check_override_keys
 from lilyexp.contracts import Method, Task, check_parts
 from lilyexp.errors import ConfigError, RunInterrupted
 from lilyexp.failures import failures_recorded
@@ -59,7 +59,7 @@ def execute(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
 def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     trainer, task = build(cfg.trainer), build_task(cfg.task)
-    method, recipe = build(cfg.method.adapter), build(cfg.task.recipe)
+    method, recipe = build_method(cfg.method), build(cfg.task.recipe)
     logger = build(cfg.logger) if is_main_process() else NullLogger()  # one wandb run per cell
     check_parts(method, task, recipe)
     for part in ("backbone.load", "task.load", "method.adapter", "task.recipe"):

@@ -50,9 +50,11 @@ LOCATION_KEYS = ("name_or_path", "checkpoint_path", "package", "gguf_file", "rev
                  "vae_name_or_path")
 
 
-def knob(default: Any = None, *, choices: tuple | None = None, help: str = "") -> Any:
+def knob(default: Any = None, *, choices: tuple | None = None, help: str = "", passed_as: str | None = None) -> Any:
+    """A setting that defines the cell. ``passed_as``: the name the object it configures reads it under, where
+    that differs (Lily's ``s`` is peft's ``scaling``); see :func:`lilyexp.compose.settings_arguments`."""
     factory = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
-    return field(**factory, metadata={"kind": "knob", "choices": choices, "help": help})
+    return field(**factory, metadata={"kind": "knob", "choices": choices, "help": help, "passed_as": passed_as})
 
 
 def meta(default: Any = None) -> Any:
@@ -140,8 +142,9 @@ def check_node(node: DictConfig, schema: type, path: str) -> None:
 
 
 def resolved(node: DictConfig, path: str) -> dict:
-    """The node with its ``${...}`` references resolved; a reference to a setting that is gone (``~method.r``
-    while ``method.adapter.config.r`` reads it) is one sentence, not an interpolation traceback."""
+    """The node with its ``${...}`` references resolved; a reference to a setting that is gone
+    (``~backbone.peft_task_type`` while ``method.adapter.config.task_type`` reads it) is one sentence, not an
+    interpolation traceback."""
     try:
         return OmegaConf.to_container(node, resolve=True)
     except InterpolationResolutionError as exc:

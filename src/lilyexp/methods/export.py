@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from lilyexp.compose import method_node
 from lilyexp.errors import ConfigError
 from lilyexp.records import RunContext, task_label
 
@@ -187,7 +188,7 @@ def export_run_adapter(method: Method, model: torch.nn.Module, run: RunContext, 
     settings that made it (an evaluation-only run is checked against them) and a model card; what the record says
     of it (``adapter``)."""
     directory = (run.work_dir / "adapter").resolve()  # absolute: the record is read from anywhere
-    method.export(model, directory, OmegaConf.to_container(cfg.method.adapter, resolve=True))
+    method.export(model, directory, method_node(cfg.method))
     write_export_cell(directory, run.identity, params)
     describe_export(directory, base=cfg.backbone.get("hub_id"), run_name=run.name, method=cfg.method.name,
                     settings=method_settings(run.identity), task=task_label(cfg), metrics=metrics, params=params,

@@ -558,18 +558,18 @@ class LilySettings(MethodSettings):
     """method=lily: the paper's names; defaults are the official code's (what produced the paper's numbers)."""
 
     r: int = knob(16, help="Lily_r")
-    s: float = knob(1.0, help="Lily_s, the scaling of the adapter output")
+    s: float = knob(1.0, help="Lily_s, the scaling of the adapter output", passed_as="scaling")
     ne_1: int = knob(4, help="A's per (target, shape) group; consecutive layers share one (stride layers // ne_1)")
-    ne_2: int = knob(4, help="B experts per (target, shape) group, shared model-wide")
+    ne_2: int = knob(4, help="B experts per (target, shape) group, shared model-wide", passed_as="num_B")
     router: str = knob("layer", choices=ROUTER_PLACEMENTS)
     pooling: str = knob("batch_mean", choices=POOLINGS)
     eval_pooling: str = knob("batch", choices=EVAL_POOLINGS,
                              help="sample: batched evaluation routes each sample as batch 1 does")
     mask_padding: bool = knob(False)
     use_router: bool = knob(True)
-    apply_s: bool = knob(True)
+    apply_s: bool = knob(True, passed_as="apply_scaling")
     dropout: float = knob(0.0)
-    zero_init_B: bool = knob(True)
+    zero_init_B: bool = knob(True, passed_as="init_weights")
     per_target: dict = knob({})
     slices: dict = knob({})
     parallel: list = knob([])

@@ -24,17 +24,19 @@ class LoraSettings(MethodSettings):
     """method=lora and method=milora: a peft LoraConfig."""
 
     r: int = knob(32)
-    alpha: float = knob(64)
-    dropout: float = knob(0.05)
+    alpha: float = knob(64, passed_as="lora_alpha")
+    dropout: float = knob(0.05, passed_as="lora_dropout")
     target_modules: Optional[list] = knob(None, help="None: the backbone's adapter_targets.lora")
-    init: Any = knob(True, help="peft's init_lora_weights: true (kaiming A, zero B), gaussian, pissa, ...")
+    init: Any = knob(True, help="peft's init_lora_weights: true (kaiming A, zero B), gaussian, pissa, ...",
+                     passed_as="init_lora_weights")
 
 
 @dataclass
 class PissaSettings(LoraSettings):
     """method=pissa: LoRA initialised from the principal singular components (peft's init_lora_weights)."""
 
-    init: Any = knob("pissa", help="pissa (full SVD) or pissa_niter_<K> (randomised SVD, K iterations)")
+    init: Any = knob("pissa", help="pissa (full SVD) or pissa_niter_<K> (randomised SVD, K iterations)",
+                     passed_as="init_lora_weights")
 
 
 @dataclass
