@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--train-limit", type=int, default=1600)
+    parser.add_argument("--eval-limit", type=int, default=None, help="score the first N held-out and dev pairs "
+                        "(default: all, as the study; a smaller N is for a smoke test)")
     shared = os.environ.get("LILYEXP_SHARED", "../shared")
     parser.add_argument("--data-dir", default=os.path.join(shared, "data", "glue"))
     args = parser.parse_args(argv)
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad()
     result = {"lr": args.lr, "seed": args.seed, "steps": steps,
               "trainable": sum(p.numel() for p in trainable),
-              "val_pearson": round(pearson(model, tokenizer, task.validation), 4),
-              "dev_pearson": round(pearson(model, tokenizer, task.final), 4)}
+              "val_pearson": round(pearson(model, tokenizer, task.validation[:args.eval_limit]), 4),
+              "dev_pearson": round(pearson(model, tokenizer, task.final[:args.eval_limit]), 4)}
     print(json.dumps(result), flush=True)
     return result
 

@@ -27,6 +27,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core:
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow (end-to-end, subprocess) tests first, each file's in its order: `make test`'s workers take tests
+    in this order, so the run ends on short tests instead of one worker finishing a long one while the other
+    idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def results_outside_the_repository(tmp_path_factory):
     """A test that forgets its own results folder writes into a temporary one, never into the committed

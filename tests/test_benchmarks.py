@@ -68,6 +68,7 @@ def test_bench_eval_smoke_reproduces_batch_1_with_the_real_task_and_method(tmp_p
 @pytest.mark.slow
 def test_the_independent_stsb_check_trains_plain_peft_on_the_study_examples(shared_data):
     """scripts/check_stsb_plain.py (the README's independent check of the STS-B verdict), on 64 examples."""
-    result = script("check_stsb_plain").main(["--train-limit", "64", "--data-dir", str(shared_data / "glue")])
+    result = script("check_stsb_plain").main(["--train-limit", "64", "--eval-limit", "64",
+                                              "--data-dir", str(shared_data / "glue")])
     assert result["steps"] == 4 and result["trainable"] == 74_113  # LoRA r 8 on query and value plus the head
     assert -1 <= result["val_pearson"] <= 1 and -1 <= result["dev_pearson"] <= 1

@@ -102,8 +102,22 @@ def sweep_plot(rows: list[dict], setting: str, metric: str, target: Path, source
     return saved(figure, target)
 
 
+MARGINS_INCHES = {"left": 0.8, "right": 0.15, "bottom": 0.5, "top": 0.35, "between": 0.85}
+
+
+def fixed_margins(figure) -> None:
+    """Margins in inches, the same on every plot (tight_layout measures every label of every figure and took
+    most of the time of drawing the site from scratch)."""
+    width, height = figure.get_size_inches()
+    panels = len(figure.axes)
+    m = MARGINS_INCHES
+    panel_width = (width - m["left"] - m["right"] - (panels - 1) * m["between"]) / panels
+    figure.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width, bottom=m["bottom"] / height,
+                           top=1 - m["top"] / height, wspace=m["between"] / panel_width)
+
+
 def saved(figure, target: Path) -> bool:
-    figure.tight_layout()
+    fixed_margins(figure)
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=90)
     plt.close(figure)
