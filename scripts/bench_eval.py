@@ -213,24 +213,32 @@ def run_lilyexp(model, tokenizer, prompts: list[str], size: int, prefill: Prefil
 
 
 class ForwardClock:
-    """Seconds spent in the model's forward calls, split into prefill (several new tokens) and decode steps."""
+    """Seconds spent in the model's forward calls, split into prefill (several new tokens) and decode steps, and
+    the rows the decode steps computed (a batch decodes every row until its last prompt's beam search ends)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        self.seconds = self.zero()
         self._start, self._phase = 0.0, "decode"
         model.register_forward_pre_hook(self._begin, with_kwargs=True)
         model.register_forward_hook(self._end, with_kwargs=True)
 
+    @staticmethod
+    def zero() -> dict[str, float]:
+        return {"prefill": 0.0, "decode": 0.0, "decode_calls": 0, "decode_rows": 0}
+
     def _begin(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids")
         self._phase = "prefill" if ids is not None and ids.shape[-1] > 1 else "decode"
+        if self._phase == "decode" and ids is not None:
+            self.seconds["decode_calls"] += 1
+            self.seconds["decode_rows"] += ids.shape[0]
         self._start = time.perf_counter()
 
     def _end(self, module, args, kwargs, output) -> None:
         self.seconds[self._phase] += time.perf_counter() - self._start
 
     def take(self) -> dict[str, float]:
-        taken, self.seconds = self.seconds, {"prefill": 0.0, "decode": 0.0}
+        taken, self.seconds = self.seconds, self.zero()
         return taken
 
 
@@ -299,7 +307,7 @@ def run_rounds(model, tokenizer, prompts: list[str], args: argparse.Namespace) -
     clock = ForwardClock(generating_model(model))
     order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
     outputs = {name: [""] * len(prompts) for name, _, _ in modes(args)}
-    times = {name: {"wall": 0.0, "cpu": 0.0, "prefill": 0.0, "decode": 0.0} for name in outputs}
+    times = {name: {"wall": 0.0, "cpu": 0.0, **ForwardClock.zero()} for name in outputs}
     rounds: dict[str, list[float]] = {name: [] for name in outputs}
     loads: dict[str, list[float]] = {name: [] for name in outputs}
     prefills = {name: PrefillCount() for name in outputs}
@@ -325,6 +333,9 @@ def modes_by_name(args: argparse.Namespace) -> dict[str, bool]:
     return {name: ours for name, _, ours in modes(args)}
 
 
+WORK_KEYS = ("prefill_mode", "decode_calls", "decode_rows")
+
+
 def evaluate(model, tokenizer, task, questions: list[dict], args: argparse.Namespace) -> dict:
     prompts = [task.prompt(q) for q in questions]
     outputs, times = run_rounds(model, tokenizer, prompts, args)
@@ -335,7 +346,8 @@ def evaluate(model, tokenizer, task, questions: list[dict], args: argparse.Names
         results[name] = {"batch_size": size, "routing": "per-sample groups" if ours and size > 1 else "official",
                          "prefill": times[name]["prefill_mode"],
                          "seconds": {key: value if key.startswith("round_") else round(value, 1)
-                                     for key, value in times[name].items() if key != "prefill_mode"},
+                                     for key, value in times[name].items() if key not in WORK_KEYS},
+                         "decode_work": {"calls": times[name]["decode_calls"], "rows": times[name]["decode_rows"]},
                          "accuracy": accuracy(rows, questions)}
         if name != "batch1":
             results[name]["vs_batch1"] = compare(outputs["batch1"], outputs[name], reference, rows, questions)
@@ -360,16 +372,21 @@ def markdown(report: dict) -> str:
              f"Load average (1 min) before the run: {report.get('load_before')}; prefill share of the reference's "
              f"forward time: {report.get('reference_prefill_share')}.", "",
              "| mode | batch | routing | prefill | identical generations | same prediction | accuracy | "
-             "wall s (CPU s) | prefill s | decode s | speed-up wall / prefill / decode / median round |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "wall s (CPU s) | prefill s | decode s | decode rows (calls) | speed-up wall / prefill / decode / "
+             "median round |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, mode in report["modes"].items():
-        versus, t = mode.get("vs_batch1", {}), mode["seconds"]
+        versus, t, work = mode.get("vs_batch1", {}), mode["seconds"], mode.get("decode_work", {})
         identical = f"{versus['identical']}/{versus['total']} ({versus['identical_pct']}%)" if versus else "reference"
         same = f"{versus['same_prediction_pct']}%" if versus else "reference"
         speedup = "/".join(f"{v}x" for v in mode["speedup"].values()) if "speedup" in mode else "1x"
         lines.append(f"| {name} | {mode['batch_size']} | {mode['routing']} | {mode['prefill']} | {identical} | "
                      f"{same} | {mode['accuracy']['all']} | {t['wall']} ({t['cpu']}) | {t['prefill']} | "
-                     f"{t['decode']} | {speedup} |")
+                     f"{t['decode']} | {work.get('rows', '?')} ({work.get('calls', '?')}) | {speedup} |")
+    lines += ["", "Decode rows: the rows the decode steps computed (beams x prompts per call, summed over calls). A "
+              "batch decodes every row until the last of its prompts' beam searches ends (transformers keeps the "
+              "rows of a prompt whose result is settled), so a batched mode can compute more rows than batch 1 "
+              "needs."]
     lines += ["", "Wall seconds per round (questions sorted by prompt length, so the last round holds the longest "
               "prompts; a load burst shows as an outlier with a higher load average below): " + "; ".join(
         f"{name} {mode['seconds']['round_wall']}" for name, mode in report["modes"].items())]

@@ -62,6 +62,10 @@ def test_bench_eval_smoke_reproduces_batch_1_with_the_real_task_and_method(tmp_p
     for name in ("batch1_once", "sample_b4"):  # lilyexp's evaluation: the official answers, prefilled once
         assert modes[name]["vs_batch1"]["identical_pct"] == 100.0 and modes[name]["prefill"] == "once per prompt"
     assert modes["batch1"]["prefill"] == "every beam" and report["load_before"] >= 0
+    work = {name: mode["decode_work"] for name, mode in modes.items()}
+    assert work["batch1"]["rows"] == 4 * work["batch1"]["calls"] > 0  # one prompt's four beams per decode call
+    # a batch decodes its prompts' beams until the last one's search ends: at least the rows batch 1 needs
+    assert work["sample_b4"]["rows"] >= work["batch1"]["rows"] and work["sample_b4"]["rows"] % 4 == 0
     assert (tmp_path / "cache").is_dir()  # the trained adapter is cached in the smoke folder, not checkpoints/
 
 
