@@ -24,6 +24,7 @@ from lilyexp.recipes.devices import make_accelerator
 from lilyexp.recipes.loglikelihood import loglikelihood_accuracy
 from lilyexp.recipes.loop import fit
 from lilyexp.recipes.prefill import PrefillCount, prefill_once
+from lilyexp.recipes.settled_beams import settled_beam_search
 from lilyexp.recipes.sharding import map_batches
 from lilyexp.records import run_metrics
 
@@ -85,12 +86,17 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[str], s
              prefill: PrefillCount | None = None) -> list[str]:
     """Decoded prompt + generation per prompt (left padding, KV cache, beam search or greedy). Each prompt's
     beams form one routing group: with per-group routing a batch generates what batch 1 generates. Beam search
-    prefills one copy of each prompt (:mod:`lilyexp.recipes.prefill`; ``prefill`` counts how the prefills ran)."""
+    prefills one copy of each prompt (:mod:`lilyexp.recipes.prefill`; ``prefill`` counts how the prefills ran)
+    and stops computing a prompt once its answer is settled (:mod:`lilyexp.recipes.settled_beams`)."""
     encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     beams = settings["num_beams"]
+    # a prompt whose answer is settled stops being computed, unless a router couples it to its batch-mates
+    settled = {"custom_generate": settled_beam_search} if beams > 1 and (
+        len(prompts) == 1 or not batch_coupled(model)) else {}
     with routing_groups(model, beam_groups(len(prompts), beams, device)), prefill_once(model, beams) as count:
         output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
-                                num_beams=settings["num_beams"], do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                                num_beams=settings["num_beams"], do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                **settled)
     if prefill is not None:
         prefill.once, prefill.per_beam = prefill.once + count.once, prefill.per_beam + count.per_beam
     return tokenizer.batch_decode(output, skip_special_tokens=True)

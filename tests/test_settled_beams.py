@@ -1,0 +1,87 @@
+"""The beam search that stops computing settled prompts (lilyexp.recipes.settled_beams) answers as transformers'
+``generate`` does, token for token: batched with Lily's per-sample routing and beam groups, with LoRA, and at
+batch 1 with the official whole-call routing; and it computes fewer decode rows when prompts settle apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from lilyexp.methods.routing import beam_groups, routing_groups
+from lilyexp.recipes.prefill import generating_model
+from lilyexp.recipes.settled_beams import settled_beam_search
+
+from test_eval_routing import BEAMS, EOS, NEW_TOKENS, PAD, PROMPT_LENGTHS, left_padded, lily, tiny_llama
+
+
+class EndSooner(LogitsProcessor):
+    """Makes EOS likelier after some tokens, so prompts settle at different steps (a tiny random model rarely
+    fills all four finished beams of a prompt before the length limit)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores + 4.0 * (input_ids[:, -1:] % 3 == 0) * torch.nn.functional.one_hot(
+            torch.tensor(EOS), scores.shape[-1])
+
+
+def generated(model, prompts: list[list[int]], grouped: bool, custom: bool, new_tokens: int = NEW_TOKENS,
+              calls: list | None = None, end_sooner: bool = False) -> torch.Tensor:
+    ids, mask = left_padded(prompts)
+    extra = {"custom_generate": settled_beam_search} if custom else {}
+    if end_sooner:
+        extra["logits_processor"] = LogitsProcessorList([EndSooner()])
+    hook = None
+    if calls is not None:
+        hook = generating_model(model).register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with routing_groups(model, beam_groups(len(prompts), BEAMS)) if grouped else torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False,
+                                  max_new_tokens=new_tokens, pad_token_id=PAD, eos_token_id=EOS, **extra)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(2)  # test_eval_routing's prompts: some end with EOS, some run to the limit
+    return [torch.randint(1, 64, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def test_batched_with_per_sample_routing_it_generates_what_generate_does_with_fewer_rows(prompts):
+    model = lily(tiny_llama())
+    base_calls, settled_calls = [], []
+    reference = generated(model, prompts, grouped=True, custom=False, calls=base_calls, end_sooner=True)
+    answers = generated(model, prompts, grouped=True, custom=True, calls=settled_calls, end_sooner=True)
+    assert torch.equal(answers, reference)
+    assert torch.equal(generated(model, prompts, grouped=True, custom=True),
+                       generated(model, prompts, grouped=True, custom=False))
+    width = max(map(len, prompts))
+    ends = {row[width:].tolist().index(EOS) for row in reference if EOS in row[width:].tolist()}
+    assert len(ends) > 1  # the prompts settle at different steps
+    assert sum(settled_calls) < sum(base_calls)  # the settled prompts' rows were dropped
+
+
+@pytest.mark.parametrize("build", ["lora", "plain"])
+def test_batched_without_routing_it_generates_what_generate_does(prompts, build):
+    model = tiny_llama()
+    if build == "lora":
+        torch.manual_seed(3)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    for new_tokens in (1, 3, NEW_TOKENS):
+        assert torch.equal(generated(model, prompts, grouped=False, custom=True, new_tokens=new_tokens),
+                           generated(model, prompts, grouped=False, custom=False, new_tokens=new_tokens))
+
+
+def test_one_prompt_with_the_official_routing_generates_what_generate_does(prompts):
+    model = lily(tiny_llama(), eval_pooling="batch")
+    for prompt in prompts[:4]:
+        ids = torch.tensor([prompt])
+        reference = model.generate(input_ids=ids, num_beams=BEAMS, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                   pad_token_id=PAD, eos_token_id=EOS)
+        assert torch.equal(model.generate(input_ids=ids, num_beams=BEAMS, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                          pad_token_id=PAD, eos_token_id=EOS, custom_generate=settled_beam_search),
+                           reference)
