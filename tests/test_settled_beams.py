@@ -85,3 +85,16 @@ def test_one_prompt_with_the_official_routing_generates_what_generate_does(promp
         assert torch.equal(model.generate(input_ids=ids, num_beams=BEAMS, do_sample=False, max_new_tokens=NEW_TOKENS,
                                           pad_token_id=PAD, eos_token_id=EOS, custom_generate=settled_beam_search),
                            reference)
+
+
+def test_prompts_without_padding_and_a_batch_aware_processor_generate_what_generate_does(prompts):
+    model = lily(tiny_llama())
+    same_length = [p[:3] for p in prompts]  # no padding: generate drops the all-ones attention mask
+    assert torch.equal(generated(model, same_length, grouped=True, custom=True, end_sooner=True),
+                       generated(model, same_length, grouped=True, custom=False, end_sooner=True))
+    ids, mask = left_padded(prompts)
+    allowed = {"prefix_allowed_tokens_fn": lambda batch_id, sent: list(range(batch_id, 64))}  # reads the row's batch
+    common = dict(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False, max_new_tokens=NEW_TOKENS,
+                  pad_token_id=PAD, eos_token_id=EOS, **allowed)
+    with routing_groups(model, beam_groups(len(prompts), BEAMS)):
+        assert torch.equal(model.generate(**common, custom_generate=settled_beam_search), model.generate(**common))

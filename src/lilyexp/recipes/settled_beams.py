@@ -36,11 +36,19 @@ def selectable(cache) -> bool:
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def supported(model, generation_config, model_kwargs: dict) -> bool:
+# Logits processors that read a row's position in the batch or keep state across the batch: with rows dropped
+# they would see other rows, so their generations keep transformers' loop. Every other processor scores a row from
+# that row alone (the default ones: length, repetition, bad words, forced tokens, suppression).
+BATCH_AWARE_PROCESSORS = ("PrefixConstrainedLogitsProcessor", "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+                          "ClassifierFreeGuidanceLogitsProcessor")
+
+
+def supported(model, logits_processor, generation_config, model_kwargs: dict) -> bool:
     """Whether this loop reproduces ``_beam_search`` here (else it runs ``_beam_search`` itself)."""
     return (not generation_config.do_sample and not generation_config.return_dict_in_generate
             and generation_config.num_return_sequences == 1 and not model.config.is_encoder_decoder
-            and selectable(model_kwargs.get("cache")))
+            and selectable(model_kwargs.get("cache"))
+            and not any(type(p).__name__ in BATCH_AWARE_PROCESSORS for p in logits_processor))
 
 
 def rows_of(prompts: torch.Tensor, num_beams: int) -> torch.Tensor:
@@ -48,12 +56,13 @@ def rows_of(prompts: torch.Tensor, num_beams: int) -> torch.Tensor:
     return (prompts[:, None] * num_beams + torch.arange(num_beams, device=prompts.device)).reshape(-1)
 
 
-def keep_rows(model_kwargs: dict, rows: torch.Tensor) -> None:
-    """Select ``rows`` of the cache (reordering beams too) and of every per-row input, in place."""
+def keep_rows(model_kwargs: dict, rows: torch.Tensor, current: int) -> None:
+    """Select ``rows`` of the cache (reordering beams too) and of every per-row input (of ``current`` rows; a
+    tensor shared by all rows stays), in place."""
     model_kwargs["cache"].reorder_cache(rows)
-    for key in ("attention_mask", "position_ids"):
-        if torch.is_tensor(model_kwargs.get(key)):
-            model_kwargs[key] = model_kwargs[key].index_select(0, rows.to(model_kwargs[key].device))
+    for key, value in model_kwargs.items():
+        if torch.is_tensor(value) and value.dim() and value.shape[0] == current:
+            model_kwargs[key] = value.index_select(0, rows.to(value.device))
 
 
 def placed(live_values: torch.Tensor, rows: torch.Tensor, total_rows: int) -> torch.Tensor:
@@ -66,7 +75,7 @@ def placed(live_values: torch.Tensor, rows: torch.Tensor, total_rows: int) -> to
 def settled_beam_search(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
                         synced_gpus: bool = False, **model_kwargs) -> torch.LongTensor:
     """``generate``'s beam search, computing only the prompts still searching (see the module docstring)."""
-    if synced_gpus or not supported(model, generation_config, model_kwargs):
+    if synced_gpus or not supported(model, logits_processor, generation_config, model_kwargs):
         return GenerationMixin._beam_search(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                             synced_gpus=synced_gpus, **model_kwargs)
     beams, eos = generation_config.num_beams, generation_config._eos_token_tensor
@@ -135,7 +144,7 @@ def settled_beam_search(model, input_ids: torch.LongTensor, logits_processor, st
         position = torch.full((batch,), -1, dtype=torch.long, device=device)
         position[live] = torch.arange(len(live), device=device)
         continued = source[rows_of(still, beams)]  # flat rows b * beams + k of the same prompts
-        keep_rows(model_kwargs, position[continued // beams] * beams + continued % beams)
+        keep_rows(model_kwargs, position[continued // beams] * beams + continued % beams, len(rows))
         live = still
     length = prompt_len + int(((indices[:, 0] + 1).bool()).sum(dim=-1).max())  # as generate crops the best beams
     return sequences[:, 0, :length]
