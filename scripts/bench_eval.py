@@ -50,7 +50,7 @@ from hydra import compose, initialize_config_dir
 
 from lilyexp.backbones import load_backbone
 from lilyexp.compose import CONF_DIR, build_method, build_task, method_node
-from lilyexp.methods.export import load_adapter
+from lilyexp.methods.routing import evaluation_routing
 from lilyexp.recipes.causal_lm import generate, left_pad, supervised, tokenize_for_training
 from lilyexp.recipes.prefill import PrefillCount, generating_model
 from lilyexp.tasks.commonsense import LLM_ADAPTERS_SETS
@@ -140,7 +140,9 @@ def train_adapter(model, tokenizer, task, args: argparse.Namespace) -> list[floa
 
 def trained_adapter(args: argparse.Namespace):
     """(adapted model, tokenizer, task, training info): the cached export of these training settings, trained and
-    exported on first use (load_adapter refuses an export whose weights do not fit)."""
+    exported on first use. The cache loads through the method's own ``load`` (lilyexp's Lily with the bench's
+    ``eval_pooling: sample``; ``load_adapter`` would give upstream peft's Lily, which pools over every call), and
+    it refuses an export whose weights do not fit."""
     cfg, task, backbone, method = build_parts(args)
     init = "zero" if args.zero_init_B else "random"
     name = "tiny_llama" if args.smoke else "smollm2"
@@ -148,7 +150,7 @@ def trained_adapter(args: argparse.Namespace):
                               f"_s{args.seed}")
     info_path = directory / "training.json"
     if info_path.exists():
-        model = load_adapter(backbone.model, directory)
+        model = method.load(backbone.model, directory)
         return model.eval(), backbone.processor, task, json.loads(info_path.read_text())
     torch.manual_seed(args.seed)
     model = method.apply(backbone.model)
@@ -407,6 +409,9 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(args.threads)
     load_before = round(os.getloadavg()[0], 2)
     tuner, tokenizer, task, training = trained_adapter(args)
+    if evaluation_routing(tuner) != "per_group":  # the sample modes would silently measure the coupled routing
+        raise SystemExit(f"bench_eval: the adapter routes {evaluation_routing(tuner)}, not per group; the sample "
+                         f"modes need lilyexp's Lily with eval_pooling=sample.")
     training["expert_spread"] = expert_spread(tuner)
     questions = test_questions(task, args.questions, args.seed)
     results = evaluate(tuner, tokenizer, task, questions, args)

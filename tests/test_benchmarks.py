@@ -67,6 +67,8 @@ def test_bench_eval_smoke_reproduces_batch_1_with_the_real_task_and_method(tmp_p
     # a batch decodes its prompts' beams until the last one's search ends: at least the rows batch 1 needs
     assert work["sample_b4"]["rows"] >= work["batch1"]["rows"] and work["sample_b4"]["rows"] % 4 == 0
     assert (tmp_path / "cache").is_dir()  # the trained adapter is cached in the smoke folder, not checkpoints/
+    again = json.loads(script("bench_eval").main(["--smoke", "--out", str(tmp_path)]).read_text())["modes"]
+    assert again["sample_b4"]["vs_batch1"]["identical_pct"] == 100.0  # the cached adapter routes per sample too
 
 
 @pytest.mark.slow

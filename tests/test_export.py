@@ -70,6 +70,23 @@ def test_peft_expressible_exports_load_in_plain_peft_with_the_trained_outputs(na
                                model(input_ids=x).logits, atol=tolerance, rtol=0)
 
 
+def test_a_peft_format_lily_export_is_batch_coupled_in_peft_and_routes_per_sample_in_lilyexps_lily(tmp_path):
+    """Upstream peft's Lily pools its router over the whole call: the evaluation treats it as batch-coupled (no
+    regrouping, no length-sorted batches). The same export loaded into lilyexp's Lily (the method's own load)
+    computes the same outputs and can route each sample on its own."""
+    from lilyexp.methods.routing import batch_coupled, evaluation_routing
+
+    method, node = method_and_node("tiny_llama", "lily", "method.dropout=0.0", *CAUSAL["lily"])
+    model = trained(method, tiny_llama())
+    method.export(model, tmp_path / "adapter", node)
+    upstream = lilyexp.load_adapter(tiny_llama(), tmp_path / "adapter").eval()
+    assert evaluation_routing(upstream) == "per_call" and batch_coupled(upstream)
+    ours = method.load(tiny_llama(), tmp_path / "adapter").eval()
+    assert evaluation_routing(ours) == "per_group" and not batch_coupled(ours)
+    x = torch.randint(0, 100, (1, 7))
+    torch.testing.assert_close(ours(input_ids=x).logits, upstream(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
 def test_a_classifier_heads_upstream_lily_export_carries_its_head(tmp_path):
     method, node = method_and_node("tiny_roberta", "lily", "method.r=4", "method.ne_1=2", "method.s=0.1")
     model = trained(method, tiny_roberta())

@@ -120,8 +120,13 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_tensors(tuner: nn.Module, directory: str | Path) -> nn.Module:
-    """Copy a lilyexp-format export's tensors into ``tuner`` (built with the saved config)."""
-    copy_into(trained_parameters(tuner), read_tensors(Path(directory)), Path(directory))
+    """Copy an export's tensors into ``tuner`` (built with the saved config): lilyexp's format, or peft's (the
+    names :func:`export_upstream` writes), so a peft-format export can be evaluated with lilyexp's own Lily
+    (e.g. per-sample routing, which upstream peft's Lily lacks)."""
+    expected, tensors = trained_parameters(tuner), read_tensors(Path(directory))
+    if not set(expected) & set(tensors):
+        expected = {upstream_name(name): param for name, param in expected.items()}
+    copy_into(expected, tensors, Path(directory))
     return tuner
 
 

@@ -68,12 +68,23 @@ def current_routing_groups(model: nn.Module) -> torch.Tensor | None:
     return next((value for value in previous if value is not None), None)
 
 
+def upstream_routers(model: nn.Module) -> bool:
+    """Whether the model holds upstream peft's Lily layers (a peft-format export loaded with peft): their router
+    pools over the whole forward call and takes no groups."""
+    from peft.tuners.lily import LilyLayer
+
+    return any(isinstance(module, LilyLayer) and not callable(getattr(module, "set_routing_groups", None))
+               for module in model.modules())
+
+
 def evaluation_routing(model: nn.Module) -> str | None:
     """What the model's batch-coupled routers pool over in evaluation, for the record: ``per_group`` (a batched
-    evaluation reproduces batch 1), ``per_call`` (the official coupling to the whole forward call), ``per_row``,
-    ``none``, several joined by ``+``; None when no module routes (nothing depends on the batch)."""
-    modes = sorted({module.evaluation_routing() for module in grouped_modules(model)})
-    return "+".join(modes) if modes else None
+    evaluation reproduces batch 1), ``per_call`` (the official coupling to the whole forward call, also upstream
+    peft's Lily), ``per_row``, ``none``, several joined by ``+``; None when no module routes (nothing depends on
+    the batch)."""
+    modes = {module.evaluation_routing() for module in grouped_modules(model)}
+    modes |= {"per_call"} if upstream_routers(model) else set()
+    return "+".join(sorted(modes)) if modes else None
 
 
 def routing_record(model: nn.Module, groups: str) -> dict:
