@@ -1,6 +1,6 @@
 """Prefill-once beam search (lilyexp.recipes.prefill): generations token for token equal to transformers'
 four-copy prefill — at batch 1 and batched, Lily under per-sample and official routing, the paper's sample_sum
-and per-token pooling, LoRA, a plain model — on a tiny LLaMA, SmolLM2 (real weights) and a tiny Falcon-Mamba."""
+and per-token pooling, LoRA, a plain model — on a tiny LLaMA (SmolLM2's real weights: tests/test_settled_beams.py)."""
 
 from __future__ import annotations
 

