@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,22 @@ def test_an_exported_causal_lm_adapter_answers_the_test_sets_as_the_trained_run(
     trained = record_of(execute(compose_run(cell, tmp_path)))
     evaluated = record_of(execute(compose_run([*cell, "trainer.max_steps=0",
                                                f"method.load_from={trained['adapter']['path']}"], tmp_path)))
+    assert evaluated["metrics"]["final"] == trained["metrics"]["final"]
+
+
+@pytest.mark.slow
+def test_an_evaluation_only_run_of_a_peft_format_lily_export_routes_per_sample_as_its_command_says(tiny_run,
+                                                                                                  tmp_path):
+    """A Lily export in peft's format loads through lilyexp's Lily (the cell file proves its settings), so
+    eval_pooling=sample batches as the trained run did; upstream peft's Lily would pool over every batch."""
+    cell = ["backbone=tiny_llama", "method=lily", "method.r=4", "method.ne_1=2", "method.eval_pooling=sample",
+            "method.zero_init_B=false", "trainer.max_steps=3", "trainer.eval_every=3", "task.n_eval=6",
+            "task.generation={num_beams:4,batch_size:3,max_new_tokens:4}", *tiny_run]
+    trained = record_of(execute(compose_run(cell, tmp_path)))
+    assert json.loads((Path(trained["adapter"]["path"]) / "adapter_config.json").read_text())["peft_type"] == "LILY"
+    evaluated = record_of(execute(compose_run([*cell, "trainer.max_steps=0",
+                                               f"method.load_from={trained['adapter']['path']}"], tmp_path)))
+    assert evaluated["generation"]["routing"]["mode"] == trained["generation"]["routing"]["mode"] == "per_group"
     assert evaluated["metrics"]["final"] == trained["metrics"]["final"]
 
 

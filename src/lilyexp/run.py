@@ -27,7 +27,7 @@ from lilyexp.failures import failures_recorded
 from lilyexp.launch import end_unfinished, hydra_dir, hydra_overrides, objective_of, print_summary
 from lilyexp.launch import SweepSummary  # noqa: F401 - run.yaml files written for 0.1 name lilyexp.run.SweepSummary
 from lilyexp.loggers import NullLogger
-from lilyexp.methods.export import export_cell, export_run_adapter, load_adapter
+from lilyexp.methods.export import export_cell, export_run_adapter, load_for_cell
 from lilyexp.params import count_parameters, warn_if_oversized
 from lilyexp.placement import training_device
 from lilyexp.recipes.core import RecipeInputs
@@ -71,7 +71,7 @@ def train_and_record(cfg: DictConfig, run: RunContext, params: dict) -> Path:
     set_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone, **task.model_kwargs)
     base = backbone.model.to(training_device())  # a method's initialisation (PiSSA's SVDs) runs on the GPU
-    model = load_adapter(base, load_from) if load_from else method.apply(base)
+    model = load_for_cell(method, base, load_from) if load_from else method.apply(base)
     head_modules = list(cfg.backbone.head_modules)
     params.update(count_parameters(model, head_modules))
     if load_from:  # a loaded adapter is frozen: its counts are those of the run that trained it

@@ -105,6 +105,17 @@ def load_adapter(model: torch.nn.Module, directory: str | Path) -> torch.nn.Modu
     return instantiate(node, _convert_="all").load(model, directory)
 
 
+def load_for_cell(method: Method, model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
+    """An evaluation-only cell's model. An export whose cell file shows it was made with this cell's method
+    settings (:func:`check_export_matches` refused any other) loads through the method's own ``load``, so
+    settings that only change evaluation apply as the command gives them (Lily's ``eval_pooling: sample``: a
+    peft-format Lily export loaded with peft would pool its router over every batch). An export without a cell
+    file (written before lilyexp recorded one) loads with the config it saved (:func:`load_adapter`)."""
+    if export_cell(directory) is None:
+        return load_adapter(model, directory)
+    return method.load(model, directory)
+
+
 def load_peft(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
     from peft import PeftModel
 
