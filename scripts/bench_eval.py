@@ -404,6 +404,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def commit() -> str | None:
+    """The checkout's commit (with ``+changes`` when the tree differs from it), so a result names its code."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, timeout=30).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "") if head else None
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -422,7 +436,8 @@ def main(argv: list[str] | None = None) -> Path:
               "reference_prefill_share": share,
               "beams": BEAMS, "max_new_tokens": MAX_NEW_TOKENS, "adapter": training, "modes": results,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "python": platform.python_version()}, "machine": platform.processor() or platform.machine()}
+                           "python": platform.python_version(), "lilyexp_commit": commit()},
+              "machine": platform.processor() or platform.machine()}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "eval_zero_init_B" if args.zero_init_B else "eval"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")

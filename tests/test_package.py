@@ -88,6 +88,16 @@ def test_the_upstream_internals_lilyexp_subclasses_exist(module, name):
     assert hasattr(importlib.import_module(module), name), f"{module}.{name} is gone: check the pinned bounds"
 
 
+def test_generate_still_has_the_beam_search_helpers_the_settled_loop_calls():
+    """lilyexp.recipes.settled_beams runs transformers' own beam-search steps; if one is renamed the loop falls
+    back to transformers' beam search (supported()), and this test says so before a run is slower than stated."""
+    from transformers.generation.utils import GenerationMixin
+
+    from lilyexp.recipes.settled_beams import HELPERS
+
+    assert all(callable(getattr(GenerationMixin, name, None)) for name in (*HELPERS, "_beam_search"))
+
+
 def test_lily_model_still_has_the_hooks_lilyexp_overrides():
     from peft.tuners.lily.model import LilyModel
     assert callable(getattr(LilyModel, "_post_injection_hook", None))

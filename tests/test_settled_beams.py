@@ -20,6 +20,8 @@ class EndSooner(LogitsProcessor):
     """Makes EOS likelier after some tokens, so prompts settle at different steps (a tiny random model rarely
     fills all four finished beams of a prompt before the length limit)."""
 
+    row_local = True  # scores each row from that row alone: the settled loop may call it on the live rows
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return scores + 4.0 * (input_ids[:, -1:] % 3 == 0) * torch.nn.functional.one_hot(
             torch.tensor(EOS), scores.shape[-1])
@@ -130,3 +132,18 @@ def test_on_smollm2_batched_lily_answers_what_the_official_batch_1_loop_answers(
     count = PrefillCount()
     assert generate(model, tokenizer, prompts, settings, "cpu", count) == official
     assert count.mode == "once per prompt"
+
+
+@pytest.mark.parametrize("settings", [{"length_penalty": 0.0}, {"length_penalty": 2.0, "early_stopping": True},
+                                      {"early_stopping": "never"}, {"eos_token_id": [EOS, 7, 11]},
+                                      {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}])
+def test_other_beam_settings_and_processors_generate_what_generate_does(prompts, settings):
+    """Length penalties, early stopping, several EOS ids (LLaMA-3 has two) and transformers' processors; a
+    repetition penalty holds one entry per row, so it keeps transformers' loop (and must not fail)."""
+    model = lily(tiny_llama())
+    ids, mask = left_padded(prompts)
+    common = dict(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False, max_new_tokens=NEW_TOKENS,
+                  pad_token_id=PAD, logits_processor=LogitsProcessorList([EndSooner()]),
+                  **{"eos_token_id": EOS, **settings})
+    with routing_groups(model, beam_groups(len(prompts), BEAMS)):
+        assert torch.equal(model.generate(**common, custom_generate=settled_beam_search), model.generate(**common))

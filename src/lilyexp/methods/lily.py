@@ -547,7 +547,9 @@ class LilyMethod:
         export(model, directory)
 
     def load(self, model: nn.Module, directory: str | Path) -> LilyVariantModel:
-        """Adapt ``model`` with this config and load a lilyexp-format export's tensors."""
+        """Adapt ``model`` with this config and load an export's tensors, in lilyexp's format or peft's (so a
+        peft-format export is evaluated by lilyexp's Lily, e.g. with per-sample routing; ``lilyexp.load_adapter``
+        loads a peft-format export with peft itself)."""
         from lilyexp.methods.lily_io import load_tensors
 
         return load_tensors(self.apply(model), directory)

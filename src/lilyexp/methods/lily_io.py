@@ -124,17 +124,19 @@ def load_tensors(tuner: nn.Module, directory: str | Path) -> nn.Module:
     names :func:`export_upstream` writes), so a peft-format export can be evaluated with lilyexp's own Lily
     (e.g. per-sample routing, which upstream peft's Lily lacks)."""
     expected, tensors = trained_parameters(tuner), read_tensors(Path(directory))
+    layout = "lilyexp's"
     if not set(expected) & set(tensors):
-        expected = {upstream_name(name): param for name, param in expected.items()}
-    copy_into(expected, tensors, Path(directory))
+        expected, layout = {upstream_name(name): param for name, param in expected.items()}, "peft's"
+    copy_into(expected, tensors, Path(directory), layout)
     return tuner
 
 
-def copy_into(expected: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+def copy_into(expected: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], directory: Path,
+              layout: str = "lilyexp's") -> None:
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ConfigError(f"the Lily adapter in {directory} does not match the model: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}.")
+        raise ConfigError(f"the Lily adapter in {directory} does not match the model (read in {layout} tensor "
+                          f"names): missing {missing[:3]}, unexpected {unexpected[:3]}.")
     with torch.no_grad():
         for key, param in expected.items():
             if tensors[key].shape != param.shape:

@@ -14,8 +14,10 @@ differs: the forward call, the logits processors and the cache hold only the row
 a settled prompt's rows get placeholder log-probabilities. Its results cannot change: once its heuristic is
 satisfied, ``_update_finished_beams`` adds -1e9 to every new candidate of that prompt, below each of its
 ``num_beams`` finished scores, and the heuristic never becomes unsatisfied again. The answers are therefore
-``generate``'s token for token (tests/test_settled_beams.py), for any routing that does not couple the rows of a
-call (Lily's ``eval_pooling: sample`` with beam groups, LoRA, a batch of one prompt).
+``generate``'s token for token (tests/test_settled_beams.py: in float64 on tiny models, in float32 on SmolLM2 and
+in ``make bench-eval``), for any routing that does not couple the rows of a call (Lily's ``eval_pooling: sample``
+with beam groups, LoRA, a batch of one prompt). As with any change of batch shape, half precision on a GPU may
+still flip a near-tie, which was not measured here.
 
 Only for a dynamic attention cache (transformers' ``DynamicCache`` of ``DynamicLayer`` s, whose rows can be selected);
 other caches, sampling and dictionary outputs run ``_beam_search`` unchanged.
@@ -36,19 +38,33 @@ def selectable(cache) -> bool:
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-# Logits processors that read a row's position in the batch or keep state across the batch: with rows dropped
-# they would see other rows, so their generations keep transformers' loop. Every other processor scores a row from
-# that row alone (the default ones: length, repetition, bad words, forced tokens, suppression).
-BATCH_AWARE_PROCESSORS = ("PrefixConstrainedLogitsProcessor", "UnbatchedClassifierFreeGuidanceLogitsProcessor",
-                          "ClassifierFreeGuidanceLogitsProcessor")
+# The transformers helpers this loop calls, and the processors it lets score only the live rows: each scores a row
+# from that row alone. Any other processor (one reading a row's batch position, such as prefix-constrained
+# generation, or holding one entry per row, such as a repetition penalty that skips each row's padding) sends the
+# generation to transformers' own loop; a processor of one's own can declare ``row_local = True``.
+HELPERS = ("_prefill", "_get_top_k_continuations", "_get_running_beams_for_next_iteration", "_update_finished_beams",
+           "_check_early_stop_heuristic", "_beam_search_has_unfinished_sequences",
+           "_update_model_kwargs_for_generation")
+ROW_LOCAL_PROCESSORS = ("MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "NoRepeatNGramLogitsProcessor",
+                        "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor", "SuppressTokensLogitsProcessor",
+                        "SuppressTokensAtBeginLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
+                        "ForcedEOSTokenLogitsProcessor", "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty",
+                        "LogitNormalization")
+
+
+def row_local(processor) -> bool:
+    return type(processor).__name__ in ROW_LOCAL_PROCESSORS or getattr(processor, "row_local", False) is True
 
 
 def supported(model, logits_processor, generation_config, model_kwargs: dict) -> bool:
     """Whether this loop reproduces ``_beam_search`` here (else it runs ``_beam_search`` itself)."""
+    position_ids = model_kwargs.get("position_ids")
     return (not generation_config.do_sample and not generation_config.return_dict_in_generate
-            and generation_config.num_return_sequences == 1 and not model.config.is_encoder_decoder
-            and selectable(model_kwargs.get("cache"))
-            and not any(type(p).__name__ in BATCH_AWARE_PROCESSORS for p in logits_processor))
+            and generation_config.num_return_sequences == 1 and not generation_config.low_memory
+            and not model.config.is_encoder_decoder and not hasattr(model, "_reorder_cache")
+            and all(callable(getattr(model, name, None)) for name in HELPERS)
+            and (position_ids is None or position_ids.dim() == 2)
+            and selectable(model_kwargs.get("cache")) and all(row_local(p) for p in logits_processor))
 
 
 def rows_of(prompts: torch.Tensor, num_beams: int) -> torch.Tensor:
