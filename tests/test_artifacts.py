@@ -61,6 +61,7 @@ def test_an_evaluation_only_run_of_a_peft_format_lily_export_routes_per_sample_a
     evaluated = record_of(execute(compose_run([*cell, "trainer.max_steps=0",
                                                f"method.load_from={trained['adapter']['path']}"], tmp_path)))
     assert evaluated["generation"]["routing"]["mode"] == trained["generation"]["routing"]["mode"] == "per_group"
+    assert evaluated["generation"]["decoding"] == "beam search, settled prompts leave the batch"
     assert evaluated["metrics"]["final"] == trained["metrics"]["final"]
 
 

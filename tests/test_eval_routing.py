@@ -345,3 +345,4 @@ def test_a_commonsense_record_states_the_evaluation_routing(tiny_run, tmp_path):
     record = json.loads(execute(compose_run(["backbone=tiny_llama", "method=lily", "method.eval_pooling=sample",
                                              "trainer.max_steps=1", *tiny_run], tmp_path)).read_text())
     assert record["generation"]["routing"] == {"mode": "per_group", "groups": "each prompt"}
+    assert (record["generation"]["batches"], record["generation"]["decoding"]) == ("longest prompts first", "greedy")

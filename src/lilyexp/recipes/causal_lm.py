@@ -81,6 +81,16 @@ def validation_loss(model: torch.nn.Module, features: list[dict], pad_id: int, b
     return {"val/loss": sum(losses) / max(len(losses), 1)}
 
 
+def drops_settled(model: torch.nn.Module, beams: int, prompts_per_call: int) -> bool:
+    """Whether beam search stops computing a prompt whose answer is settled (not when a router couples it to its
+    batch-mates); settled_beams may still hand a case it cannot reproduce to transformers' loop."""
+    return beams > 1 and (prompts_per_call == 1 or not batch_coupled(model))
+
+
+def batching_record(model: torch.nn.Module) -> str:
+    return "as the test set orders them" if batch_coupled(model) else "longest prompts first"
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[str], settings: dict, device,
              prefill: PrefillCount | None = None) -> list[str]:
@@ -90,9 +100,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[str], s
     and stops computing a prompt once its answer is settled (:mod:`lilyexp.recipes.settled_beams`)."""
     encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     beams = settings["num_beams"]
-    # a prompt whose answer is settled stops being computed, unless a router couples it to its batch-mates
-    settled = {"custom_generate": settled_beam_search} if beams > 1 and (
-        len(prompts) == 1 or not batch_coupled(model)) else {}
+    settled = {"custom_generate": settled_beam_search} if drops_settled(model, beams, len(prompts)) else {}
     with routing_groups(model, beam_groups(len(prompts), beams, device)), prefill_once(model, beams) as count:
         output = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
                                 num_beams=settings["num_beams"], do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -146,7 +154,8 @@ def scoring_record(task: InstructionTask, model: torch.nn.Module, batch_size: in
         record["loglikelihood"] = {
             "protocol": "not the paper's: the option with the highest log-probability after the training prompt "
                         "and 'the correct answer is' (mc_accuracy: summed; mc_accuracy_norm: per byte)",
-            "batch_size": batch_size, "routing": routing_record(model, "each option")}
+            "batch_size": batch_size, "routing": routing_record(model, "each option"),
+            "batches": batching_record(model)}
     return record
 
 
@@ -194,8 +203,10 @@ def run(inputs: RecipeInputs) -> Outcome:
              "validation": len(val_features), "test": {k: len(v) for k, v in task.eval_sets.items()}}
     beams = task.generation["num_beams"]
     routing = routing_record(inputs.model, f"each prompt's {beams} beams" if beams > 1 else "each prompt")
+    decoding = ("beam search, settled prompts leave the batch" if drops_settled(
+        inputs.model, beams, task.generation["batch_size"]) else "transformers' beam search" if beams > 1 else "greedy")
     extra = {"generation": {**task.generation, "align_eval_prompt": task.align_eval_prompt, "routing": routing,
-                            "prefill": prefill.mode},
+                            "prefill": prefill.mode, "batches": batching_record(inputs.model), "decoding": decoding},
              "evaluation": scoring_record(task, inputs.model, eval_bs),
              "data": sizes, **result.record_fields()}
     return Outcome(metrics, extra)
