@@ -241,3 +241,17 @@ def test_a_users_method_setting_reaches_its_object_by_name_and_enters_the_identi
                              "adapter": {"_target_": "test_contracts.Ranked", "head_modules": []}})
     assert method_node(node) == {"_target_": "test_contracts.Ranked", "head_modules": [], "r": 4, "scale": 1.0}
     assert knobs_of(OmegaConf.to_container(node), RankedSettings, "method") == {"method.rank": 4}  # identity part
+
+
+@dataclass
+class MisnamedSettings(MethodSettings):
+    rank: int = knob(8)  # Ranked takes r: without passed_as the setting would reach nothing
+
+
+def test_a_method_setting_that_reaches_nothing_is_refused_in_one_sentence():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"_schema_": "test_contracts.MisnamedSettings", "name": "ranked", "rank": 4,
+                             "adapter": {"_target_": "test_contracts.Ranked", "head_modules": [], "scale": 1.0}})
+    with pytest.raises(ConfigError, match="method.rank reaches nothing: test_contracts.Ranked takes no argument"):
+        method_node(node)

@@ -151,8 +151,28 @@ def method_node(method: DictConfig) -> dict:
     node = OmegaConf.to_container(method.adapter, resolve=True)
     inner = node.get("config")
     configured = inner if isinstance(inner, dict) and "_target_" in inner else node
-    configured.update(settings_arguments(method, configured))
+    given = settings_arguments(method, configured)
+    refuse_unreached_settings(method, configured, given)
+    configured.update(given)
     return node
+
+
+def refuse_unreached_settings(method: DictConfig, configured: dict, given: dict) -> None:
+    """A knob of the method's schema that reaches nothing (the object takes no argument of its name, the adapter
+    node does not set it, and no ``${method.<knob>}`` reads it) would name two cells that build the same model."""
+    from lilyexp.settings import kind_of
+
+    schema = method.get("_schema_")
+    if schema is None:
+        return
+    text = OmegaConf.to_yaml(method)  # unresolved: the ${method.<knob>} references show
+    for item in dataclasses.fields(get_class(schema)):
+        passed = item.metadata.get("passed_as") or item.name
+        if (kind_of(item) == "knob" and item.name != "load_from" and passed not in given
+                and passed not in configured and f"method.{item.name}" not in text):
+            raise ConfigError(f"method.{item.name} reaches nothing: {configured.get('_target_')} takes no argument "
+                              f"'{passed}' and the method's yaml does not read it; give the schema field "
+                              f"passed_as=<the argument's name>, or read it in the yaml.")
 
 
 def build_method(method: DictConfig) -> Any:
