@@ -84,6 +84,7 @@ SHARDED_EVALUATION = """
 import json, os, sys
 from accelerate import Accelerator
 from lilyexp.recipes.sharding import map_batches
+from lilyexp.recipes.devices import release_processes
 state = Accelerator()  # as a recipe creates it before evaluating
 seen = []
 work = lambda batch: (seen.append(list(batch)), [10 * i for i in batch])[1]
@@ -92,6 +93,7 @@ by_length = map_batches(list(range(7)), 2, work, length=lambda i: i % 3)  # leng
 report = {"rank": state.process_index, "seen": seen, "results": results, "by_length": by_length}
 with open(os.path.join(sys.argv[1], f"rank{state.process_index}.json"), "w") as out:  # not stdout: lines interleave
     json.dump(report, out)
+release_processes()  # as the runner ends: gloo's threads would otherwise abort the exiting process now and then
 """
 
 

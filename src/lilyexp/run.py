@@ -10,6 +10,8 @@ The Hydra entry point returns the run's objective (``objective``, default: its s
 
 from __future__ import annotations
 
+import atexit
+
 import contextlib
 import logging
 import sys
@@ -31,7 +33,7 @@ from lilyexp.methods.export import export_cell, export_run_adapter, load_for_cel
 from lilyexp.params import count_parameters, warn_if_oversized
 from lilyexp.placement import training_device
 from lilyexp.recipes.core import RecipeInputs
-from lilyexp.recipes.devices import set_numerics
+from lilyexp.recipes.devices import release_processes, set_numerics
 from lilyexp.recipes.loop import Checkpointer
 from lilyexp.records import RunContext, is_main_process
 from lilyexp.settings import check_settings
@@ -120,6 +122,7 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     """``python -m lilyexp.run``: misspelt settings refused in one sentence before Hydra composes, then the run."""
     survive_lost_readers()
+    atexit.register(release_processes)  # at exit, not per cell: a multirun's cells share the process
     try:
         check_override_keys(sys.argv[1:])
     except ConfigError as exc:
