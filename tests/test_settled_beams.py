@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lilyexp.methods.routing import beam_groups, routing_groups
 from lilyexp.recipes.prefill import generating_model
 from lilyexp.recipes.settled_beams import settled_beam_search
 
+from test_prefill import lora_model
 from test_eval_routing import BEAMS, EOS, NEW_TOKENS, PAD, PROMPT_LENGTHS, left_padded, lily, tiny_llama
 
 
@@ -27,9 +27,15 @@ class EndSooner(LogitsProcessor):
             torch.tensor(EOS), scores.shape[-1])
 
 
+def beam_search_inputs(prompts: list[list[int]], new_tokens: int = NEW_TOKENS, **settings) -> dict:
+    """generate's arguments for left-padded ``prompts``, the module's beam settings, and ``settings``."""
+    ids, mask = left_padded(prompts)
+    return {"input_ids": ids, "attention_mask": mask, "num_beams": BEAMS, "do_sample": False,
+            "max_new_tokens": new_tokens, "pad_token_id": PAD, "eos_token_id": EOS, **settings}
+
+
 def generated(model, prompts: list[list[int]], grouped: bool, custom: bool, new_tokens: int = NEW_TOKENS,
               calls: list | None = None, end_sooner: bool = False) -> torch.Tensor:
-    ids, mask = left_padded(prompts)
     extra = {"custom_generate": settled_beam_search} if custom else {}
     if end_sooner:
         extra["logits_processor"] = LogitsProcessorList([EndSooner()])
@@ -39,8 +45,7 @@ def generated(model, prompts: list[list[int]], grouped: bool, custom: bool, new_
             lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
         with routing_groups(model, beam_groups(len(prompts), BEAMS)) if grouped else torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False,
-                                  max_new_tokens=new_tokens, pad_token_id=PAD, eos_token_id=EOS, **extra)
+            return model.generate(**beam_search_inputs(prompts, new_tokens, **extra))
     finally:
         if hook is not None:
             hook.remove()
@@ -66,13 +71,9 @@ def test_batched_with_per_sample_routing_it_generates_what_generate_does_with_fe
     assert sum(settled_calls) < sum(base_calls)  # the settled prompts' rows were dropped
 
 
-@pytest.mark.parametrize("build", ["lora", "plain"])
+@pytest.mark.parametrize("build", [lora_model, lambda: tiny_llama().eval()], ids=["lora", "plain"])
 def test_batched_without_routing_it_generates_what_generate_does(prompts, build):
-    model = tiny_llama()
-    if build == "lora":
-        torch.manual_seed(3)
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.eval()
+    model = build()
     for new_tokens in (1, 3, NEW_TOKENS):
         assert torch.equal(generated(model, prompts, grouped=False, custom=True, new_tokens=new_tokens),
                            generated(model, prompts, grouped=False, custom=False, new_tokens=new_tokens))
@@ -94,10 +95,8 @@ def test_prompts_without_padding_and_a_batch_aware_processor_generate_what_gener
     same_length = [p[:3] for p in prompts]  # no padding: generate drops the all-ones attention mask
     assert torch.equal(generated(model, same_length, grouped=True, custom=True, end_sooner=True),
                        generated(model, same_length, grouped=True, custom=False, end_sooner=True))
-    ids, mask = left_padded(prompts)
-    allowed = {"prefix_allowed_tokens_fn": lambda batch_id, sent: list(range(batch_id, 64))}  # reads the row's batch
-    common = dict(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False, max_new_tokens=NEW_TOKENS,
-                  pad_token_id=PAD, eos_token_id=EOS, **allowed)
+    common = beam_search_inputs(  # a processor that reads the row's place in the batch
+        prompts, prefix_allowed_tokens_fn=lambda batch_id, sent: list(range(batch_id, 64)))
     with routing_groups(model, beam_groups(len(prompts), BEAMS)):
         assert torch.equal(model.generate(**common, custom_generate=settled_beam_search), model.generate(**common))
 
@@ -141,9 +140,6 @@ def test_other_beam_settings_and_processors_generate_what_generate_does(prompts,
     """Length penalties, early stopping, several EOS ids (LLaMA-3 has two) and transformers' processors; a
     repetition penalty holds one entry per row, so it keeps transformers' loop (and must not fail)."""
     model = lily(tiny_llama())
-    ids, mask = left_padded(prompts)
-    common = dict(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False, max_new_tokens=NEW_TOKENS,
-                  pad_token_id=PAD, logits_processor=LogitsProcessorList([EndSooner()]),
-                  **{"eos_token_id": EOS, **settings})
+    common = beam_search_inputs(prompts, logits_processor=LogitsProcessorList([EndSooner()]), **settings)
     with routing_groups(model, beam_groups(len(prompts), BEAMS)):
         assert torch.equal(model.generate(**common, custom_generate=settled_beam_search), model.generate(**common))

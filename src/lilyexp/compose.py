@@ -167,12 +167,17 @@ def refuse_unreached_settings(method: DictConfig, configured: dict, given: dict)
         return
     text = OmegaConf.to_yaml(method)  # unresolved: the ${method.<knob>} references show
     for item in dataclasses.fields(get_class(schema)):
-        passed = item.metadata.get("passed_as") or item.name
+        passed = argument_name(item)
         if (kind_of(item) == "knob" and item.name != "load_from" and passed not in given
                 and passed not in configured and f"method.{item.name}" not in text):
             raise ConfigError(f"method.{item.name} reaches nothing: {configured.get('_target_')} takes no argument "
                               f"'{passed}' and the method's yaml does not read it; give the schema field "
                               f"passed_as=<the argument's name>, or read it in the yaml.")
+
+
+def argument_name(item: dataclasses.Field) -> str:
+    """The name the configured object reads a setting under: the field's ``passed_as``, else its own name."""
+    return item.metadata.get("passed_as") or item.name
 
 
 def build_method(method: DictConfig) -> Any:
@@ -196,7 +201,7 @@ def settings_arguments(node: DictConfig, target: DictConfig | dict) -> dict[str,
     except Exception as exc:  # a misspelt _target_ or _schema_
         raise ConfigError(f"cannot find what {node.get('name', 'the group')}'s yaml names ({target['_target_']} or "
                           f"{schema}): {exc}") from None
-    passed = {f.name: f.metadata.get("passed_as") or f.name for f in fields}
+    passed = {f.name: argument_name(f) for f in fields}
     return {passed[f.name]: plain(node, f.name) if f.name in node else default_of(f)
             for f in fields if passed[f.name] in accepted and passed[f.name] not in target}
 

@@ -11,7 +11,6 @@ The Hydra entry point returns the run's objective (``objective``, default: its s
 from __future__ import annotations
 
 import atexit
-
 import contextlib
 import logging
 import sys

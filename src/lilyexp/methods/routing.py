@@ -68,22 +68,19 @@ def current_routing_groups(model: nn.Module) -> torch.Tensor | None:
     return next((value for value in previous if value is not None), None)
 
 
-def upstream_routers(model: nn.Module) -> bool:
-    """Whether the model holds upstream peft's Lily layers (a peft-format export loaded with peft): their router
-    pools over the whole forward call and takes no groups."""
-    from peft.tuners.lily import LilyLayer
-
-    return any(isinstance(module, LilyLayer) and not callable(getattr(module, "set_routing_groups", None))
-               for module in model.modules())
-
-
 def evaluation_routing(model: nn.Module) -> str | None:
     """What the model's batch-coupled routers pool over in evaluation, for the record: ``per_group`` (a batched
-    evaluation reproduces batch 1), ``per_call`` (the official coupling to the whole forward call, also upstream
-    peft's Lily), ``per_row``, ``none``, several joined by ``+``; None when no module routes (nothing depends on
-    the batch)."""
-    modes = {module.evaluation_routing() for module in grouped_modules(model)}
-    modes |= {"per_call"} if upstream_routers(model) else set()
+    evaluation reproduces batch 1), ``per_call`` (the official coupling to the whole forward call; also upstream
+    peft's Lily layers, from a peft-format export loaded with peft, which take no groups), ``per_row``, ``none``,
+    several joined by ``+``; None when no module routes (nothing depends on the batch)."""
+    from peft.tuners.lily import LilyLayer
+
+    modes = set()
+    for module in model.modules():
+        if callable(getattr(module, "set_routing_groups", None)):
+            modes.add(module.evaluation_routing())
+        elif isinstance(module, LilyLayer):
+            modes.add("per_call")
     return "+".join(sorted(modes)) if modes else None
 
 
@@ -97,6 +94,12 @@ def batch_coupled(model: nn.Module) -> bool:
     """Whether a router of the model pools over the whole forward call, so a sample's output depends on the
     other samples of its batch."""
     return "per_call" in (evaluation_routing(model) or "")
+
+
+def length_order(model: nn.Module, length):
+    """``length`` (an item's length, for batches of similar lengths) unless a router couples the batch, whose
+    results then depend on which items share it: None, the items' own order."""
+    return None if batch_coupled(model) else length
 
 
 def warn_if_batch_coupled(model: nn.Module, samples_per_call: int, official: str) -> None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lilyexp.contracts import InstructionTask, for_tasks
 from lilyexp.errors import ConfigError
-from lilyexp.methods.routing import (batch_coupled, beam_groups, routing_groups, routing_record,
+from lilyexp.methods.routing import (batch_coupled, beam_groups, length_order, routing_groups, routing_record,
                                      warn_if_batch_coupled)
 from lilyexp.recipes.core import Objective, Outcome, RecipeInputs, selected_evaluation
 from lilyexp.recipes.devices import make_accelerator
@@ -115,10 +115,9 @@ def answer_test_set(model, tokenizer, task, name: str, examples: list[dict], dev
     """The task's score on one test set and one prediction line per example. Batches hold prompts of similar
     length (less padding, and a batch's beams tend to finish together) unless a router couples the batch: then
     the test set's own order is kept, as any batch-coupled run before."""
-    by_length = None if batch_coupled(model) else (lambda example: len(task.prompt(example)))
     decoded = map_batches(examples, task.generation["batch_size"], lambda chunk: generate(
         model, tokenizer, [task.prompt(e) for e in chunk], task.generation, device, prefill), desc=f"eval {name}",
-        length=by_length)
+        length=length_order(model, lambda example: len(task.prompt(example))))
     lines = []
     for index, (example, text) in enumerate(zip(examples, decoded)):
         response, prediction = task.extract(name, text)

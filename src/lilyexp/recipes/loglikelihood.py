@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lilyexp.methods.routing import batch_coupled, routing_groups, row_groups, warn_if_batch_coupled
+from lilyexp.methods.routing import length_order, routing_groups, row_groups, warn_if_batch_coupled
 from lilyexp.recipes.sharding import map_batches
 
 if TYPE_CHECKING:
@@ -70,8 +70,8 @@ def score_set(model, tokenizer, task, name: str, examples: list[dict], batch_siz
             judged.append((mine.index(max(mine)) == gold, normed.index(max(normed)) == gold))
         return judged
 
-    by_length = None if batch_coupled(model) else (lambda example: len(task.choices(name, example)[0]))
-    judged = map_batches(examples, batch_size, judge, desc=f"score {name}", length=by_length)
+    judged = map_batches(examples, batch_size, judge, desc=f"score {name}",
+                         length=length_order(model, lambda example: len(task.choices(name, example)[0])))
     total = max(len(examples), 1)
     return {f"test/mc_accuracy/{name}": sum(j[0] for j in judged) / total,
             f"test/mc_accuracy_norm/{name}": sum(j[1] for j in judged) / total}
