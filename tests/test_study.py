@@ -159,6 +159,12 @@ def test_confirm_cells_use_the_chosen_point_and_the_confirm_seeds():
     assert "trainer.lr=2" in cells[0].overrides(study) and "seed=2" in cells[0].overrides(study)
 
 
+def test_confirm_cells_run_seed_by_seed_so_a_stopped_study_has_complete_pairs():
+    study = small_study()
+    cells = confirm_cells(study, "t", {"a": grid_points(study, "a")[0], "b": grid_points(study, "b")[1]})
+    assert [(c.seed, c.method) for c in cells] == [(2, "a"), (2, "b"), (3, "a"), (3, "b")]
+
+
 # ------------------------------------------------------------------------------------------------ intervals
 
 def test_t_interval_matches_a_hand_computation_and_scipy():

@@ -51,9 +51,10 @@ def tune_cells(study: StudySettings, task: str) -> list[Cell]:
 
 
 def confirm_cells(study: StudySettings, task: str, selected: dict[str, tuple]) -> list[Cell]:
-    """The confirm cells of the methods whose grid point is selected (``selected``: method -> point)."""
-    return [Cell("confirm", task, method, selected[method], seed) for method in study.methods
-            if method in selected for seed in study.confirm_seeds]
+    """The confirm cells of the methods whose grid point is selected (``selected``: method -> point), seed by seed:
+    a study stopped part-way has every method at its first seeds, i.e. complete pairs, not one method's seeds."""
+    return [Cell("confirm", task, method, selected[method], seed) for seed in study.confirm_seeds
+            for method in study.methods if method in selected]
 
 
 def command(cell: Cell, study: StudySettings, extra: tuple[str, ...] = ()) -> str:
