@@ -13,10 +13,11 @@ from scipy import stats as scipy_stats
 
 from lilyexp.errors import ConfigError, RunInterrupted
 from lilyexp.study import __main__ as study_cli
-from lilyexp.study.analyse import Seeds, compare, select
+from lilyexp.study.analyse import Seeds, analyse, compare, select
 from lilyexp.study.plan import Cell, confirm_cells, grid_points, tune_cells
 from lilyexp.study.run_cells import CellIndex, CellState, run_cell
-from lilyexp.study.settings import StudyMethod, StudySettings, StudyTask, load_study
+from lilyexp.study.render import markdown
+from lilyexp.study.settings import SecondaryPool, StudyMethod, StudySettings, StudyTask, check_study, load_study
 from lilyexp.study.stats import bootstrap_interval, estimate, paired_differences, t_interval, verdict
 from lilyexp.tasks.glue import GlueTask, carve_validation
 
@@ -163,6 +164,39 @@ def test_confirm_cells_run_seed_by_seed_so_a_stopped_study_has_complete_pairs():
     study = small_study()
     cells = confirm_cells(study, "t", {"a": grid_points(study, "a")[0], "b": grid_points(study, "b")[1]})
     assert [(c.seed, c.method) for c in cells] == [(2, "a"), (2, "b"), (3, "a"), (3, "b")]
+
+
+def two_task_study(**secondary) -> StudySettings:
+    task = {"tune_metric": "val/accuracy", "report": {}}
+    return StudySettings(
+        name="s", group="s", tune_seeds=[0], confirm_seeds=[1, 2, 3], reference="a",
+        tasks={"t": StudyTask(**{**task, "report": {"T": "test/accuracy"}}),
+               "u": StudyTask(**{**task, "report": {"U": "test/accuracy"}})},
+        methods={"a": StudyMethod(grid={"trainer.lr": [1]}), "b": StudyMethod(grid={"trainer.lr": [1]})},
+        pools={"both": ["T", "U"]}, secondary_pools=secondary)
+
+
+def test_a_secondary_pool_is_reported_beside_the_verdicts_and_never_as_one():
+    study = two_task_study(**{"only T": SecondaryPool(endpoints=["T"], why="a sensitivity check")})
+    values = {("t", "a"): [0.50, 0.51, 0.52], ("t", "b"): [0.55, 0.57, 0.56],
+              ("u", "a"): [0.60, 0.61, 0.62], ("u", "b"): [0.50, 0.52, 0.51]}
+    states = {cell: finished(values[cell.task, cell.method][cell.seed - 1], "test/accuracy")
+              for task in study.tasks for cell in confirm_cells(study, task, {m: grid_points(study, m)[0] for m in study.methods})}
+    result = analyse(study, FakeIndex(states))
+    secondary = result["secondary_pools"]["only T"]
+    assert secondary["methods"]["b"]["estimate"]["mean"] == pytest.approx(5.0)  # T alone: b is 5 points up
+    assert result["pools"]["both"]["b"]["estimate"]["mean"] == pytest.approx(-2.5)  # T and U: 2.5 points down
+    text = markdown(study, result, [])
+    verdicts, rest = text.split("Not verdicts:")
+    assert "**b vs a, both**: -2.50" in verdicts and "only T" not in verdicts
+    assert "*only T* (a sensitivity check):" in rest.split("## Protocol")[0]
+
+
+def test_a_secondary_pool_without_its_reason_or_with_an_unknown_endpoint_is_refused():
+    with pytest.raises(ConfigError, match="secondary pool only T needs endpoints and a why"):
+        check_study(two_task_study(**{"only T": SecondaryPool(endpoints=["T"])}), Path("s.yaml"))
+    with pytest.raises(ConfigError, match=r"pool V names unknown endpoints \['V'\]"):
+        check_study(two_task_study(V=SecondaryPool(endpoints=["V"], why="x")), Path("s.yaml"))
 
 
 # ------------------------------------------------------------------------------------------------ intervals

@@ -207,8 +207,11 @@ def analyse(study: StudySettings, index: CellIndex) -> dict:
             endpoints[label] = {"task": task, "key": study.tasks[task].report[label],
                                 "methods": compare(study, values)}
     pools = {name: pooled(study, endpoints, members) for name, members in study.pools.items()}
+    secondary = {name: {"why": pool.why.strip(), "endpoints": pool.endpoints,
+                        "methods": pooled(study, endpoints, pool.endpoints)}
+                 for name, pool in study.secondary_pools.items()}
     return {"study": study.name, "reference": study.reference, "confidence": study.confidence,
             "selection_rule": SELECTION_RULE,
             "selection": {task: {m: s.as_dict() for m, s in sel.items()} for task, sel in selections.items()},
-            "endpoints": endpoints, "pools": pools, "cost": cost(study, index, selections),
+            "endpoints": endpoints, "pools": pools, "secondary_pools": secondary, "cost": cost(study, index, selections),
             "cells": cell_counts(study, index, selections)}

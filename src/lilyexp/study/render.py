@@ -57,6 +57,16 @@ def verdict_lines(study: StudySettings, result: dict) -> list[str]:
     return lines
 
 
+def secondary_lines(study: StudySettings, result: dict) -> list[str]:
+    """The pooled comparisons that are not verdicts, each with why it is reported."""
+    lines = []
+    for name, pool in result.get("secondary_pools", {}).items():
+        lines += ["", f"*{name}* ({pool['why']}):"]
+        lines += [f"- {label(method)} vs {label(study.reference)}: {signed(entry)}"
+                  for method, entry in pool["methods"].items()]
+    return ["", "Not verdicts:", *lines] if lines else []
+
+
 def finite(value):
     """The result with every non-finite number as None (JSON has no infinity)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -126,6 +136,7 @@ def markdown(study: StudySettings, result: dict, figures: list[str]) -> str:
              f"confirm seeds with a {study.confidence:.0%} Student-t interval over seeds; \"better\"/\"worse\" only "
              "when the interval excludes 0.", "",
              *(verdict_lines(study, result) or ["- pending (no confirm runs yet)"]),
+             *secondary_lines(study, result),
              "", f"Cells: {done} of {cells['planned']} ended ({cells.get('diverged', 0)} diverged, "
              f"{cells.get('failed', 0)} failed, {waiting} not run yet).", "",
              "## Protocol", "", study.protocol.strip(), "",
@@ -226,6 +237,8 @@ def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
     rows = [(name, entry["methods"]) for name, entry in result["endpoints"].items()]
     rows += [(f"pooled: {name}", {m: {"difference": e} for m, e in methods.items()})
              for name, methods in result["pools"].items()]
+    rows += [(f"not a verdict: {name}", {m: {"difference": e} for m, e in pool["methods"].items()})
+             for name, pool in result.get("secondary_pools", {}).items()]
     others = [m for m in study.methods if m != study.reference]
     step = 0.8 / len(others) if len(others) > 1 else 0.0
     figure = new_figure(7.5, 1.3 + 0.3 * len(rows) * max(1, len(others)))

@@ -43,6 +43,14 @@ class StudyMethod:
 
 
 @dataclass
+class SecondaryPool:
+    """A pooled comparison that is not a verdict (chosen after the data was seen, or a sensitivity check)."""
+
+    endpoints: list[str] = field(default_factory=list)
+    why: str = ""
+
+
+@dataclass
 class StudySettings:
     """A tuned, seeded, paired comparison."""
 
@@ -57,6 +65,9 @@ class StudySettings:
     confirm_seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     scale: float = 100.0               # metrics are reported multiplied by this (points)
     pools: dict[str, list[str]] = field(default_factory=dict)  # pooled comparisons: name -> endpoint labels
+    # Pooled comparisons reported beside the verdicts and never as one, each with why it is there (e.g. the pool
+    # without an endpoint whose spread dominates): name -> {endpoints: [...], why: "..."}.
+    secondary_pools: dict[str, SecondaryPool] = field(default_factory=dict)
     protocol: str = ""                 # the protocol in words: sizes, lengths, what is held out
     confidence: float = 0.95
     order: Optional[list[str]] = None  # the task order the runner takes (default: as listed)
@@ -97,9 +108,13 @@ def check_study(study: StudySettings, path: Path) -> None:
         if unknown:
             problems.append(f"method {name}: per_task names unknown tasks {sorted(unknown)}")
     labels = endpoint_labels(study)
-    for pool, members in study.pools.items():
+    pools = {**study.pools, **{name: pool.endpoints for name, pool in study.secondary_pools.items()}}
+    for pool, members in pools.items():
         if set(members) - set(labels):
             problems.append(f"pool {pool} names unknown endpoints {sorted(set(members) - set(labels))}")
+    for name, pool in study.secondary_pools.items():
+        if not pool.endpoints or not pool.why.strip():
+            problems.append(f"secondary pool {name} needs endpoints and a why")
     if not study.confirm_seeds or not study.tune_seeds:
         problems.append("it needs tune and confirm seeds")
     if set(study.tune_seeds) & set(study.confirm_seeds):
