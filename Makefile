@@ -31,7 +31,7 @@ demo: venv
 # A study: tuned, seeded, paired comparisons with intervals (conf/study/$(STUDY).yaml): tune each method's grid on a
 # held-out split, confirm the chosen points over fresh seeds, report verdicts in results/studies/. Finished cells
 # are kept; the same command continues an interrupted study. STUDY=glue_minilm (about 4 h on 2 cores) or
-# commonsense_smollm2 (about 2 h). STUDY_ARGS passes runner overrides to every cell.
+# commonsense_smollm2 (about 3 h). STUDY_ARGS passes runner overrides to every cell.
 STUDY ?= glue_minilm
 STUDY_ARGS ?=
 study: venv

@@ -192,6 +192,28 @@ def test_a_secondary_pool_is_reported_beside_the_verdicts_and_never_as_one():
     assert "*only T* (a sensitivity check):" in rest.split("## Protocol")[0]
 
 
+def test_answer_concentration_reads_each_seeds_predictions_and_renders_beside_the_gold_share(tmp_path):
+    study = two_task_study()
+    answers = ["yes", "yes", "yes", "no"]
+    predictions = {("a", 1): ["yes"] * 4, ("a", 2): ["yes", "yes", "yes", "no"], ("b", 1): ["no", "yes", "no", "no"]}
+    states = {}
+    for cell in confirm_cells(study, "t", {m: grid_points(study, m)[0] for m in study.methods}):
+        path = tmp_path / f"{cell.method}-{cell.seed}.json"
+        if (cell.method, cell.seed) in predictions:
+            rows = [{"eval_set": "qa", "prediction": p, "answer": g}
+                    for p, g in zip(predictions[cell.method, cell.seed], answers)]
+            path.with_name(f"{path.stem}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        states[cell] = CellState("finished", {"metrics": {"final": {"test/accuracy": 0.5}}}, path)
+    result = analyse(study, FakeIndex(states))
+    qa = result["answer_concentration"]["qa"]
+    assert (qa["questions"], qa["gold_answer"], qa["gold_share"]) == (4, "yes", 0.75)
+    assert qa["methods"]["a"] == {"answer": "yes", "share": pytest.approx((1.0 + 0.75) / 2), "n": 2}
+    assert qa["methods"]["b"] == {"answer": "no", "share": 0.75, "n": 1}
+    table = markdown(study, result, []).split("## Answer concentration")[1].split("## Selection")[0]
+    assert "| qa (4) | yes (75%) | yes (87.5%, n=2) | no (75.0%, n=1) |" in table
+    assert "## Answer concentration" not in markdown(study, analyse(study, FakeIndex({})), [])
+
+
 def test_a_secondary_pool_without_its_reason_or_with_an_unknown_endpoint_is_refused():
     with pytest.raises(ConfigError, match="secondary pool only T needs endpoints and a why"):
         check_study(two_task_study(**{"only T": SecondaryPool(endpoints=["T"])}), Path("s.yaml"))

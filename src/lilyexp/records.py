@@ -68,6 +68,11 @@ SELECTION_RULES = {
 PACKAGES = ("lilyexp", "torch", "transformers", "peft", "accelerate", "hydra-core", "datasets", "timm", "diffusers")
 
 
+def beside(record_path: Path, suffix: str) -> Path:
+    """A file that sits beside a record: ``<record stem>.<suffix>`` (``predictions.jsonl``, ``steps.jsonl``)."""
+    return record_path.with_name(f"{record_path.stem}.{suffix}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see either nothing or the whole file (mode from the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,8 +341,7 @@ class RunContext:
         return self.work_dir / "steps.jsonl"
 
     def side_file(self, suffix: str) -> Path:
-        """A file that sits beside the record: ``<record stem>.<suffix>``."""
-        return self.record_path.with_name(f"{self.record_path.stem}.{suffix}")
+        return beside(self.record_path, suffix)
 
     def check_writable(self) -> None:
         """Before any model loads: the record and checkpoint folders exist and take a file (a read-only or full

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from lilyexp.compose import CONF_DIR
+from lilyexp.records import beside
 from lilyexp.tables.build import load_spec, lookup, newest_per_seed, read_records
 
 METHOD_LABELS = {"lily": "Lily", "lora": "LoRA", "pissa": "PiSSA", "milora": "MiLoRA", "adaptformer": "AdaptFormer",
@@ -45,8 +46,7 @@ def first_seed(records: list[dict]) -> dict:
 
 def artifact(record: dict, suffix: str) -> Path:
     """A file a run saved beside its record: ``<record stem>.<suffix>``."""
-    path = Path(record["_path"])
-    return path.with_name(f"{path.stem}.{suffix}")
+    return beside(Path(record["_path"]), suffix)
 
 
 def read_artifact(record: dict, suffix: str) -> dict | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markdown_it import MarkdownIt
 
+from lilyexp.records import beside
 from lilyexp.site.plots import run_curves, sweep_plot
 from lilyexp.tables.build import PROVENANCE_MARKS, SELECTIONS, build, load_spec, read_records, spec_names
 from lilyexp.tables.render import (delta_text, fmt, fmt_params, missing_commands, ours_text, paper_value,
@@ -84,7 +85,7 @@ def run_row(site: Site, record: dict, page: Path, settings: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------ run pages
 
 def predictions_sample(record_path: Path) -> list[dict]:
-    path = record_path.with_name(f"{record_path.stem}.predictions.jsonl")
+    path = beside(record_path, "predictions.jsonl")
     if not path.exists():
         return []
     lines = path.read_text().splitlines()[:PREDICTIONS_SHOWN]
@@ -106,7 +107,7 @@ def run_context(site: Site, record: dict) -> dict:
     path, page = Path(record["_path"]), site.run_page(record)
     metrics = record.get("metrics") or {}
     plot = page.with_suffix(".png")
-    drawn = run_curves(record, path.with_name(f"{path.stem}.steps.jsonl"), plot)
+    drawn = run_curves(record, beside(path, "steps.jsonl"), plot)
     adapter = (record.get("adapter") or {}).get("path")
     env = record.get("env") or {}
     return {"record": record, "name": path.stem, "group": path.parent.name, "status": record.get("status"),

@@ -1,15 +1,20 @@
 """Select each method's grid point on the held-out validation metric, then analyse the confirm runs: per endpoint
 and method the mean over seeds with its interval, the paired difference to the reference method per seed, pooled
-comparisons across endpoints, the verdicts, and the cost of each method from its records."""
+comparisons across endpoints, the verdicts, the cost of each method from its records, and how concentrated
+each method's answers are where the records hold per-question predictions."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lilyexp.study.plan import Cell, confirm_cells, grid_points, task_order, tune_cells
 from lilyexp.errors import ConfigError
+from lilyexp.records import beside
 from lilyexp.study.run_cells import ENDED, CellIndex, CellState
 from lilyexp.study.settings import StudySettings
 from lilyexp.study.stats import estimate, paired_differences, verdict
@@ -180,6 +185,44 @@ def cost(study: StudySettings, index: CellIndex, selections: dict[str, dict[str,
     return out
 
 
+def answer_concentration(study: StudySettings, index: CellIndex, selections: dict[str, dict[str, Selection]]
+                         ) -> dict:
+    """Per test set whose confirm records carry per-question predictions (``<record>.predictions.jsonl``: eval_set,
+    prediction, answer): the most frequent correct answer and its share, and per method its most frequent answer
+    and the share of questions given it (mean over seeds). A method near 100% answers one label whatever the
+    question, so its accuracy there is that label's frequency."""
+    sets: dict[str, dict] = {}
+    for task in task_order(study):
+        for cell in confirm_cells(study, task, chosen_points(selections[task])):
+            state = index.state(cell)
+            if state.status != "finished":
+                continue
+            for eval_set, rows in predictions_by_set(beside(state.path, "predictions.jsonl")).items():
+                entry = sets.setdefault(eval_set, {"gold": Counter(r["answer"] for r in rows), "methods": {}})
+                top, count = Counter(r["prediction"] for r in rows).most_common(1)[0]
+                entry["methods"].setdefault(cell.method, []).append((top, count / len(rows)))
+    return {eval_set: concentration_entry(entry) for eval_set, entry in sets.items()}
+
+
+def predictions_by_set(path: Path) -> dict[str, list[dict]]:
+    if not path.exists():
+        return {}
+    by_set: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if {"eval_set", "prediction", "answer"} <= set(row):
+            by_set.setdefault(row["eval_set"], []).append(row)
+    return by_set
+
+
+def concentration_entry(entry: dict) -> dict:
+    gold, total = entry["gold"].most_common(1)[0], sum(entry["gold"].values())
+    methods = {method: {"answer": Counter(top for top, _ in seeds).most_common(1)[0][0],
+                        "share": statistics.fmean(share for _, share in seeds), "n": len(seeds)}
+               for method, seeds in entry["methods"].items()}
+    return {"questions": total, "gold_answer": gold[0], "gold_share": gold[1] / total, "methods": methods}
+
+
 def chosen_points(selections: dict[str, Selection]) -> dict[str, tuple]:
     return {m: s.chosen for m, s in selections.items() if s.chosen is not None}
 
@@ -214,4 +257,5 @@ def analyse(study: StudySettings, index: CellIndex) -> dict:
             "selection_rule": SELECTION_RULE,
             "selection": {task: {m: s.as_dict() for m, s in sel.items()} for task, sel in selections.items()},
             "endpoints": endpoints, "pools": pools, "secondary_pools": secondary, "cost": cost(study, index, selections),
+            "answer_concentration": answer_concentration(study, index, selections),
             "cells": cell_counts(study, index, selections)}

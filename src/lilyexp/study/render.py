@@ -1,5 +1,5 @@
 """A study's report: ``<out>/<name>.md`` (the protocol in words, the verdicts, per-endpoint tables with
-intervals, the selection, the cost), ``.csv`` (one row per endpoint × method), ``.json`` (everything the
+intervals, the answer concentration where records hold predictions, the selection, the cost), ``.csv`` (one row per endpoint × method), ``.json`` (everything the
 analysis computed, the selection included) and two figures: learning-rate (grid) sensitivity and a forest plot
 of the paired differences."""
 
@@ -89,6 +89,27 @@ def endpoint_table(study: StudySettings, result: dict) -> list[str]:
     return rows
 
 
+def concentration_table(study: StudySettings, result: dict) -> list[str]:
+    """Each method's most frequent answer per test set and the share of questions given it, beside the most
+    frequent correct answer's share; empty where no record carries per-question predictions."""
+    sets = result.get("answer_concentration") or {}
+    if not sets:
+        return []
+    methods = [m for m in study.methods if any(m in entry["methods"] for entry in sets.values())]
+    lines = ["## Answer concentration", "",
+             "From the records' per-question predictions (generation): each method's most frequent answer and the "
+             "share of questions given it (mean over seeds), beside the most frequent correct answer and its share. "
+             "A share near 100% means one label for every question: the accuracy there is that label's frequency.",
+             "", "| test set | most frequent correct answer | " + " | ".join(label(m) for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for eval_set, entry in sets.items():
+        cells = [f"{e['answer']} ({e['share']:.1%}, n={e['n']})" if (e := entry["methods"].get(m)) else "—"
+                 for m in methods]
+        lines.append(f"| {eval_set} ({entry['questions']}) | {entry['gold_answer']} ({entry['gold_share']:.0%}) | "
+                     + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def selection_table(study: StudySettings, result: dict) -> list[str]:
     rows = ["| task | method | grid point: mean tune metric (seeds) | chosen |", "|---|---|---|---|"]
     for task, methods in result["selection"].items():
@@ -150,6 +171,7 @@ def markdown(study: StudySettings, result: dict, figures: list[str]) -> str:
              "resamples) is in the JSON. Each interval is a separate 95% interval (no multiplicity correction). "
              "Pooled comparisons average each seed's paired differences over the endpoints first.", "",
              "## Per endpoint", "", *endpoint_table(study, result), "",
+             *concentration_table(study, result),
              "## Selection", "", *selection_table(study, result), "",
              "## Cost", "", *cost_table(result), ""]
     parts += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
