@@ -103,8 +103,8 @@ def concentration_table(study: StudySettings, result: dict) -> list[str]:
              "", "| test set | most frequent correct answer | " + " | ".join(label(m) for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for eval_set, entry in sets.items():
-        cells = [f"{e['answer']} ({e['share']:.1%}, n={e['n']})" if (e := entry["methods"].get(m)) else "—"
-                 for m in methods]
+        cells = [f"{e['answer'] or '(none extracted)'} ({e['share']:.1%}, n={e['n']})"
+                 if (e := entry["methods"].get(m)) else "—" for m in methods]
         lines.append(f"| {eval_set} ({entry['questions']}) | {entry['gold_answer']} ({entry['gold_share']:.0%}) | "
                      + " | ".join(cells) + " |")
     return [*lines, ""]
