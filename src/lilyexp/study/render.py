@@ -292,7 +292,8 @@ def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
                   "over seeds)")
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    if unique:  # nothing drawn yet (every row pending): no empty legend box
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
     ax.set_title(f"{study.name}: method − {label(study.reference)}", fontsize=10)
     figure.savefig(path, dpi=110)
 
