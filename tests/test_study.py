@@ -181,7 +181,8 @@ def test_a_secondary_pool_is_reported_beside_the_verdicts_and_never_as_one():
     values = {("t", "a"): [0.50, 0.51, 0.52], ("t", "b"): [0.55, 0.57, 0.56],
               ("u", "a"): [0.60, 0.61, 0.62], ("u", "b"): [0.50, 0.52, 0.51]}
     states = {cell: finished(values[cell.task, cell.method][cell.seed - 1], "test/accuracy")
-              for task in study.tasks for cell in confirm_cells(study, task, {m: grid_points(study, m)[0] for m in study.methods})}
+              for task in study.tasks
+              for cell in confirm_cells(study, task, {m: grid_points(study, m)[0] for m in study.methods})}
     result = analyse(study, FakeIndex(states))
     secondary = result["secondary_pools"]["only T"]
     assert secondary["methods"]["b"]["estimate"]["mean"] == pytest.approx(5.0)  # T alone: b is 5 points up

@@ -256,6 +256,7 @@ def analyse(study: StudySettings, index: CellIndex) -> dict:
     return {"study": study.name, "reference": study.reference, "confidence": study.confidence,
             "selection_rule": SELECTION_RULE,
             "selection": {task: {m: s.as_dict() for m, s in sel.items()} for task, sel in selections.items()},
-            "endpoints": endpoints, "pools": pools, "secondary_pools": secondary, "cost": cost(study, index, selections),
+            "endpoints": endpoints, "pools": pools, "secondary_pools": secondary,
+            "cost": cost(study, index, selections),
             "answer_concentration": answer_concentration(study, index, selections),
             "cells": cell_counts(study, index, selections)}

@@ -1,7 +1,7 @@
 """A study's report: ``<out>/<name>.md`` (the protocol in words, the verdicts, per-endpoint tables with
-intervals, the answer concentration where records hold predictions, the selection, the cost), ``.csv`` (one row per endpoint × method), ``.json`` (everything the
-analysis computed, the selection included) and two figures: learning-rate (grid) sensitivity and a forest plot
-of the paired differences."""
+intervals, the answer concentration where records hold predictions, the selection, the cost), ``.csv`` (one row
+per endpoint × method), ``.json`` (everything the analysis computed, the selection included) and two figures:
+learning-rate (grid) sensitivity and a forest plot of the paired differences."""
 
 from __future__ import annotations
 
