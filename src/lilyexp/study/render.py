@@ -60,7 +60,7 @@ def verdict_lines(study: StudySettings, result: dict) -> list[str]:
 def secondary_lines(study: StudySettings, result: dict) -> list[str]:
     """The pooled comparisons that are not verdicts, each with why it is reported."""
     lines = []
-    for name, pool in result.get("secondary_pools", {}).items():
+    for name, pool in result["secondary_pools"].items():
         lines += ["", f"*{name}* ({pool['why']}):"]
         lines += [f"- {label(method)} vs {label(study.reference)}: {signed(entry)}"
                   for method, entry in pool["methods"].items()]
@@ -92,12 +92,13 @@ def endpoint_table(study: StudySettings, result: dict) -> list[str]:
 def concentration_table(study: StudySettings, result: dict) -> list[str]:
     """Each method's most frequent answer per test set and the share of questions given it, beside the most
     frequent correct answer's share; empty where no record carries per-question predictions."""
-    sets = result.get("answer_concentration") or {}
+    sets = result["answer_concentration"]
     if not sets:
         return []
     methods = [m for m in study.methods if any(m in entry["methods"] for entry in sets.values())]
     lines = ["## Answer concentration", "",
-             "From the records' per-question predictions (generation): each method's most frequent answer and the "
+             "From the records' per-question predictions (`<record>.predictions.jsonl`): each method's most "
+             "frequent answer and the "
              "share of questions given it (mean over seeds), beside the most frequent correct answer and its share. "
              "A share near 100% means one label for every question: the accuracy there is that label's frequency.",
              "", "| test set | most frequent correct answer | " + " | ".join(label(m) for m in methods) + " |",
@@ -260,7 +261,7 @@ def forest_figure(study: StudySettings, result: dict, path: Path) -> None:
     rows += [(f"pooled: {name}", {m: {"difference": e} for m, e in methods.items()})
              for name, methods in result["pools"].items()]
     rows += [(f"not a verdict: {name}", {m: {"difference": e} for m, e in pool["methods"].items()})
-             for name, pool in result.get("secondary_pools", {}).items()]
+             for name, pool in result["secondary_pools"].items()]
     others = [m for m in study.methods if m != study.reference]
     step = 0.8 / len(others) if len(others) > 1 else 0.0
     figure = new_figure(7.5, 1.3 + 0.3 * len(rows) * max(1, len(others)))
