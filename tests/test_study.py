@@ -196,7 +196,8 @@ def test_a_secondary_pool_is_reported_beside_the_verdicts_and_never_as_one():
 def test_answer_concentration_reads_each_seeds_predictions_and_renders_beside_the_gold_share(tmp_path):
     study = two_task_study()
     answers = ["yes", "yes", "yes", "no"]
-    predictions = {("a", 1): ["yes"] * 4, ("a", 2): ["yes", "yes", "yes", "no"], ("b", 1): ["", "yes", "", ""]}
+    predictions = {("a", 1): ["yes"] * 4, ("a", 2): ["yes", "yes", "yes", "no"], ("b", 1): ["", "yes", "", ""],
+                   ("b", 2): ["no", "no", "yes", "no"]}
     states = {}
     for cell in confirm_cells(study, "t", {m: grid_points(study, m)[0] for m in study.methods}):
         path = tmp_path / f"{cell.method}-{cell.seed}.json"
@@ -208,10 +209,12 @@ def test_answer_concentration_reads_each_seeds_predictions_and_renders_beside_th
     result = analyse(study, FakeIndex(states))
     qa = result["answer_concentration"]["qa"]
     assert (qa["questions"], qa["gold_answer"], qa["gold_share"]) == (4, "yes", 0.75)
-    assert qa["methods"]["a"] == {"answer": "yes", "share": pytest.approx((1.0 + 0.75) / 2), "n": 2}
-    assert qa["methods"]["b"] == {"answer": "", "share": 0.75, "n": 1}  # nothing the official extraction accepts
+    assert qa["methods"]["a"] == {"answers": {"yes": 2}, "share": pytest.approx((1.0 + 0.75) / 2), "n": 2}
+    # seed 1 of b: nothing the official extraction accepts; seed 2: "no". Each seed's top answer is named, not
+    # one label with the other seed's share beside it.
+    assert qa["methods"]["b"] == {"answers": {"": 1, "no": 1}, "share": 0.75, "n": 2}
     table = markdown(study, result, []).split("## Answer concentration")[1].split("## Selection")[0]
-    assert "| qa (4) | yes (75%) | yes (87.5%, n=2) | (none extracted) (75.0%, n=1) |" in table
+    assert "| qa (4) | yes (75%) | yes (87.5%, n=2) | (none extracted) at 1 seed, no at 1 (75.0%, n=2) |" in table
     assert "## Answer concentration" not in markdown(study, analyse(study, FakeIndex({})), [])
 
 

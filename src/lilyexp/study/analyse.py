@@ -188,9 +188,9 @@ def cost(study: StudySettings, index: CellIndex, selections: dict[str, dict[str,
 def answer_concentration(study: StudySettings, index: CellIndex, selections: dict[str, dict[str, Selection]]
                          ) -> dict:
     """Per test set whose confirm records carry per-question predictions (``<record>.predictions.jsonl``: eval_set,
-    prediction, answer): the most frequent correct answer and its share, and per method its most frequent answer
-    and the share of questions given it (mean over seeds). A method near 100% answers one label whatever the
-    question, so its accuracy there is that label's frequency."""
+    prediction, answer): the most frequent correct answer and its share, and per method each seed's most frequent
+    answer (counted over seeds, as seeds may differ in it) and the share of questions given it (mean over seeds).
+    A method near 100% answers one label whatever the question, so its accuracy there is that label's frequency."""
     sets: dict[str, dict] = {}
     for task in task_order(study):
         for cell in confirm_cells(study, task, chosen_points(selections[task])):
@@ -217,7 +217,7 @@ def predictions_by_set(path: Path) -> dict[str, list[dict]]:
 
 def concentration_entry(entry: dict) -> dict:
     gold, total = entry["gold"].most_common(1)[0], sum(entry["gold"].values())
-    methods = {method: {"answer": Counter(top for top, _ in seeds).most_common(1)[0][0],
+    methods = {method: {"answers": dict(Counter(top for top, _ in seeds).most_common()),
                         "share": statistics.fmean(share for _, share in seeds), "n": len(seeds)}
                for method, seeds in entry["methods"].items()}
     return {"questions": total, "gold_answer": gold[0], "gold_share": gold[1] / total, "methods": methods}

@@ -98,17 +98,27 @@ def concentration_table(study: StudySettings, result: dict) -> list[str]:
     methods = [m for m in study.methods if any(m in entry["methods"] for entry in sets.values())]
     lines = ["## Answer concentration", "",
              "From the records' per-question predictions (`<record>.predictions.jsonl`): each method's most "
-             "frequent answer and the "
-             "share of questions given it (mean over seeds), beside the most frequent correct answer and its share. "
-             "A share near 100% means one label for every question: the accuracy there is that label's frequency.",
+             "frequent answer at each seed and the share of questions given it (mean over seeds; where seeds differ "
+             "in that answer, each is named with its number of seeds), beside the most frequent correct answer and "
+             "its share. A share near 100% means one label for every question: the accuracy there is that label's "
+             "frequency.",
              "", "| test set | most frequent correct answer | " + " | ".join(label(m) for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for eval_set, entry in sets.items():
-        cells = [f"{e['answer'] or '(none extracted)'} ({e['share']:.1%}, n={e['n']})"
+        cells = [f"{top_answers(e['answers'])} ({e['share']:.1%}, n={e['n']})"
                  if (e := entry["methods"].get(m)) else "—" for m in methods]
         lines.append(f"| {eval_set} ({entry['questions']}) | {entry['gold_answer']} ({entry['gold_share']:.0%}) | "
                      + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def top_answers(answers: dict[str, int]) -> str:
+    """``true`` when every seed's most frequent answer is the same, else ``solution2 at 2 seeds, solution1 at 1``."""
+    named = {answer or "(none extracted)": seeds for answer, seeds in answers.items()}
+    if len(named) == 1:
+        return next(iter(named))
+    return ", ".join(f"{answer} at {seeds} seed{'s' if seeds > 1 else ''}" if i == 0 else f"{answer} at {seeds}"
+                     for i, (answer, seeds) in enumerate(named.items()))
 
 
 def selection_table(study: StudySettings, result: dict) -> list[str]:
