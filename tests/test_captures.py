@@ -20,6 +20,7 @@ from lilyexp.figures.captures import (DeltaWeightCapture, RouterCapture, default
 from lilyexp.errors import ConfigError
 from lilyexp.methods.lily import LilyVariantConfig, LilyVariantModel, RowGroups, mix_experts
 from lilyexp.run import execute
+from lilyexp.records import beside
 
 # ------------------------------------------------------------------------------------------ numerical rank
 
@@ -80,7 +81,7 @@ class FakeRun:
         self.record_path = folder / "cell.json"
 
     def side_file(self, suffix: str) -> Path:
-        return self.record_path.with_name(f"{self.record_path.stem}.{suffix}")
+        return beside(self.record_path, suffix)
 
 
 def batches(seed: int, count: int, size: int = 3, tokens: int = 7) -> list[torch.Tensor]:
@@ -268,7 +269,7 @@ def test_captures_run_beside_per_sample_evaluation_routing(tmp_path):
     record = vit_cell(tmp_path, "lily", "method.ne_1=2", "method.ne_2=3", "method.eval_pooling=sample",
                       "trainer.max_steps=2", CAPTURES)
     assert json.loads(record.read_text())["evaluation"]["routing"]["mode"] == "per_group"
-    summary = json.loads(record.with_name(f"{record.stem}.delta_w.json").read_text())
+    summary = json.loads(beside(record, "delta_w.json").read_text())
     assert all(layer["final"]["rank"] >= 1 for layer in summary["layers"])
 
 
@@ -311,14 +312,14 @@ def vit_cell(tmp_path: Path, method: str, *extra: str) -> Path:
 
 def test_a_run_with_the_captures_leaves_their_artifacts_beside_its_record(tmp_path):
     record = vit_cell(tmp_path, "lily", "method.ne_1=2", "method.ne_2=3", "trainer.max_steps=3", CAPTURES)
-    summary = json.loads(record.with_name(f"{record.stem}.delta_w.json").read_text())
+    summary = json.loads(beside(record, "delta_w.json").read_text())
     assert summary["first_step"] == 1 and summary["steps"] == 3 and len(summary["layers"]) == 2
     assert all(layer["accumulated"]["rank"] >= 1 and layer["final"]["rank"] >= 1 for layer in summary["layers"])
     assert [layer["shape"] for layer in summary["layers"]] == [[96, 32], [96, 32]]  # the fused qkv of width 32
-    tensors = load_file(record.with_name(f"{record.stem}.delta_w.safetensors"))
+    tensors = load_file(beside(record, "delta_w.safetensors"))
     assert sorted(tensors) == sorted(f"{m}.{layer['name']}" for m in ("accumulated", "final")
                                      for layer in summary["layers"])
-    routers = json.loads(record.with_name(f"{record.stem}.router_weights.json").read_text())["layers"]
+    routers = json.loads(beside(record, "router_weights.json").read_text())["layers"]
     assert len(routers) == 4 and all(len(row["sums"]) == 3 for row in routers)
     # every step is counted: batches of 4 over 6 training images give steps 1-3 4, 2 and 4 images of 17 tokens
     assert [row["tokens"] for row in routers] == [(4 + 2 + 4) * 17] * 4

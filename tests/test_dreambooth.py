@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 import lilyexp.backbones.sdxl as sdxl  # noqa: E402
 from lilyexp.errors import ConfigError  # noqa: E402
 from lilyexp.run import execute  # noqa: E402
+from lilyexp.records import beside
 
 from conftest import compose_run  # noqa: E402
 
@@ -39,7 +40,7 @@ def test_a_tiny_sdxl_cell_trains_samples_and_scores(experiment, shared_data, tmp
     assert all((path.parent / sample["path"]).is_file() for sample in details["samples"])
     assert [p["prompt"] for p in details["per_prompt"]] == ["A picture of a duck_toy in the jungle",
                                                             "A picture of a duck_toy in the snow"]
-    steps = [json.loads(line) for line in path.with_name(f"{path.stem}.steps.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in beside(path, "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "train/loss" in s] == [1, 2, 3]
     expected = 468_736 if "lily" in experiment else 5_806_080  # on the real SDXL; the tiny UNet is smaller
     assert 0 < record["params"]["adapter"] < expected

@@ -15,6 +15,7 @@ from lilyexp.figures import fig2, fig3, fig4, fig5, fig6, fig9, fig12, figure_na
 from lilyexp.figures.__main__ import main as figures_main
 from lilyexp.figures.plots import finished
 from lilyexp.run import execute
+from lilyexp.records import beside
 from conftest import compose_run
 from test_captures import CAPTURES, fake_vtab, vit_cell
 
@@ -115,7 +116,7 @@ def delta_w_artifact(record: Path, ranks: dict[int, tuple[int, int]]) -> None:
                        "layer": layer, "shape": [8, 8], "rtol": 1e-6,
                        "accumulated": {"rank": accumulated, "singular_values": values["a"]},
                        "final": {"rank": final, "singular_values": values["f"]}})
-    record.with_name(f"{record.stem}.delta_w.json").write_text(json.dumps(
+    beside(record, "delta_w.json").write_text(json.dumps(
         {"rtol": "max(m, n) x float32 epsilon, per matrix", "first_step": 2, "steps": 99, "layers": layers}))
 
 
@@ -141,7 +142,7 @@ def test_fig3_ranks_each_task_and_layer_and_names_the_missing_cells(tmp_path):
 def router_artifact(record: Path, sums: dict[int, list[float]], target: str = "qkv.k") -> None:
     layers = [{"name": f"blocks.{layer}.attn.qkv.lily_parts.default.k", "target": target, "layer": layer,
                "sums": values, "tokens": sum(values)} for layer, values in sums.items()]
-    record.with_name(f"{record.stem}.router_weights.json").write_text(json.dumps(
+    beside(record, "router_weights.json").write_text(json.dumps(
         {"first_step": 2, "steps": 10, "layers": layers}))
 
 
@@ -349,7 +350,7 @@ def test_figs_3_4_and_6_render_from_real_captured_runs_of_another_group(tmp_path
         rendered = module.render(results, out, "figtest")
         assert any(p.name == f"{module.__name__.rsplit('.', 1)[-1]}_figtest.png" for p in rendered.files)
     ranks = list(csv.DictReader((out / "fig3_figtest.csv").open()))
-    captured = json.loads(lily.with_name(f"{lily.stem}.delta_w.json").read_text())["layers"]
+    captured = json.loads(beside(lily, "delta_w.json").read_text())["layers"]
     assert {(r["method"], r["layer"]) for r in ranks} == {(m, layer) for m in ("Lily", "LoRA") for layer in ("0", "1")}
     assert [int(r["rank_accumulated"]) for r in ranks if r["method"] == "Lily"] == \
         [layer["accumulated"]["rank"] for layer in captured]

@@ -23,6 +23,7 @@ from lilyexp.recipes.core import StepPlan
 from lilyexp.recipes.devices import (enable_gradient_checkpointing, refuse_sharded, upcast_trainable,
                                      warn_unscaled_half_precision)
 from lilyexp.recipes.loop import Checkpointer, rng_state, set_rng_state
+from lilyexp.records import beside
 from lilyexp.run import execute
 
 CAUSAL = ["backbone=tiny_llama", "trainer.max_steps=3", "trainer.eval_every=3", *TINY_RUN]
@@ -130,7 +131,7 @@ def test_router_weights_are_counted_once_under_activation_checkpointing(tmp_path
         record = vit_cell(folder, "lily", "method.ne_1=2", "method.ne_2=3", "trainer.max_steps=2",
                           f"trainer.gradient_checkpointing={checkpointing}",
                           "trainer.callbacks=[{_target_:lilyexp.figures.captures.RouterCapture}]")
-        rows = json.loads(record.with_name(f"{record.stem}.router_weights.json").read_text())["layers"]
+        rows = json.loads(beside(record, "router_weights.json").read_text())["layers"]
         tokens.append([row["tokens"] for row in rows])
     assert tokens[0] == tokens[1] and all(count > 0 for count in tokens[0])
 

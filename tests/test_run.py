@@ -12,6 +12,7 @@ import pytest
 import lilyexp.recipes.causal_lm as causal_lm
 from lilyexp.errors import BackboneUnavailable, ConfigError, TrainingDiverged
 from lilyexp.run import execute
+from lilyexp.records import beside
 
 from callbacks import kill_after
 from conftest import compose_run, run_cli
@@ -32,9 +33,9 @@ def test_two_step_smoke_run_writes_a_complete_record(backbone, tiny_run, tmp_pat
     assert 0 < record["params"]["adapter"] == record["params"]["trainable"] < record["params"]["total"]
     assert {"git_sha", "packages", "device", "torch_threads"} <= set(record["env"])
     assert record["timing"]["wall_s"] > 0 and record["timing"]["peak_mem_bytes"] > 0
-    steps = [json.loads(line) for line in path.with_name(f"{path.stem}.steps.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in beside(path, "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "train/loss" in s] == [1, 2]
-    predictions = path.with_name(f"{path.stem}.predictions.jsonl").read_text().splitlines()
+    predictions = beside(path, "predictions.jsonl").read_text().splitlines()
     assert {"id", "eval_set", "generation", "prediction", "answer"} <= set(json.loads(predictions[0]))
     assert len(predictions) == 16  # 8 sets × n_eval=2
 

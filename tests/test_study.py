@@ -20,6 +20,7 @@ from lilyexp.study.render import markdown
 from lilyexp.study.settings import SecondaryPool, StudyMethod, StudySettings, StudyTask, check_study, load_study
 from lilyexp.study.stats import bootstrap_interval, estimate, paired_differences, t_interval, verdict
 from lilyexp.tasks.glue import GlueTask, carve_validation
+from lilyexp.records import beside
 
 TINY = Path(__file__).with_name("data") / "tiny_study.yaml"
 
@@ -204,7 +205,7 @@ def test_answer_concentration_reads_each_seeds_predictions_and_renders_beside_th
         if (cell.method, cell.seed) in predictions:
             rows = [{"eval_set": "qa", "prediction": p, "answer": g}
                     for p, g in zip(predictions[cell.method, cell.seed], answers)]
-            path.with_name(f"{path.stem}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            beside(path, "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         states[cell] = CellState("finished", {"metrics": {"final": {"test/accuracy": 0.5}}}, path)
     result = analyse(study, FakeIndex(states))
     qa = result["answer_concentration"]["qa"]
